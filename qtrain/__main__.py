@@ -1,0 +1,5 @@
+import sys
+
+from qtrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+"""Quantized layers and model conversion (the only package that knows about autograd)."""
+from qtrain.nn.convert import convert, quant_layers, report, track_errors
+from qtrain.nn.linear import QuantLinear, QuantLinearFunction
+
+__all__ = ["QuantLinear", "QuantLinearFunction", "convert", "report", "track_errors", "quant_layers"]

@@ -1,0 +1,116 @@
+"""``convert``: swap a model's linear layers for :class:`QuantLinear` in place; ``report``: per-layer telemetry."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qtrain import recipes
+from qtrain.nn.linear import QuantLinear, is_hf_conv1d
+from qtrain.quant.core import FLOAT_DTYPES
+
+log = logging.getLogger("qtrain")
+
+HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score", "embed_out")
+# On CUDA, layers whose smaller side is below this stay in 16-bit: quantize/dequantize overhead outweighs the
+# INT8 GEMM's gain there (measured by `qtrain bench linear`; see benchmarks/results).
+MIN_CUDA_FEATURES = 1024
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_hf_conv1d(module)
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return tuple(module.weight.shape)
+
+
+def skip_reason(module: nn.Module, name: str, tied: set[int]) -> str | None:
+    """Why the default filter leaves this linear layer alone, or None to convert it."""
+    if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+        return "output head"
+    if id(module.weight) in tied:
+        return "weight tied to an embedding"
+    if module.weight.device.type == "cuda" and min(_features(module)) < MIN_CUDA_FEATURES:
+        return f"smaller than {MIN_CUDA_FEATURES} features (quantizing does not pay on CUDA)"
+    return None
+
+
+def convert(model: nn.Module, recipe="switchback",
+            filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Replace the eligible ``nn.Linear`` / HF ``Conv1D`` layers of ``model`` by :class:`QuantLinear` in place.
+
+    ``recipe``: a preset name (see ``qtrain.recipes.PRESETS``) or a :class:`~qtrain.recipes.Recipe`.
+    ``filter_fn(module, fully_qualified_name) -> bool`` chooses the layers; by default every linear layer except
+    the output head, weights tied to an embedding, and (on CUDA) layers below ``MIN_CUDA_FEATURES``.
+    The Parameters are kept (tied weights and existing optimizers keep working; ``state_dict`` is unchanged).
+    Call before ``torch.compile``, DDP or FSDP. Returns ``model``; raises if no layer was converted.
+    """
+    recipe = recipes.get(recipe)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    converted, skipped = [], []
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if not is_linear(child) or isinstance(child, QuantLinear):
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if filter_fn is not None:
+                reason = None if filter_fn(child, name) else "filter_fn"
+            else:
+                reason = skip_reason(child, name, tied)
+            if reason is None and child.weight.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name}: weight dtype {child.weight.dtype} is not supported; accepted: "
+                                "float32, bfloat16, float16")
+            if reason is None and child.weight.device.type not in ("cpu", "cuda", "meta"):
+                raise ValueError(f"{name}: device {child.weight.device} is not supported; accepted: cpu, cuda")
+            if reason:
+                skipped.append((name, reason))
+                continue
+            setattr(parent, child_name, QuantLinear.from_module(child, recipe))
+            converted.append(name)
+    if not converted:
+        raise ValueError(f"convert({recipe.name!r}) found no linear layer to convert "
+                         f"({len(skipped)} skipped: {', '.join(f'{n} ({r})' for n, r in skipped) or 'none seen'})")
+    log.info("qtrain.convert(%s): converted %d linear layers, skipped %d%s", recipe.name, len(converted),
+             len(skipped), "".join(f"\n  skipped {n}: {r}" for n, r in skipped))
+    return model
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+@contextlib.contextmanager
+def track_errors(model: nn.Module):
+    """Within the block, every QuantLinear records its forward's quantization error (costs an fp32 GEMM)."""
+    layers = [m for _, m in quant_layers(model)]
+    for m in layers:
+        m.track_errors = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.track_errors = False
+
+
+def report(model: nn.Module) -> str:
+    """A table of the converted layers: shape, recipe, and the last recorded quantization errors
+    (``x err``/``w err``: ‖t − t̂‖/‖t‖ of the fprop operands; ``y SQNR``: dB against an fp32 linear).
+    Errors are recorded inside :func:`track_errors`; '-' where none was."""
+    rows = [("layer", "in→out", "recipe", "x err", "w err", "y SQNR dB")]
+    for name, m in quant_layers(model):
+        s = m.stats
+        rows.append((name, f"{m.in_features}→{m.out_features}", m.recipe.name,
+                     f"{s['x_rel_err']:.2e}" if s else "-", f"{s['w_rel_err']:.2e}" if s else "-",
+                     f"{s['y_sqnr_db']:.1f}" if s else "-"))
+    if len(rows) == 1:
+        return "no QuantLinear layers (call qtrain.convert first)"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -1,0 +1,9 @@
+"""Reference numerics (pure PyTorch): the contract the Triton kernels in ``qtrain.kernels`` are tested against."""
+from qtrain.quant.core import (dequantize, expand_scale, fake_quantize, pack_int4, quantize, relative_error,
+                               sqnr, unpack_int4)
+from qtrain.quant.int8_gemm import int8_gemm, int_mm_exact
+from qtrain.quant.rowwise import quantize_rowwise
+from qtrain.quant.tensorwise import quantize_tensorwise
+
+__all__ = ["quantize", "dequantize", "fake_quantize", "expand_scale", "pack_int4", "unpack_int4", "sqnr",
+           "relative_error", "quantize_rowwise", "quantize_tensorwise", "int8_gemm", "int_mm_exact"]
