@@ -1,0 +1,44 @@
+"""Shared Triton helpers for the quantize kernels (the rules of :mod:`qtrain.quant.core`)."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_MAGIC = 12582912.0  # 1.5·2²³: (v + M) − M rounds |v| < 2²² half to even in fp32
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(x: torch.Tensor) -> None:
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got device {x.device}")
+
+
+@triton.jit
+def abs_bits(x):
+    """|x| of an fp32 tensor as int32 bits. Non-negative floats order like their bits, and every NaN with its
+    sign cleared sorts above +Inf, so an integer max of these is the absmax with NaN propagated."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def scale_from_bits(amax_bits):
+    """fp32 scale from absmax bits: ``absmax / 127`` (IEEE), exactly 1.0 where absmax is 0."""
+    amax = amax_bits.to(tl.float32, bitcast=True)
+    scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    return tl.where(amax_bits == 0, 1.0, scale)
+
+
+@triton.jit
+def quantize_rtn(x, scale):
+    """fp32 ``x / scale`` (IEEE) → int8: NaN → 0, clamp to ±127, round half to even."""
+    v = tl.math.div_rn(x, scale)
+    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    v = (v + 12582912.0) - 12582912.0
+    return v.to(tl.int8)

@@ -1,0 +1,167 @@
+"""Scaled INT8 GEMM kernel (twin of :mod:`qtrain.quant.int8_gemm`).
+
+``int8_gemm(a [M, K] int8, b [N, K] int8, a_scale [M] fp32, b_scale [] or [N] fp32, bias [N] | None,
+out_dtype) -> [M, N] out_dtype``::
+
+    out = float32(Σ_k a[m, k]·b[n, k]) · a_scale[m] · b_scale[n] (+ float32(bias[n]))
+
+int32 accumulation on the tensor cores (``tl.dot``), the dequantizing epilogue fused, grouped tile order
+(GROUP_M row tiles share each column tile while it sits in L2). On the GPU, when K and N rows are 16-byte
+aligned, operands are loaded and the output stored through TMA descriptors; otherwise through masked
+pointers. Operands not contiguous along K are copied to contiguous first (a deliberate, counted cost).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtrain.kernels._common import check_device, interpreting
+from qtrain.quant.int8_gemm import check_int8_gemm_args
+
+_TL_OUT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8},
+                              num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 rounded to the nearest bf16 value (ties to even), still in fp32, so the cast that follows is exact.
+    The GPU's cast rounds the same way; Triton's interpreter truncates, and this keeps both bit-exact."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: TMA descriptors take their block shape from the config being tried."""
+    if not nargs["USE_TMA"]:
+        return
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a"].block_shape = [bm, bk]
+    nargs["b"].block_shape = [bn, bk]
+    nargs["out"].block_shape = [bm, bn]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (keeps small GEMMs from idling most of the chip)."""
+    M, N = named_args["M"], named_args["N"]
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(M))
+            and c.kwargs["BLOCK_N"] <= max(128, triton.next_power_of_2(N))]
+    return kept or configs[-1:]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "USE_TMA", "B_ROW", "HAS_BIAS", "OUT_DTYPE"],
+                 prune_configs_by={"early_config_prune": _prune} if not interpreting() else None,
+                 pre_hook=_set_block_shapes)
+@triton.jit
+def _int8_gemm_kernel(a, b, out, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
+                      stride_am, stride_bn, stride_om,
+                      USE_TMA: tl.constexpr, B_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * grid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if USE_TMA:
+        for k0 in range(0, K, BLOCK_K):
+            at = a.load([off_m, k0])
+            bt = b.load([off_n, k0])
+            acc = tl.dot(at, bt.T, acc, out_dtype=tl.int32)
+    else:
+        rm = off_m + tl.arange(0, BLOCK_M)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+        b_ptrs = b + rn[:, None].to(tl.int64) * stride_bn + rk[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (k0 + rk)[None, :] < K
+            at = tl.load(a_ptrs, mask=(rm[:, None] < M) & kmask, other=0)
+            bt = tl.load(b_ptrs, mask=(rn[:, None] < N) & kmask, other=0)
+            acc = tl.dot(at, bt.T, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rn = off_n + tl.arange(0, BLOCK_N)
+    sa = tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)
+    if B_ROW:
+        sb = tl.load(b_scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    else:
+        sb = tl.load(b_scale_ptr)
+    res = acc.to(tl.float32) * sa[:, None] * sb
+    if HAS_BIAS:
+        res = res + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if OUT_DTYPE == tl.bfloat16:
+        res = _round_to_bf16(res)
+    res = res.to(OUT_DTYPE)
+    if USE_TMA:
+        out.store([off_m, off_n], res)
+    else:
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], res, mask=mask)
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA wants 16-byte aligned bases and row strides (and, here, a real GPU)."""
+    if interpreting():
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    check_int8_gemm_args(a, b, a_scale, b_scale, bias, out_dtype)
+    check_device(a)
+    M, K = a.shape
+    N = b.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.copy_((bias.float() if bias is not None else torch.zeros(N, device=a.device)).expand(M, N))
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    if b.stride(1) != 1:
+        b = b.contiguous()
+    a_scale, b_scale = a_scale.contiguous(), b_scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    use_tma = _tma_ok(a, b, out)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        dummy = [16, 16]
+        a_arg = TensorDescriptor.from_tensor(a, dummy)
+        b_arg = TensorDescriptor.from_tensor(b, dummy)
+        out_arg = TensorDescriptor.from_tensor(out, dummy)
+    else:
+        a_arg, b_arg, out_arg = a, b, out
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _int8_gemm_kernel[grid](
+        a_arg, b_arg, out_arg, a_scale, b_scale, bias if bias is not None else a_scale, M, N, K,
+        a.stride(0), b.stride(0), out.stride(0),
+        USE_TMA=use_tma, B_ROW=b_scale.dim() == 1, HAS_BIAS=bias is not None, OUT_DTYPE=_TL_OUT[out_dtype])
+    return out

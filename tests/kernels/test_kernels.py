@@ -1,0 +1,147 @@
+"""Triton kernels vs their PyTorch reference twins (CPU: Triton's interpreter; GPU: compiled).
+
+Quantizers must match bit for bit (data and scales); the INT8 GEMM must meet DESIGN.md's gates.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qtrain import quant  # noqa: E402
+from qtrain.kernels import int8_gemm as kgemm  # noqa: E402
+from qtrain.kernels import rowwise as krow  # noqa: E402
+from qtrain.kernels import tensorwise as ktens  # noqa: E402
+
+from .helpers import FLOATS, assert_one_rounding, assert_same, rows_with_distinct_scales  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(37, 200), (300, 72), (5, 3), (256, 256), (1, 1)]
+
+
+def _poisoned(x: torch.Tensor) -> torch.Tensor:
+    """Zero row 0; NaN in row 1, +Inf in row 2, -Inf in row 3 (where those rows exist)."""
+    x = x.clone()
+    specials = [0.0, float("nan"), float("inf"), -float("inf")]
+    for r, v in enumerate(specials[: x.shape[0]]):
+        if r == 0:
+            x[0] = 0
+        else:
+            x[r, r % x.shape[1]] = v
+    return x
+
+
+# ------------------------------------------------------------------------------------------------- row-wise
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rowwise_bit_exact(shape, dtype):
+    x = _poisoned(rows_with_distinct_scales(*shape, dtype, DEV))
+    q, s = krow.quantize_rowwise(x)
+    q_ref, s_ref = quant.quantize_rowwise(x)
+    assert_same(q, q_ref, "q")
+    assert_same(s, s_ref, "scale")
+    assert q.is_contiguous()
+
+
+def test_rowwise_non_contiguous_and_long_rows(monkeypatch):
+    x = rows_with_distinct_scales(96, 300, torch.bfloat16, DEV).t()       # [300, 96], strides (1, 300)
+    for got, ref in zip(krow.quantize_rowwise(x), quant.quantize_rowwise(x)):
+        assert_same(got, ref, "transposed input")
+    monkeypatch.setattr(krow, "_MAX_BLOCK_K", 64)                          # force the two-pass loop
+    x = _poisoned(rows_with_distinct_scales(20, 300, torch.float16, DEV))
+    for got, ref in zip(krow.quantize_rowwise(x), quant.quantize_rowwise(x)):
+        assert_same(got, ref, "two-pass rows")
+
+
+def test_rowwise_empty_and_errors():
+    q, s = krow.quantize_rowwise(torch.empty(4, 0, device=DEV))
+    assert q.shape == (4, 0) and torch.equal(s, torch.ones(4, device=DEV))
+    assert krow.quantize_rowwise(torch.empty(0, 8, device=DEV))[1].shape == (0,)
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        krow.quantize_rowwise(torch.ones(2, 2, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="2-D"):
+        krow.quantize_rowwise(torch.ones(2, 2, 2, device=DEV))
+
+
+# ---------------------------------------------------------------------------------------------- tensor-wise
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tensorwise_bit_exact(shape, dtype):
+    w = rows_with_distinct_scales(*shape, dtype, DEV, seed=1)
+    got, ref = ktens.quantize_tensorwise(w), quant.quantize_tensorwise(w)
+    for name, g, r in zip(("q", "qt", "scale"), got, ref):
+        assert_same(g, r, name)
+    assert got[1].is_contiguous() and torch.equal(got[1], got[0].t())
+
+
+@pytest.mark.parametrize("special", [0.0, float("nan"), float("inf"), -float("inf")])
+def test_tensorwise_special_values(special):
+    w = rows_with_distinct_scales(37, 200, torch.bfloat16, DEV, seed=2)
+    if special == 0.0:
+        w.zero_()
+    else:
+        w[11, 17] = special
+    for name, g, r in zip(("q", "qt", "scale"), ktens.quantize_tensorwise(w), quant.quantize_tensorwise(w)):
+        assert_same(g, r, name)
+
+
+def test_tensorwise_non_contiguous_and_errors():
+    w = rows_with_distinct_scales(200, 37, torch.float32, DEV).t()
+    for name, g, r in zip(("q", "qt", "scale"), ktens.quantize_tensorwise(w), quant.quantize_tensorwise(w)):
+        assert_same(g, r, name)
+    q, qt, s = ktens.quantize_tensorwise(torch.empty(0, 5, device=DEV))
+    assert q.shape == (0, 5) and qt.shape == (5, 0) and s.item() == 1.0
+    with pytest.raises(TypeError):
+        ktens.quantize_tensorwise(torch.ones(3, 3, dtype=torch.int8, device=DEV))
+
+
+# ------------------------------------------------------------------------------------------------ INT8 GEMM
+def _gemm_inputs(m, n, k, b_row, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    sa = torch.logspace(-4, -2, m) * (1 + torch.rand(m, generator=g))            # a distinct scale per row
+    sb = (torch.rand(n, generator=g) + 0.5) * 1e-2 if b_row else torch.tensor(3e-3)
+    bb = torch.randn(n, generator=g) if bias else None
+    mv = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    return mv(a), mv(b), mv(sa), mv(sb), mv(bb)
+
+
+GEMM_SHAPES = [(37, 200, 72), (300, 72, 200), (5, 7, 3), (256, 256, 256), (64, 48, 1000)]
+
+
+@pytest.mark.parametrize("out_dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("b_row,bias", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("mnk", GEMM_SHAPES, ids=str)
+def test_int8_gemm_gates(mnk, b_row, bias, out_dtype):
+    a, b, sa, sb, bb = _gemm_inputs(*mnk, b_row, bias)
+    out = kgemm.int8_gemm(a, b, sa, sb, bb, out_dtype)
+    ref32 = quant.int8_gemm(a, b, sa, sb, bb, torch.float32)
+    assert out.shape == ref32.shape and out.dtype == out_dtype
+    if out_dtype == torch.float32:
+        assert quant.relative_error(ref32, out) <= 1e-5
+    else:
+        assert_one_rounding(out, ref32)
+
+
+def test_int8_gemm_non_contiguous_nan_and_bias_dtype():
+    a, b, sa, sb, bb = _gemm_inputs(100, 60, 130, True, True)
+    a_nc = a.t().contiguous().t()                                                 # [M, K] with strides (1, M)
+    sa[7] = float("nan")
+    bias16 = bb.to(torch.bfloat16)
+    out = kgemm.int8_gemm(a_nc, b, sa, sb, bias16, torch.float32)
+    ref = quant.int8_gemm(a, b, sa, sb, bias16, torch.float32)
+    assert torch.isnan(out[7]).all() and not torch.isnan(out[:7]).any()
+    keep = torch.arange(100, device=DEV) != 7
+    assert quant.relative_error(ref[keep], out[keep]) <= 1e-5
+
+
+def test_int8_gemm_errors():
+    a, b, sa, sb, _ = _gemm_inputs(8, 8, 8, False, False)
+    with pytest.raises(TypeError, match="int8"):
+        kgemm.int8_gemm(a.float(), b, sa, sb, None, torch.float32)
+    with pytest.raises(ValueError, match="a_scale"):
+        kgemm.int8_gemm(a, b, sa[:3], sb, None, torch.float32)
+    with pytest.raises(TypeError, match="out_dtype"):
+        kgemm.int8_gemm(a, b, sa, sb, None, torch.int32)
