@@ -71,7 +71,7 @@ class StableAdamW(Optimizer):
         torch._foreach_addcmul_(us, grads, grads, value=1 - b2)
 
         ratio = torch._foreach_div(torch._foreach_mul(grads, grads), torch._foreach_clamp_min(us, eps * eps))
-        mean_ratio = [r.float().mean() for r in ratio]
+        mean_ratio = [r.mean() if r.dtype == torch.float64 else r.float().mean() for r in ratio]
         denom = torch._foreach_add(torch._foreach_sqrt(us), eps)
         updates = torch._foreach_div(ms, denom)
         if wd != 0:

@@ -1,0 +1,43 @@
+import pytest
+
+from qtrain import recipes
+from qtrain.recipes import ROW, TENSOR, GemmSpec, OperandSpec, Recipe, block
+
+
+def test_presets_describe_switchback():
+    sb = recipes.get("switchback")
+    assert sb.fprop.lhs == OperandSpec("int8", ROW) and sb.fprop.rhs == OperandSpec("int8", TENSOR)
+    assert sb.dgrad.lhs.granularity == ROW and sb.dgrad.rhs.granularity == TENSOR
+    assert not sb.wgrad.quantized and not sb.save_int8_input
+    assert recipes.get("switchback_m").save_int8_input
+    assert not recipes.get("bf16").quantized
+
+
+def test_unknown_recipe_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown recipe 'nope'.*bf16.*switchback"):
+        recipes.get("nope")
+    with pytest.raises(TypeError):
+        recipes.get(3)
+
+
+def test_recipe_is_frozen_hashable_and_round_trips():
+    r = Recipe("custom", fprop=GemmSpec(OperandSpec("int8", block(32, 32), "stochastic"),
+                                        OperandSpec("int4", TENSOR)))
+    assert hash(r) == hash(Recipe.from_dict(r.to_dict()))
+    assert Recipe.from_dict(r.to_dict()) == r
+    with pytest.raises(Exception):
+        r.name = "x"
+    assert "int8/block32x32/SR" in str(r)
+
+
+@pytest.mark.parametrize("bad", [dict(format="int3"), dict(rounding="up")])
+def test_operand_spec_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        OperandSpec(**bad)
+
+
+def test_granularity_validation():
+    with pytest.raises(ValueError):
+        recipes.Granularity("block")
+    with pytest.raises(ValueError):
+        block(0, 4)
