@@ -22,17 +22,26 @@ from qtrain.quant.int8_gemm import check_int8_gemm_args
 _TL_OUT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def _set_block_shapes(nargs):
+    """Config pre-hook: TMA descriptors take their block shape from the config being run."""
+    if not nargs["USE_TMA"]:
+        return
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a"].block_shape = [bm, bk]
+    nargs["b"].block_shape = [bn, bk]
+    nargs["out"].block_shape = [bm, bn]
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages, pre_hook=_set_block_shapes)
+
+
 def _configs() -> list[triton.Config]:
     if interpreting():
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8},
-                              num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
+        return [_cfg(128, 128, 128, 4, 1)]
+    return [_cfg(256, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 8, 4),
+            _cfg(64, 128, 128, 4, 4)]
 
 
 @triton.jit
@@ -42,16 +51,6 @@ def _round_to_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
-
-
-def _set_block_shapes(nargs):
-    """Autotune pre-hook: TMA descriptors take their block shape from the config being tried."""
-    if not nargs["USE_TMA"]:
-        return
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["a"].block_shape = [bm, bk]
-    nargs["b"].block_shape = [bn, bk]
-    nargs["out"].block_shape = [bm, bn]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -64,8 +63,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "USE_TMA", "B_ROW", "HAS_BIAS", "OUT_DTYPE"],
-                 prune_configs_by={"early_config_prune": _prune} if not interpreting() else None,
-                 pre_hook=_set_block_shapes)
+                 prune_configs_by={"early_config_prune": _prune} if not interpreting() else None)
 @triton.jit
 def _int8_gemm_kernel(a, b, out, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
                       stride_am, stride_bn, stride_om,

@@ -1,0 +1,42 @@
+"""`qtrain bench`: argument parsing, the no-GPU error, and the result files' names and contents."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from qtrain import bench
+from qtrain.bench import common
+from qtrain.errors import UserError
+
+
+def _parser():
+    p = argparse.ArgumentParser()
+    bench.add_commands(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_parses_suites_and_rejects_unknown():
+    args = _parser().parse_args(["bench", "gemm", "--out", "x", "--quick"])
+    assert args.func is bench.run and args.suite == "gemm" and args.out == "x" and args.quick
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["bench", "nope"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_needs_cuda():
+    with pytest.raises(UserError, match="CUDA"):
+        bench.run(_parser().parse_args(["bench", "quant"]))
+
+
+def test_write_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "metadata", lambda: {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11",
+                                                     "triton": "3.6.0", "cuda": "13.0", "date": "2026-11-25"})
+    monkeypatch.setattr(common, "gpu_slug", lambda: "h100")
+    paths = common.write_results("gemm", [{"M": 1, "tops": 1234.5}], ["a note"], tmp_path)
+    assert [p.name for p in paths] == ["2026-11-25-h100-gemm.json", "2026-11-25-h100-gemm.md"]
+    data = json.loads(paths[0].read_text())
+    assert data["meta"]["gpu"].startswith("NVIDIA") and data["rows"][0]["tops"] == 1234.5
+    assert "| 1 | 1234.5 |" in paths[1].read_text() and "a note" in paths[1].read_text()
