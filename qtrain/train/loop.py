@@ -1,0 +1,332 @@
+"""The training loop of ``qtrain train``: set up a run, train, evaluate, checkpoint, plot, sample.
+
+Determinism: the model is initialized from ``torch.manual_seed(seed)``, the training batches come from their
+own generator seeded with ``seed``, and the validation set is fixed, so runs that differ only in the recipe
+see the same initial weights and the same data in the same order. On the CPU a resumed run reproduces the
+uninterrupted run bit for bit. On a GPU it does so as far as the kernels are deterministic: cuBLAS GEMMs and
+the INT8 Triton kernels are (fixed reduction order), while the backward of ``scaled_dot_product_attention``
+(flash/efficient kernels) may use atomics and differ in the last bits.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import qtrain
+from qtrain import data as qdata
+from qtrain import models, recipes
+from qtrain.errors import UserError
+from qtrain.train import checkpoint
+from qtrain.train.config import IDENTITY, TrainConfig
+from qtrain.train.plots import plot_runs, read_log
+
+OPTIMIZERS = ("stableadamw", "adamw")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def lr_at(step: int, cfg: TrainConfig, peak: float, warmup: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up over ``warmup`` steps to ``peak``,
+    then cosine decay to ``peak / 10`` at the last step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - 1 - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on norms, biases (1-D) or embeddings (a tied head is an embedding)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "stableadamw":
+        return qtrain.optim.StableAdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-6)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    raise UserError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; accepted: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: not supported; accepted: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def resolve_recipe(name: str) -> recipes.Recipe:
+    try:
+        return recipes.get(name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def quantize_all_but_head(module: nn.Module, name: str) -> bool:
+    """``convert`` filter for the training command: every linear layer except the output head (whatever its
+    size: the command exists to measure the recipe, so small layers are converted too)."""
+    return name.rsplit(".", 1)[-1] != "lm_head"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@dataclass
+class Run:
+    """Everything a run holds while training (built by :func:`setup`)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    precision: str
+    model: nn.Module            # the model as built (saved, sampled from)
+    step_model: nn.Module       # the model called in the loop (compiled when --compile)
+    model_config: models.ModelConfig
+    recipe: recipes.Recipe
+    tokenizer: object
+    tokens: qdata.TokenData
+    batches: qdata.Batches
+    optimizer: torch.optim.Optimizer
+    peak_lr: float
+    warmup: int
+    start_step: int = 0
+    record: dict = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------------- setup
+def resume_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Path | None, dict | None]:
+    """With ``--resume``, the checkpoint's settings, overridden only by run-control flags; a different value for
+    a setting that defines the run (``IDENTITY``) given explicitly is a :class:`UserError`."""
+    if not cfg.resume:
+        return cfg, None, None
+    ckpt = checkpoint.find(cfg.resume)
+    saved = checkpoint.read_config(ckpt)
+    try:
+        old = TrainConfig(**saved["train"])
+    except (KeyError, TypeError):
+        raise UserError(f"checkpoint {ckpt} is corrupt or not a qtrain checkpoint: config.json has no valid "
+                        f"'train' settings") from None
+    for name in IDENTITY:
+        if name in explicit and getattr(cfg, name) != getattr(old, name):
+            raise UserError(f"checkpoint {ckpt} was trained with --{name.replace('_', '-')} {getattr(old, name)}, "
+                            f"not {getattr(cfg, name)}: omit the flag to resume (it is read from the checkpoint)")
+    keep = {f: getattr(cfg, f) for f in ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+                                         "sample_tokens", "device", "compile", "progress")
+            if f in explicit or f == "progress"}
+    out = cfg.out if "out" in explicit else str(ckpt.parent)
+    return old.replace(resume=str(ckpt), out=out, **keep), ckpt, saved
+
+
+def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
+    """Validate the settings, then build the data, model, recipe and optimizer (and load ``--resume``)."""
+    cfg, ckpt, saved = resume_config(cfg, explicit)
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"unknown precision {cfg.precision!r}; accepted: {', '.join(PRECISIONS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+    device = resolve_device(cfg.device)
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    recipe = resolve_recipe(cfg.recipe)
+    tokenizer = qdata.get_tokenizer(cfg.tokenizer)
+    if saved is not None:
+        try:
+            model_config = models.ModelConfig.from_dict(saved["model_config"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"checkpoint {ckpt} is corrupt: config.json has no valid 'model_config'") from None
+    else:
+        model_config = models.preset_config(cfg.model, vocab_size=tokenizer.vocab_size)
+    if cfg.seq_len > model_config.max_seq_len:
+        raise UserError(f"--seq-len {cfg.seq_len} is longer than {cfg.model} supports "
+                        f"(at most {model_config.max_seq_len} tokens)")
+    tokens = qdata.load_tokens(cfg.data, tokenizer)
+    batches = qdata.Batches(tokens.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    qdata.eval_batches(tokens.val, 1, 1, cfg.seq_len)   # raises now if the validation split is too short
+
+    torch.manual_seed(cfg.seed)
+    model = models.build_from_config(model_config).to(device)
+    if recipe.quantized:
+        try:
+            qtrain.convert(model, recipe, filter_fn=quantize_all_but_head)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--recipe {recipe.name}: {e}") from None
+    peak_lr = cfg.lr if cfg.lr is not None else model_config.lr
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 10)
+    optimizer = make_optimizer(cfg.optimizer, model, peak_lr, cfg.weight_decay)
+
+    start_step = 0
+    if ckpt is not None:
+        state = checkpoint.load(ckpt, model)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            batches.load_state_dict(state["data"])
+            set_rng_state(state["rng"], device)
+            start_step = int(state["step"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise UserError(f"checkpoint {ckpt} is corrupt or from another setup: state.pt does not fit "
+                            f"({type(e).__name__}: {e})") from None
+
+    out = Path(cfg.out) if cfg.out else Path("runs") / (
+        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{cfg.recipe}")
+    out.mkdir(parents=True, exist_ok=True)
+    step_model = torch.compile(model) if cfg.compile else model
+    record = {"train": cfg.to_dict(), "model_config": model_config.to_dict(), "recipe": recipe.to_dict(),
+              "data": tokens.meta, "parameters": model.num_params(), "device": str(device),
+              "precision": precision,
+              "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                           "qtrain": qtrain.__version__, "platform": platform.platform()}}
+    return Run(cfg, out, device, precision, model, step_model, model_config, recipe, tokenizer, tokens, batches,
+               optimizer, peak_lr, warmup, start_step, record)
+
+
+# ------------------------------------------------------------------------------------------ the main loop
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean loss over the fixed validation batches."""
+    run.step_model.eval()
+    losses = []
+    for x, y in qdata.eval_batches(run.tokens.val, run.cfg.eval_batches, run.cfg.batch_size, run.cfg.seq_len):
+        with autocast(run.device, run.precision):
+            _, loss = run.step_model(x.to(run.device), y.to(run.device))
+        losses.append(loss.item())
+    run.step_model.train()
+    return sum(losses) / len(losses)
+
+
+def save_checkpoint(run: Run, step: int) -> Path:
+    state = {"step": step, "optimizer": run.optimizer.state_dict(), "data": run.batches.state_dict(),
+             "rng": rng_state(run.device),
+             "schedule": {"peak_lr": run.peak_lr, "warmup": run.warmup, "steps": run.cfg.steps}}
+    return checkpoint.save(run.out, step, run.model, state, run.record, run.cfg.keep_checkpoints)
+
+
+def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
+    """Train as ``cfg`` says; write the run folder; return the summary (also written to ``summary.json``).
+
+    ``explicit``: the settings the user gave (matters only with ``--resume``, see :func:`resume_config`).
+    """
+    run = setup(cfg, explicit)
+    cfg, model, opt, device = run.cfg, run.step_model, run.optimizer, run.device
+    log_path = run.out / "log.jsonl"
+    keep = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= run.start_step] \
+        if log_path.exists() and run.start_step else []
+    log_path.write_text("".join(line + "\n" for line in keep))   # drop lines past the resumed checkpoint
+    (run.out / "config.json").write_text(json.dumps(run.record, indent=1))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    rates, val_loss = [], None
+    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=not cfg.progress,
+               desc=f"{cfg.model} {run.recipe.name}", unit="step", dynamic_ncols=True)
+    with open(log_path, "a") as log:
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, run.peak_lr, run.warmup)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                x, y = run.batches.next()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, run.precision):
+                    _, loss = model(x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            if cfg.optimizer == "adamw" and cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rate = tokens_per_step / (time.perf_counter() - t0)
+            rates.append(rate)
+
+            done = step + 1
+            entry = {"step": done, "loss": loss_sum / cfg.grad_accum, "lr": lr, "tokens_per_s": round(rate, 1)}
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                val_loss = entry["val_loss"] = evaluate(run)
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{rate:,.0f}",
+                            **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                save_checkpoint(run, done)
+    bar.close()
+    return finish(run, rates, val_loss)
+
+
+def finish(run: Run, rates: list[float], val_loss: float | None) -> dict:
+    """Write the loss plot, a text sample and ``summary.json``; return the summary."""
+    records = read_log(run.out / "log.jsonl")
+    plot_runs({run.recipe.name: records}, run.out / "loss.png",
+              f"{run.cfg.model} · {run.recipe.name} · {run.cfg.data}/{run.cfg.tokenizer}")
+    if run.cfg.sample_tokens > 0:
+        (run.out / "sample.txt").write_text(sample(run, run.cfg.sample_tokens))
+    steady = sorted(rates[min(3, len(rates) - 1):]) if rates else []   # skip warm-up steps
+    evals = [r["val_loss"] for r in records if "val_loss" in r]
+    summary = {
+        "model": run.cfg.model, "recipe": run.recipe.name, "steps": run.cfg.steps,
+        "final_loss": records[-1]["loss"] if records else None,
+        "final_val_loss": val_loss if val_loss is not None else (evals[-1] if evals else None),
+        "tokens_per_s": steady[len(steady) // 2] if steady else None,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
+        "parameters": run.record["parameters"], "device": str(run.device), "precision": run.precision,
+        "out": str(run.out),
+    }
+    (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+@torch.no_grad()
+def sample(run: Run, n_tokens: int) -> str:
+    """``n_tokens`` sampled (temperature 0.8, top-k 40, fixed seed) after a prompt from the validation split."""
+    val = run.tokens.val
+    prompt = torch.from_numpy(val[1:1 + min(64, val.size - 1)].astype("int64"))[None].to(run.device)
+    run.model.eval()
+    with autocast(run.device, run.precision):
+        out = run.model.generate(prompt, n_tokens, generator=torch.Generator().manual_seed(run.cfg.seed))
+    run.model.train()
+    text_prompt = run.tokenizer.decode(prompt[0].tolist())
+    text_new = run.tokenizer.decode(out[0, prompt.shape[1]:].tolist())
+    return f"--- prompt (validation text) ---\n{text_prompt}\n--- sampled ---\n{text_new}\n"
