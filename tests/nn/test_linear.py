@@ -147,3 +147,18 @@ def test_bad_inputs_raise_clear_errors():
         layer(torch.randn(4, 64, device="meta"))
     with pytest.raises(ValueError, match="unknown recipe"):
         qtrain.QuantLinear(4, 4, recipe="int3")
+
+
+def test_compile_inductor_matches_eager():
+    layer = _layer("switchback", k=64, n=32)
+    x = torch.randn(16, 64)
+    compiled = torch.compile(layer)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = layer(xe), compiled(xc)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-6)
+    ye.sum().backward()
+    gw = layer.weight.grad.clone()
+    layer.weight.grad = None
+    yc.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.weight.grad, gw, rtol=1e-5, atol=1e-6)
