@@ -11,8 +11,9 @@ steps=("$@")
 for step in "${steps[@]}"; do
   echo "=== $step $(date +%T)"
   case "$step" in
-    tests) python -m pytest -m gpu tests/kernels -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" ;;
+    tests) python -m pytest -m gpu tests/kernels -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.log" ;;
     gemm|quant|linear) python -m qtrain.bench "$step" --out "$OUT/results" 2>&1 | tee "$OUT/bench-$step.log" ;;
+    overhead) python benchmarks/overhead.py 2>&1 | tee "$OUT/overhead.log" ;;
     *) python -m qtrain.bench "${step#bench-}" --quick --out "$OUT/results" 2>&1 | tee "$OUT/$step.log" ;;
   esac
 done

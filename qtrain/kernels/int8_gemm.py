@@ -19,6 +19,7 @@ import triton.language as tl
 from qtrain.kernels._common import check_device, interpreting
 from qtrain.quant.int8_gemm import check_int8_gemm_args
 
+TMA_ENABLED = True   # benchmarks switch it off to compare the masked-pointer path
 _TL_OUT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -123,7 +124,7 @@ def _int8_gemm_kernel(a, b, out, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
     """TMA wants 16-byte aligned bases and row strides (and, here, a real GPU)."""
-    if interpreting():
+    if interpreting() or not TMA_ENABLED:
         return False
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 

@@ -2,7 +2,8 @@
 
 ``quantize_rowwise(x [M, K] float) -> (q [M, K] int8 contiguous, scale [M] fp32)``: one scale per row, RTN,
 bit-exact with the reference. Any strides (the kernel reads through them; no copy), bf16/fp16/fp32 input.
-Rows up to ``_MAX_BLOCK_K`` long are read once (one pass); longer rows are read twice (absmax, then quantize).
+Rows up to ``_MAX_BLOCK_K`` long are read once (one pass); longer rows are read twice in ``_LOOP_BLOCK_K``
+chunks (absmax, then quantize; the second read mostly hits L2).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import triton.language as tl
 from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
 from qtrain.quant.core import check_2d, check_float
 
-_MAX_BLOCK_K = 16384
+_MAX_BLOCK_K = 8192
+_LOOP_BLOCK_K = 4096
 
 
 @triton.jit
@@ -48,7 +50,9 @@ def _rowwise_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk,
 
 def _launch_params(M: int, K: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps): ~8k elements per program on the GPU, larger tiles when interpreting."""
-    block_k = min(triton.next_power_of_2(max(K, 1)), _MAX_BLOCK_K)
+    block_k = triton.next_power_of_2(max(K, 1))
+    if block_k > _MAX_BLOCK_K:
+        block_k = min(_LOOP_BLOCK_K, _MAX_BLOCK_K)
     target = 65536 if interpreting() else 4096
     block_m = max(1, min(target // block_k, triton.next_power_of_2(max(M, 1))))
     warps = 8 if block_m * block_k >= 4096 else 4

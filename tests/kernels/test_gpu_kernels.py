@@ -1,5 +1,10 @@
 """GPU tests (`pytest -m gpu` on the lent device): the compiled Triton kernels vs their reference twins at
-LLaMA-7B shapes, QuantLinear through kernels vs reference, and SwitchBack training steps on CUDA."""
+LLaMA-7B shapes, QuantLinear through kernels vs reference, and SwitchBack training steps on CUDA.
+
+Quantizers are compared with the reference run on the CPU, where its arithmetic is exact IEEE: on CUDA,
+torch divides by a Python scalar as a multiplication by its reciprocal (``absmax / 127`` in the reference's
+scale), which can differ from the IEEE quotient in the last bit.
+"""
 from __future__ import annotations
 
 import copy
@@ -29,16 +34,16 @@ def test_rowwise_gpu(shape, dtype, transposed):
     x = rows_with_distinct_scales(*(shape[::-1] if transposed else shape), dtype, "cuda")
     x = x.t() if transposed else x
     x[1, 5], x[2, 7], x[3] = float("nan"), float("inf"), 0
-    for name, g, r in zip(("q", "scale"), krow.quantize_rowwise(x), quant.quantize_rowwise(x)):
-        assert_same(g, r, name)
+    for name, g, r in zip(("q", "scale"), krow.quantize_rowwise(x), quant.quantize_rowwise(x.cpu())):
+        assert_same(g.cpu(), r, name)
 
 
 @pytest.mark.parametrize("shape,dtype", [((4096, 4096), torch.bfloat16), ((11008, 4096), torch.bfloat16),
                                          ((4096, 11008), torch.float32), ((1001, 999), torch.float16)], ids=str)
 def test_tensorwise_gpu(shape, dtype):
     w = rows_with_distinct_scales(*shape, dtype, "cuda")
-    for name, g, r in zip(("q", "qt", "scale"), ktens.quantize_tensorwise(w), quant.quantize_tensorwise(w)):
-        assert_same(g, r, name)
+    for name, g, r in zip(("q", "qt", "scale"), ktens.quantize_tensorwise(w), quant.quantize_tensorwise(w.cpu())):
+        assert_same(g.cpu(), r, name)
     w[5, 3] = float("nan")
     assert torch.isnan(ktens.quantize_tensorwise(w)[2])
 
@@ -63,6 +68,8 @@ def test_int8_gemm_gpu(mkn, out_dtype):
 
 
 def test_quantlinear_kernels_match_reference_gpu():
+    """Same numbers up to the reference's CUDA scale rounding (see the module docstring): a few INT8 codes
+    may differ by one, so the gate is a relative error far below the quantization error (~1e-2)."""
     torch.manual_seed(0)
     layer = qtrain.QuantLinear(4096, 11008, bias=True, recipe="switchback").to("cuda", torch.bfloat16)
     x = torch.randn(4, 4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -75,7 +82,8 @@ def test_quantlinear_kernels_match_reference_gpu():
             y.backward(dy)
         res[backend] = (y, xx.grad, lay.weight.grad, lay.bias.grad)
     for name, g, r in zip(("y", "dx", "dw", "db"), res["triton"], res["reference"]):
-        torch.testing.assert_close(g, r, rtol=8e-3, atol=1e-6, msg=f"{name} differs between backends")
+        assert g.dtype == r.dtype and g.shape == r.shape, name
+        assert quant.relative_error(r, g) <= 1e-4, f"{name} differs between backends"
 
 
 def test_switchback_training_steps_cuda(monkeypatch):

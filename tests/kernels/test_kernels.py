@@ -49,6 +49,7 @@ def test_rowwise_non_contiguous_and_long_rows(monkeypatch):
     for got, ref in zip(krow.quantize_rowwise(x), quant.quantize_rowwise(x)):
         assert_same(got, ref, "transposed input")
     monkeypatch.setattr(krow, "_MAX_BLOCK_K", 64)                          # force the two-pass loop
+    monkeypatch.setattr(krow, "_LOOP_BLOCK_K", 64)
     x = _poisoned(rows_with_distinct_scales(20, 300, torch.float16, DEV))
     for got, ref in zip(krow.quantize_rowwise(x), quant.quantize_rowwise(x)):
         assert_same(got, ref, "two-pass rows")
