@@ -265,25 +265,24 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             lr = lr_at(step, cfg, run.peak_lr, run.warmup)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for _ in range(cfg.grad_accum):
                 x, y = run.batches.next()
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast(device, run.precision):
                     _, loss = model(x, y)
                 (loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
             if cfg.optimizer == "adamw" and cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            loss_value = loss_sum.item() / cfg.grad_accum   # waits for the GPU: the step's time is complete
             rate = tokens_per_step / (time.perf_counter() - t0)
             rates.append(rate)
 
             done = step + 1
-            entry = {"step": done, "loss": loss_sum / cfg.grad_accum, "lr": lr, "tokens_per_s": round(rate, 1)}
+            entry = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": round(rate, 1)}
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 val_loss = entry["val_loss"] = evaluate(run)
             log.write(json.dumps(entry) + "\n")

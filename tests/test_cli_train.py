@@ -1,0 +1,64 @@
+"""``qtrain train`` / ``qtrain compare`` on the command line: bad input is one line on stderr, exit code 2, no
+traceback; a short run succeeds."""
+import pytest
+
+from qtrain.cli import main
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QTRAIN_CACHE", str(tmp_path / "cache"))
+
+
+def _error(capsys, argv, *expected):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"qtrain {argv[0]}: error: ")
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def test_unknown_names(capsys):
+    _error(capsys, ["train", "--model", "llama-7b"], "'llama-7b'", "llama-tiny", "gpt2-small")
+    _error(capsys, ["train", "--recipe", "fp4"], "'fp4'", "bf16", "switchback")
+    _error(capsys, ["train", "--tokenizer", "spm"], "'spm'", "bytes", "gpt2")
+    _error(capsys, ["train", "--optimizer", "sgd"], "'sgd'", "stableadamw", "adamw")
+    _error(capsys, ["train", "--precision", "fp8"], "'fp8'", "auto", "fp32", "bf16")
+    _error(capsys, ["compare", "--recipes", "bf16,fp4"], "'fp4'", "switchback")
+
+
+def test_bad_data_paths(capsys, tmp_path):
+    _error(capsys, ["train", "--data", str(tmp_path / "missing.txt")], "no such file or folder", "stdlib")
+    (tmp_path / "empty").mkdir()
+    _error(capsys, ["train", "--data", str(tmp_path / "empty")], "holds no text")
+    (tmp_path / "short.txt").write_text("tiny\n")
+    _error(capsys, ["train", "--data", str(tmp_path / "short.txt")], "too few for --seq-len")
+
+
+def test_seq_len_too_long(capsys):
+    _error(capsys, ["train", "--seq-len", "4096"], "--seq-len 4096", "at most 512")
+
+
+def test_bad_checkpoints(capsys, tmp_path):
+    run = tmp_path / "run"
+    args = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--sample-tokens", "0",
+            "--no-progress", "--out", str(run)]
+    assert main(["train", *args]) == 0
+    assert "final val loss" in capsys.readouterr().out
+    _error(capsys, ["train", "--resume", str(run), "--model", "gpt2-tiny"], "--model llama-tiny")
+    _error(capsys, ["train", "--resume", str(tmp_path / "nope")], "no such checkpoint")
+    (run / "step-000002" / "model.safetensors").write_bytes(b"\x00" * 100)
+    _error(capsys, ["train", "--resume", str(run)], "corrupt", "model.safetensors")
+    (run / "step-000002" / "config.json").write_text("{not json")
+    _error(capsys, ["train", "--resume", str(run / "step-000002")], "corrupt", "config.json")
+
+
+def test_compare_cli(capsys, tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--recipes", "bf16,switchback", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+            "--eval-batches", "1", "--sample-tokens", "0", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| switchback |" in printed and (out / "compare.png").exists() and (out / "compare.md").exists()

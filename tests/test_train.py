@@ -1,0 +1,135 @@
+"""The training loop: SwitchBack tracks bf16, resume is bit-exact, compare writes its plot and table, and the run
+folder holds what the docs promise."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from qtrain.errors import UserError
+from qtrain.models import build
+from qtrain.train import TrainConfig, compare, train
+from qtrain.train.loop import lr_at, param_groups
+
+SMALL = dict(batch_size=4, seq_len=64, eval_batches=8, sample_tokens=0, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def token_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QTRAIN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    cfg = TrainConfig(steps=100, eval_every=50, save_every=100, out=str(out), **SMALL)
+    return out, compare(cfg, ["bf16", "switchback"])
+
+
+def test_switchback_within_2_percent_of_bf16(compared):
+    _, (bf16, sb) = compared
+    assert bf16["recipe"] == "bf16" and sb["recipe"] == "switchback"
+    assert bf16["final_val_loss"] < 3.0   # it learned something (uniform over bytes is 5.55)
+    assert abs(sb["final_val_loss"] - bf16["final_val_loss"]) / bf16["final_val_loss"] < 0.02
+
+
+def test_compare_same_init_and_data(compared):
+    out, _ = compared
+    first = [json.loads((out / r / "log.jsonl").read_text().splitlines()[0]) for r in ("bf16", "switchback")]
+    assert abs(first[0]["loss"] - first[1]["loss"]) < 0.01   # same weights and batch; only quantization noise
+
+
+def test_compare_writes_plot_and_table(compared):
+    out, _ = compared
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "compare.md").read_text()
+    assert "| bf16 |" in table and "| switchback |" in table and "Δ % vs bf16" in table
+    assert "+0.00 %" in table   # bf16 against itself
+    for recipe in ("bf16", "switchback"):
+        records = [json.loads(line) for line in (out / recipe / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(1, 101))
+        assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in records)
+        assert [r["step"] for r in records if "val_loss" in r] == [50, 100]
+
+
+def test_run_folder_contents(tmp_path):
+    out = tmp_path / "run"
+    summary = train(TrainConfig(steps=6, eval_every=3, save_every=2, keep_checkpoints=2, out=str(out),
+                                **{**SMALL, "sample_tokens": 20}))
+    assert summary["steps"] == 6 and math.isfinite(summary["final_val_loss"])
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000004", "step-000006"]
+    ckpt = out / "step-000006"
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["step"] == 6 and "optimizer" in state and "rng" in state and "data" in state
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["recipe"]["name"] == "switchback" and config["model_config"]["family"] == "llama"
+    assert config["data"]["python"] and config["train"]["seq_len"] == 64
+    assert (out / "loss.png").exists() and "--- sampled ---" in (out / "sample.txt").read_text()
+    assert json.loads((out / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in
+            map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("recipe", ["switchback"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, recipe):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    cfg = TrainConfig(recipe=recipe, steps=16, eval_every=4, save_every=8, warmup=3, **SMALL)
+    train(cfg.replace(out=str(whole)))
+    # an interrupted run: its folder as it was right after the step-8 checkpoint
+    cut.mkdir()
+    shutil.copytree(whole / "step-000008", cut / "step-000008")
+    lines = (whole / "log.jsonl").read_text().splitlines()
+    (cut / "log.jsonl").write_text("\n".join(lines[:10]) + "\n")   # includes 2 lines past the checkpoint
+    train(TrainConfig(resume=str(cut), progress=False), explicit={"resume", "progress"})
+    assert _losses(cut) == _losses(whole)
+    assert (cut / "step-000016" / "model.safetensors").read_bytes() == \
+        (whole / "step-000016" / "model.safetensors").read_bytes()
+
+
+def test_resume_rejects_other_model_and_corrupt_files(tmp_path):
+    run = tmp_path / "run"
+    train(TrainConfig(steps=2, save_every=2, eval_every=2, out=str(run), **SMALL))
+    with pytest.raises(UserError, match="was trained with --model llama-tiny"):
+        train(TrainConfig(resume=str(run), model="gpt2-tiny"), explicit={"resume", "model"})
+    other = tmp_path / "other"
+    train(TrainConfig(model="gpt2-tiny", steps=2, save_every=2, eval_every=2, out=str(other), **SMALL))
+    shutil.copy(other / "step-000002" / "model.safetensors", run / "step-000002" / "model.safetensors")
+    with pytest.raises(UserError, match="from another model"):
+        train(TrainConfig(resume=str(run)), explicit={"resume"})
+    (other / "step-000002" / "state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt: cannot read state.pt"):
+        train(TrainConfig(resume=str(other)), explicit={"resume"})
+    with pytest.raises(UserError, match="not a checkpoint"):
+        train(TrainConfig(resume=str(tmp_path)), explicit={"resume"})
+
+
+def test_adamw_grad_accum_gpt2(tmp_path):
+    summary = train(TrainConfig(model="gpt2-tiny", recipe="switchback_m", optimizer="adamw", grad_accum=2,
+                                steps=3, eval_every=3, save_every=3, out=str(tmp_path), **SMALL))
+    assert math.isfinite(summary["final_val_loss"])
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(steps=100)
+    assert lr_at(0, cfg, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(9, cfg, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(99, cfg, 1.0, 10) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg, 1.0, 10) >= lr_at(s + 1, cfg, 1.0, 10) for s in range(10, 99))
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+def test_no_weight_decay_on_norms_biases_embeddings(name):
+    model = build(name)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert not any("norm" in names[id(p)] or "ln_" in names[id(p)] or names[id(p)].endswith("bias")
+                   or "wte" in names[id(p)] or "wpe" in names[id(p)] or "embed" in names[id(p)]
+                   for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
