@@ -285,6 +285,8 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             entry = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": round(rate, 1)}
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 val_loss = entry["val_loss"] = evaluate(run)
+                tqdm.write(f"step {done}: loss {entry['loss']:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
+                           f"{rate:,.0f} tokens/s")
             log.write(json.dumps(entry) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{rate:,.0f}",
