@@ -76,7 +76,7 @@ def _losses(run_dir):
             map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("recipe", ["switchback"])
+@pytest.mark.parametrize("recipe", ["bf16", "switchback"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, recipe):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     cfg = TrainConfig(recipe=recipe, steps=16, eval_every=4, save_every=8, warmup=3, **SMALL)

@@ -12,7 +12,8 @@ IDENTITY = ("model", "recipe", "data", "tokenizer", "batch_size", "grad_accum", 
 
 @dataclass
 class TrainConfig:
-    """A training run. ``None`` for ``lr``/``warmup``/``out`` means "derive it" (see :meth:`resolved`).
+    """A training run (the fields are the ``qtrain train`` flags). ``None`` for ``lr``, ``warmup`` and ``out``
+    means: the model preset's learning rate, 10 % of ``steps``, and ``runs/<date-time>-<model>-<recipe>``.
 
     The defaults train ``llama-tiny`` (3.1M parameters) on the standard library's sources with byte tokens and
     the SwitchBack recipe: 400 steps × 8 × 128 tokens, about 1.5–3 minutes on a 2-core CPU.
@@ -35,7 +36,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 10
     save_every: int = 200
     keep_checkpoints: int = 3

@@ -321,9 +321,12 @@ def finish(run: Run, rates: list[float], val_loss: float | None) -> dict:
 
 @torch.no_grad()
 def sample(run: Run, n_tokens: int) -> str:
-    """``n_tokens`` sampled (temperature 0.8, top-k 40, fixed seed) after a prompt from the validation split."""
+    """``n_tokens`` sampled (temperature 0.8, top-k 40, fixed seed) after a prompt: the first 64 tokens of the
+    validation document nearest the middle of the split."""
     val = run.tokens.val
-    prompt = torch.from_numpy(val[1:1 + min(64, val.size - 1)].astype("int64"))[None].to(run.device)
+    docs = (val == run.tokenizer.eot).nonzero()[0]
+    start = int(docs[len(docs) // 2]) + 1 if docs.size else 0
+    prompt = torch.from_numpy(val[start:start + 64].astype("int64"))[None].to(run.device)
     run.model.eval()
     with autocast(run.device, run.precision):
         out = run.model.generate(prompt, n_tokens, generator=torch.Generator().manual_seed(run.cfg.seed))
