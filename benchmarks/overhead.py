@@ -31,6 +31,7 @@ def host_us(fn, n=300):
 
 def main():
     a = torch.rand(1 << 22, device="cuda") * 100
+    kg.TMA_MIN_MNK = 0
     print("cuda a/127 != cpu a/127:", (a / 127.0 != (a.cpu() / 127.0).cuda()).sum().item(),
           "| a/full_like(127) != cpu:", (a / torch.full_like(a, 127.0) != (a.cpu() / 127.0).cuda()).sum().item())
 
@@ -71,6 +72,17 @@ def main():
     pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
     print(s.getvalue()[:6000])
 
+    from qtrain.kernels import rowwise as kr
+    for K in (11008, 16384):
+        xr = torch.randn(16384, K, device="cuda", dtype=torch.bfloat16)
+        res = []
+        for one_pass in (False, True):
+            kr._MAX_BLOCK_K = 16384 if one_pass else 8192
+            t = triton.testing.do_bench(lambda: kr.quantize_rowwise(xr), return_mode="median")
+            res.append(f"{'one pass' if one_pass else 'loop'} {xr.numel() * 3 / t / 1e9:.2f} TB/s")
+        kr._MAX_BLOCK_K = 8192
+        print(f"rowwise 16384x{K}: " + " | ".join(res))
+    kg.TMA_MIN_MNK = 0
     print("TMA vs pointer loads (TOP/s), M×K×N:")
     for M, K, N in [(16384, 4096, 4096), (16384, 11008, 4096), (8192, 2048, 2048), (8192, 1024, 1024)]:
         A = torch.randint(-127, 128, (M, K), dtype=torch.int8, device="cuda")

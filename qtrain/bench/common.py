@@ -25,6 +25,14 @@ def bench(fn, quick: bool = False) -> float:
                                    return_mode="median")
 
 
+def bench_graph(fn) -> float:
+    """Median milliseconds of ``fn()`` replayed from a CUDA graph: GPU time without host launch overhead.
+    Call ``fn`` once first (autotuning cannot run inside a capture)."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
 def gpu_slug() -> str:
     name = torch.cuda.get_device_name().lower().replace("nvidia", "")
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-").split("-")[0] or "gpu"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from qtrain.bench.common import bench
+from qtrain.bench.common import bench, bench_graph
 
 SHAPES = [(16384, 4096, 4096), (16384, 4096, 11008), (16384, 11008, 4096), (8192, 2048, 2048),
           (8192, 1024, 1024)]                                       # M × K × N
@@ -34,13 +34,17 @@ def run_suite(quick: bool = False):
         t_int_mm = bench(lambda: torch._int_mm(a, b.t()), quick)
         t_ours = bench(lambda: int8_gemm(a, b, sa, sb, None, torch.bfloat16), quick)
         best = _int8_gemm_kernel.best_config
+        t_ours_g = bench_graph(lambda: int8_gemm(a, b, sa, sb, None, torch.bfloat16))
+        t_bf16_g = bench_graph(lambda: a16 @ b16.t())
         t_ours_row = bench(lambda: int8_gemm(a, b, sa, sb_row, None, torch.bfloat16), quick)
         rows.append({
             "M": M, "K": K, "N": N,
             "bf16_tflops": ops / t_bf16 / 1e9, "int_mm_tops": ops / t_int_mm / 1e9,
             "qtrain_tops": ops / t_ours / 1e9, "qtrain_rowscale_tops": ops / t_ours_row / 1e9,
             "qtrain_vs_bf16": t_bf16 / t_ours, "int_mm_vs_bf16": t_bf16 / t_int_mm,
-            "qtrain_vs_int_mm": t_int_mm / t_ours, "rel_err_fp32_out": err, "int_mm_exact": int_mm_ok,
+            "qtrain_vs_int_mm": t_int_mm / t_ours,
+            "graph_qtrain_tops": ops / t_ours_g / 1e9, "graph_bf16_tflops": ops / t_bf16_g / 1e9,
+            "graph_qtrain_vs_bf16": t_bf16_g / t_ours_g, "rel_err_fp32_out": err, "int_mm_exact": int_mm_ok,
             "config": f"{best.kwargs['BLOCK_M']}x{best.kwargs['BLOCK_N']}x{best.kwargs['BLOCK_K']} "
                       f"w{best.num_warps} s{best.num_stages}",
         })
@@ -48,6 +52,8 @@ def run_suite(quick: bool = False):
         del a, b, a16, b16
     notes = ["qtrain_tops: row scale × tensor scale epilogue, bf16 output (SwitchBack fprop); "
              "qtrain_rowscale_tops: row × row scales. `torch._int_mm` returns int32 with no epilogue.",
+             "graph_*: the same kernels replayed from a CUDA graph (do_bench_cudagraph), i.e. without the host's "
+             "launch overhead, which eager timings of small GEMMs include.",
              "Median of triton.testing.do_bench (L2 flushed before each call), random inputs, correctness "
              "checked against the exact integer product before timing."]
     return rows, notes

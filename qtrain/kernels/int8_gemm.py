@@ -8,7 +8,7 @@ out_dtype) -> [M, N] out_dtype``::
 int32 accumulation on the tensor cores (``tl.dot``), the dequantizing epilogue fused, grouped tile order
 (GROUP_M row tiles share each column tile while it sits in L2). On the GPU, when K and N rows are 16-byte
 aligned, operands are loaded and the output stored through TMA descriptors; otherwise through masked
-pointers. Operands not contiguous along K are copied to contiguous first (a deliberate, counted cost).
+pointers (also for small GEMMs, where the descriptors' host cost would show). Operands not contiguous along K are copied to contiguous first (a deliberate, counted cost).
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ from qtrain.kernels._common import check_device, interpreting
 from qtrain.quant.int8_gemm import check_int8_gemm_args
 
 TMA_ENABLED = True   # benchmarks switch it off to compare the masked-pointer path
+# Host-side TMA descriptors cost ~140 µs of CPU per call (measured, H100 machine): worth it only when the GEMM
+# runs long enough to hide that (2·M·N·K ≥ 2.7e11 ops: ~0.27 ms at 1000 TOP/s); smaller GEMMs use pointers.
+TMA_MIN_MNK = 1 << 37
 _TL_OUT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -146,7 +149,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
         b = b.contiguous()
     a_scale, b_scale = a_scale.contiguous(), b_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    use_tma = _tma_ok(a, b, out)
+    use_tma = M * N * K >= TMA_MIN_MNK and _tma_ok(a, b, out)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         dummy = [16, 16]

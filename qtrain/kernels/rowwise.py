@@ -55,7 +55,7 @@ def _launch_params(M: int, K: int) -> tuple[int, int, int]:
         block_k = min(_LOOP_BLOCK_K, _MAX_BLOCK_K)
     target = 65536 if interpreting() else 4096
     block_m = max(1, min(target // block_k, triton.next_power_of_2(max(M, 1))))
-    warps = 8 if block_m * block_k >= 4096 else 4
+    warps = 16 if block_m * block_k >= 16384 else 8 if block_m * block_k >= 4096 else 4
     return block_m, block_k, warps
 
 

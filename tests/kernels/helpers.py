@@ -24,13 +24,17 @@ def assert_same(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     assert diff == 0, f"{what}: {diff} of {ref.numel()} elements differ"
 
 
-def assert_one_rounding(out: torch.Tensor, ref32: torch.Tensor) -> None:
-    """Every element of ``out`` (bf16/fp16) within one unit in the last place of ``ref32`` in out's dtype."""
+def assert_one_rounding(out: torch.Tensor, ref32: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
+    """Every element of ``out`` (bf16/fp16) within one unit in the last place of ``ref32`` in out's dtype, plus
+    the fp32 epilogue's own rounding noise, ``2⁻²¹·magnitude`` (``|acc·scales| + |bias|``: where a bias cancels
+    the product, an FMA on the GPU and two roundings in the reference legitimately differ by that much)."""
     bits = MANTISSA_BITS[out.dtype]
     tiny = torch.finfo(out.dtype).smallest_normal * 2.0 ** -bits
     ulp = torch.exp2(torch.floor(torch.log2(ref32.abs().clamp_min(tiny))) - bits).clamp_min(tiny)
     err = (out.float() - ref32).abs()
     finite = torch.isfinite(ref32)
     assert torch.equal(torch.isnan(out), torch.isnan(ref32)), "NaN positions differ"
+    if magnitude is not None:
+        ulp = ulp + magnitude * 2.0 ** -21
     bad = (err > ulp) & finite
     assert not bad.any(), f"{bad.sum().item()} elements beyond one rounding; worst {(err / ulp)[finite].max()}"
