@@ -20,6 +20,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from qtrain.errors import UserError
 
@@ -35,7 +36,7 @@ class Corpus:
     root: Path
     files: list[Path]
     info: dict = field(default_factory=dict)
-    clean: "callable | None" = None
+    clean: Callable[[str], str] | None = None
 
     def fingerprint(self) -> list[tuple[str, int, int]]:
         """``(relative path, size, mtime_ns)`` per file: changes whenever the corpus does (for the cache key)."""

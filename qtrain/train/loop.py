@@ -10,6 +10,7 @@ the INT8 Triton kernels are (fixed reduction order), while the backward of ``sca
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import platform
@@ -209,10 +210,11 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     out = Path(cfg.out) if cfg.out else Path("runs") / (
         f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{cfg.recipe}")
     out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(out=str(out))
     step_model = torch.compile(model) if cfg.compile else model
     record = {"train": cfg.to_dict(), "model_config": model_config.to_dict(), "recipe": recipe.to_dict(),
               "data": tokens.meta, "parameters": model.num_params(), "device": str(device),
-              "precision": precision,
+              "precision": precision, "peak_lr": peak_lr, "warmup": warmup,
               "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                            "qtrain": qtrain.__version__, "platform": platform.platform()}}
     return Run(cfg, out, device, precision, model, step_model, model_config, recipe, tokenizer, tokens, batches,
@@ -252,8 +254,16 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
         if log_path.exists() and run.start_step else []
     log_path.write_text("".join(line + "\n" for line in keep))   # drop lines past the resumed checkpoint
     (run.out / "config.json").write_text(json.dumps(run.record, indent=1))
-    if device.type == "cuda":
+    if device.type == "cuda":   # free what an earlier run in this process left, then measure this one alone
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    n_quant = len(qtrain.nn.quant_layers(run.model))
+    data = run.tokens.meta
+    tqdm.write(f"{cfg.model} ({run.record['parameters'] / 1e6:.1f}M parameters), recipe {run.recipe.name} "
+               f"({f'{n_quant} linear layers quantized, lm_head kept' if n_quant else 'no layer quantized'}), {device} {run.precision}; data {cfg.data} "
+               f"({data['train_tokens'] / 1e6:.1f}M train / {data['val_tokens'] / 1e6:.2f}M val {cfg.tokenizer} "
+               f"tokens); run folder {run.out}" + (f"; resuming at step {run.start_step}" if run.start_step else ""))
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     rates, val_loss = [], None
