@@ -49,15 +49,15 @@ def _gluon_int8_gemm_kernel(a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bi
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
 
     k_tiles = gl.cdiv(K, BLOCK_K)
     tile_bytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
-    for s in gl.static_range(STAGES - 1):
-        mbarrier.expect(ready.index(s), tile_bytes)
-        tma.async_copy_global_to_shared(a_desc, [off_m, s * BLOCK_K], ready.index(s), a_smem.index(s))
-        tma.async_copy_global_to_shared(b_desc, [off_n, s * BLOCK_K], ready.index(s), b_smem.index(s))
+    for i in gl.static_range(STAGES - 1):
+        mbarrier.expect(ready.index(i), tile_bytes)
+        tma.async_copy_global_to_shared(a_desc, [off_m, i * BLOCK_K], ready.index(i), a_smem.index(i))
+        tma.async_copy_global_to_shared(b_desc, [off_n, i * BLOCK_K], ready.index(i), b_smem.index(i))
 
     acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.int32, layout=mma_layout)
     for ki in range(k_tiles):
@@ -75,8 +75,8 @@ def _gluon_int8_gemm_kernel(a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bi
         tma.async_copy_global_to_shared(b_desc, [off_n, nk * BLOCK_K], ready.index(ns), b_smem.index(ns),
                                         pred=do_load)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    for s in gl.static_range(STAGES):
-        mbarrier.invalidate(ready.index(s))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
 
     rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
     rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))

@@ -68,6 +68,40 @@ def test_int8_gemm_gpu(mkn, out_dtype):
             assert_one_rounding(out, ref32, mag + bias.abs() if bias is not None else mag)
 
 
+@pytest.mark.parametrize("path", ["triton-tma", "triton-pointers"])
+def test_int8_gemm_triton_paths_gpu(path, monkeypatch):
+    """The Triton kernel's own TMA and pointer paths at a 7B shape (large GEMMs normally go to Gluon)."""
+    monkeypatch.setattr(kgemm, "GLUON_ENABLED", False)
+    monkeypatch.setattr(kgemm, "TMA_ENABLED", path == "triton-tma")
+    M, K, N = 16384, 4096, 4096
+    a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    sa, sb = torch.rand(M, device="cuda") * 1e-3, torch.rand(N, device="cuda") * 1e-3
+    ref = quant.int8_gemm(a, b, sa, sb, None, torch.float32)
+    assert quant.relative_error(ref, kgemm.int8_gemm(a, b, sa, sb, None, torch.float32)) <= 1e-5
+
+
+@pytest.mark.parametrize("config", [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 256, 64, 4, 8),
+                                    (128, 128, 128, 4, 4)], ids=str)
+def test_int8_gemm_gluon_configs_gpu(config):
+    """Every Gluon config vs the reference: ragged M, bias, both scale kinds, three output dtypes."""
+    glu = pytest.importorskip("qtrain.kernels.int8_gemm_gluon")
+    M, K, N = 3000, 1024, 1040
+    a = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), device="cuda", dtype=torch.int8)
+    sa = torch.logspace(-5, -3, M, device="cuda")
+    for sb, bias in ((torch.tensor(2e-3, device="cuda"), None),
+                     (torch.rand(N, device="cuda") * 1e-3, torch.randn(N, device="cuda"))):
+        ref32 = quant.int8_gemm(a, b, sa, sb, bias, torch.float32)
+        mag = quant.int8_gemm(a, b, sa, sb, None, torch.float32).abs() + (bias.abs() if bias is not None else 0)
+        for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out = glu.int8_gemm(a, b, sa, sb, bias, out_dtype, config=config)
+            if out_dtype == torch.float32:
+                assert quant.relative_error(ref32, out) <= 1e-5
+            else:
+                assert_one_rounding(out, ref32, mag)
+
+
 def test_quantlinear_kernels_match_reference_gpu():
     """Same numbers up to the reference's CUDA scale rounding (see the module docstring): a few INT8 codes
     may differ by one, so the gate is a relative error well below the quantization error (~1e-2)."""
