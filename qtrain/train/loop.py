@@ -242,6 +242,29 @@ def save_checkpoint(run: Run, step: int) -> Path:
     return checkpoint.save(run.out, step, run.model, state, run.record, run.cfg.keep_checkpoints)
 
 
+def start_log(run: Run) -> Path:
+    """Write the run's ``config.json``; start ``log.jsonl`` afresh, or when resuming keep its lines up to the
+    checkpoint's step (a run stopped after its last checkpoint logged steps that will be trained again)."""
+    (run.out / "config.json").write_text(json.dumps(run.record, indent=1))
+    log_path = run.out / "log.jsonl"
+    keep = []
+    if run.start_step and log_path.exists():
+        keep = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= run.start_step]
+    log_path.write_text("".join(line + "\n" for line in keep))
+    return log_path
+
+
+def describe(run: Run) -> str:
+    """One line saying what is trained, how, on what, and where it goes."""
+    n_quant = len(qtrain.nn.quant_layers(run.model))
+    layers = f"{n_quant} linear layers quantized, lm_head kept" if n_quant else "no layer quantized"
+    data, cfg = run.tokens.meta, run.cfg
+    return (f"{cfg.model} ({run.record['parameters'] / 1e6:.1f}M parameters), recipe {run.recipe.name} ({layers}), "
+            f"{run.device} {run.precision}; data {cfg.data} ({data['train_tokens'] / 1e6:.1f}M train / "
+            f"{data['val_tokens'] / 1e6:.2f}M val {cfg.tokenizer} tokens); run folder {run.out}"
+            + (f"; resuming after step {run.start_step}" if run.start_step else ""))
+
+
 def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     """Train as ``cfg`` says; write the run folder; return the summary (also written to ``summary.json``).
 
@@ -249,21 +272,12 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     """
     run = setup(cfg, explicit)
     cfg, model, opt, device = run.cfg, run.step_model, run.optimizer, run.device
-    log_path = run.out / "log.jsonl"
-    keep = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= run.start_step] \
-        if log_path.exists() and run.start_step else []
-    log_path.write_text("".join(line + "\n" for line in keep))   # drop lines past the resumed checkpoint
-    (run.out / "config.json").write_text(json.dumps(run.record, indent=1))
+    log_path = start_log(run)
     if device.type == "cuda":   # free what an earlier run in this process left, then measure this one alone
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    n_quant = len(qtrain.nn.quant_layers(run.model))
-    data = run.tokens.meta
-    tqdm.write(f"{cfg.model} ({run.record['parameters'] / 1e6:.1f}M parameters), recipe {run.recipe.name} "
-               f"({f'{n_quant} linear layers quantized, lm_head kept' if n_quant else 'no layer quantized'}), {device} {run.precision}; data {cfg.data} "
-               f"({data['train_tokens'] / 1e6:.1f}M train / {data['val_tokens'] / 1e6:.2f}M val {cfg.tokenizer} "
-               f"tokens); run folder {run.out}" + (f"; resuming at step {run.start_step}" if run.start_step else ""))
+    tqdm.write(describe(run))
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     rates, val_loss = [], None
