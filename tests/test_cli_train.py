@@ -27,6 +27,8 @@ def test_unknown_names(capsys):
     _error(capsys, ["train", "--optimizer", "sgd"], "'sgd'", "stableadamw", "adamw")
     _error(capsys, ["train", "--precision", "fp8"], "'fp8'", "auto", "fp32", "bf16")
     _error(capsys, ["compare", "--recipes", "bf16,fp4"], "'fp4'", "switchback")
+    _error(capsys, ["train", "--eval-every", "0"], "--eval-every must be at least 1")
+    _error(capsys, ["train", "--device", "tpu"], "'tpu'", "cpu", "cuda")
 
 
 def test_bad_data_paths(capsys, tmp_path):

