@@ -16,6 +16,7 @@ for step in "${steps[@]}"; do
     gemm|quant|linear) python -m qtrain.bench "$step" --out "$OUT/results" 2>&1 | tee -a "$OUT/run.log" ;;
     overhead) python benchmarks/overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon) python benchmarks/gluon_gemm.py 2>&1 | tee -a "$OUT/run.log" ;;
+    gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     *) python -m qtrain.bench "${step#bench-}" --quick --out "$OUT/results" 2>&1 | tee -a "$OUT/run.log" ;;
   esac
 done
