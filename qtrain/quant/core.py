@@ -42,7 +42,9 @@ def check_2d(x: torch.Tensor, what: str = "input") -> None:
 
 def scale_from_absmax(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
     """fp32 scale from an fp32 absmax: ``absmax / qmax``, exactly 1.0 where absmax is 0 (NaN/Inf kept)."""
-    scale = absmax.float() / float(qmax)
+    absmax = absmax.float()
+    # a tensor divisor: CUDA torch turns division by a Python scalar into a multiplication by its reciprocal
+    scale = absmax / torch.full_like(absmax, float(qmax))
     return torch.where(absmax == 0, torch.ones_like(scale), scale)
 
 
