@@ -167,7 +167,7 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
     use_tma = M * N * K >= TMA_MIN_MNK and _tma_ok(a, b, out)
     glu = _gluon() if use_tma else None
     if glu is not None and glu.supported(a, b, out_dtype):
-        return glu.int8_gemm(a, b, a_scale, b_scale, bias, out_dtype)
+        return glu.launch(a, b, a_scale, b_scale, bias, out_dtype, out=out)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         dummy = [16, 16]

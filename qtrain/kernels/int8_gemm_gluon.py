@@ -8,6 +8,8 @@ qualifies. GPU only (Gluon does not run in Triton's interpreter); tested by ``te
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -106,6 +108,12 @@ def supported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, config=N
             and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0 and M > 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _layout(block: tuple[int, int], dtype: torch.dtype):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.int8 if dtype == torch.int8 else _GL_OUT[dtype])
+
+
+@functools.lru_cache(maxsize=None)
 def _instr_n(block_m: int, block_n: int, warps: int) -> tuple[int, int, int]:
     warps_m = min(warps, block_m // 16)
     warps_n = warps // warps_m
@@ -121,19 +129,26 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
     if not supported(a, b, out_dtype, config):
         raise ValueError(f"the Gluon INT8 GEMM needs CUDA, K and N multiples of 16 and K ≥ STAGES·BLOCK_K; got "
                          f"a {tuple(a.shape)} on {a.device}, b {tuple(b.shape)}")
+    bias = bias.contiguous() if bias is not None else None
+    return launch(a, b, a_scale.contiguous(), b_scale.contiguous(), bias, out_dtype, config)
+
+
+def launch(a, b, a_scale, b_scale, bias, out_dtype, config=None, out=None) -> torch.Tensor:
+    """:func:`int8_gemm` without the argument checks, for callers that made them (and checked
+    :func:`supported`; ``out``, if given, is a 16-byte aligned contiguous ``[M, N]`` ``out_dtype`` tensor):
+    keeps the host cost of a call near that of the Triton kernel."""
     bm, bn, bk, stages, warps = config or CONFIG
     M, K = a.shape
     N = b.shape[0]
-    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
-    a_desc = TensorDescriptor.from_tensor(a, [bm, bk], gl.NVMMASharedLayout.get_default_for([bm, bk], gl.int8))
-    b_desc = TensorDescriptor.from_tensor(b, [bn, bk], gl.NVMMASharedLayout.get_default_for([bn, bk], gl.int8))
-    c_desc = TensorDescriptor.from_tensor(out, [bm, bn],
-                                          gl.NVMMASharedLayout.get_default_for([bm, bn], _GL_OUT[out_dtype]))
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [bm, bk], _layout((bm, bk), torch.int8))
+    b_desc = TensorDescriptor(b, [N, K], [b.stride(0), 1], [bn, bk], _layout((bn, bk), torch.int8))
+    c_desc = TensorDescriptor(out, [M, N], [N, 1], [bm, bn], _layout((bm, bn), out_dtype))
     instr_n, warps_m, warps_n = _instr_n(bm, bn, warps)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _gluon_int8_gemm_kernel[grid](
-        a_desc, b_desc, c_desc, a_scale.contiguous(), b_scale.contiguous(),
-        bias.contiguous() if bias is not None else a_scale, M, N, K,
+        a_desc, b_desc, c_desc, a_scale, b_scale, bias if bias is not None else a_scale, M, N, K,
         B_ROW=b_scale.dim() == 1, HAS_BIAS=bias is not None, STAGES=stages, GROUP_M=8,
         INSTR_N=instr_n, WARPS_M=warps_m, WARPS_N=warps_n, num_warps=warps)
     return out
