@@ -1,9 +1,9 @@
 """GPU tests (`pytest -m gpu` on the lent device): the compiled Triton kernels vs their reference twins at
 LLaMA-7B shapes, QuantLinear through kernels vs reference, and SwitchBack training steps on CUDA.
 
-Quantizers are compared with the reference run on the CPU, where its arithmetic is exact IEEE: on CUDA,
-torch divides by a Python scalar as a multiplication by its reciprocal (``absmax / 127`` in the reference's
-scale), which can differ from the IEEE quotient in the last bit.
+Quantizers are compared with the reference run on the CPU, whose arithmetic is exact IEEE on every torch build
+(on CUDA, torch divides by a Python scalar as a multiplication by its reciprocal, which differs from the IEEE
+quotient in the last bit; the reference now divides by a tensor, but the CPU stays the independent check).
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def test_int8_gemm_gluon_configs_gpu(config):
 
 
 def test_quantlinear_kernels_match_reference_gpu():
-    """Same numbers up to the reference's CUDA scale rounding (see the module docstring): a few INT8 codes
-    may differ by one, so the gate is a relative error well below the quantization error (~1e-2)."""
+    """Same numbers up to fp32 epilogue rounding (the GPU fuses the bias add into an FMA, flipping the last bf16
+    bit of rare outputs): the gate is a relative error far below the quantization error (~1e-2)."""
     torch.manual_seed(0)
     layer = qtrain.QuantLinear(4096, 11008, bias=True, recipe="switchback").to("cuda", torch.bfloat16)
     x = torch.randn(4, 4096, 4096, device="cuda", dtype=torch.bfloat16)
@@ -130,7 +130,7 @@ def test_switchback_training_steps_cuda(monkeypatch):
         calls["n"] += 1
         return real(*args)
 
-    monkeypatch.setattr(kgemm, "int8_gemm", counting)
+    monkeypatch.setitem(ops._KERNELS, ("int8_gemm", "int8_gemm"), counting)
 
     def make():
         torch.manual_seed(0)
