@@ -14,7 +14,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 import qtrain  # noqa: E402
 from qtrain import ops, quant  # noqa: E402
