@@ -47,7 +47,8 @@ def main():
                      ("ops.int8_gemm", lambda: ops.int8_gemm(xq, wq, xs, ws, None, torch.bfloat16))]:
         print(f"  {name:32s} {host_us(fn):8.1f}")
     kg.TMA_ENABLED = False
-    print(f"  {'kernels.int8_gemm (pointers)':32s} {host_us(lambda: kg.int8_gemm(xq, wq, xs, ws, None, torch.bfloat16)):8.1f}")
+    ptr_us = host_us(lambda: kg.int8_gemm(xq, wq, xs, ws, None, torch.bfloat16))
+    print(f"  {'kernels.int8_gemm (pointers)':32s} {ptr_us:8.1f}")
     kg.TMA_ENABLED = True
 
     layer = qtrain.QuantLinear(1024, 1024, bias=False, device="cuda", dtype=torch.bfloat16)

@@ -63,7 +63,6 @@ def run_suite(quick: bool = False):
             "triton_only_tops": ops / t_triton / 1e9, "config": config,
         })
         print(rows[-1], flush=True)
-        del a, b, a16, b16
     notes = ["qtrain_tops: what `int8_gemm` dispatches to (the Gluon kernel for large TMA-aligned GEMMs, else "
              "Triton; `config` says which), row scale × tensor scale epilogue, bf16 output (SwitchBack fprop); "
              "triton_only_tops: the Triton kernel alone (Gluon disabled); "

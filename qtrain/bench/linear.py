@@ -75,7 +75,6 @@ def run_suite(quick: bool = False):
         row["speedup_kernels_only"] = t_bf16 / row["sum_of_kernels_ms"]
         rows.append(row)
         print(row, flush=True)
-        del ref, ql, x, dy
     sweep = sorted((r for r in rows if r["tokens"] == 16384 and r["in"] == r["out"]), key=lambda r: r["in"])
     paying = [r["in"] for r in sweep if r["speedup"] >= 1.0]
     paying_k = [r["in"] for r in sweep if r["speedup_kernels_only"] >= 1.0]

@@ -10,7 +10,8 @@ wgmma, ~1.2× faster on Hopper); everything else runs the Triton kernel here:
 int32 accumulation on the tensor cores (``tl.dot``), the dequantizing epilogue fused, grouped tile order
 (GROUP_M row tiles share each column tile while it sits in L2). On the GPU, when K and N rows are 16-byte
 aligned, operands are loaded and the output stored through TMA descriptors; otherwise through masked
-pointers (also for small GEMMs, where the descriptors' host cost would show). Operands not contiguous along K are copied to contiguous first (a deliberate, counted cost).
+pointers (also for small GEMMs, where the descriptors' host cost would show). Operands not contiguous along K
+are copied to contiguous first (a deliberate, counted cost).
 """
 from __future__ import annotations
 
