@@ -15,9 +15,9 @@ from qtrain.quant.core import FLOAT_DTYPES
 log = logging.getLogger("qtrain")
 
 HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score", "embed_out")
-# On CUDA, layers whose smaller side is below this stay in 16-bit: quantize/dequantize overhead outweighs the
+# On CUDA, layers whose smaller side is below this stay in 16-bit: quantize/launch overhead outweighs the
 # INT8 GEMM's gain there (measured by `qtrain bench linear`; see benchmarks/results).
-MIN_CUDA_FEATURES = 1024
+MIN_CUDA_FEATURES = 3072
 
 
 def is_linear(module: nn.Module) -> bool:
