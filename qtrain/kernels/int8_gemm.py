@@ -82,10 +82,12 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "USE_TMA", "B_ROW", "HAS_BIAS", "OUT_DTYPE"],
+# Tuned per power-of-two bucket of M (not per M): generation and ragged batches would otherwise re-tune at
+# every new token count.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "USE_TMA", "B_ROW", "HAS_BIAS", "OUT_DTYPE"],
                  prune_configs_by={"early_config_prune": _prune} if not interpreting() else None)
 @triton.jit
-def _int8_gemm_kernel(a, b, out, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K,
+def _int8_gemm_kernel(a, b, out, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_BUCKET,
                       stride_am, stride_bn, stride_om,
                       USE_TMA: tl.constexpr, B_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -183,6 +185,6 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
 
     _int8_gemm_kernel[grid](
         a_arg, b_arg, out_arg, a_scale, b_scale, bias if bias is not None else a_scale, M, N, K,
-        a.stride(0), b.stride(0), out.stride(0),
+        triton.next_power_of_2(M), a.stride(0), b.stride(0), out.stride(0),
         USE_TMA=use_tma, B_ROW=b_scale.dim() == 1, HAS_BIAS=bias is not None, OUT_DTYPE=_TL_OUT[out_dtype])
     return out
