@@ -1,27 +1,15 @@
 """Host cost of one Gluon INT8 GEMM call, by piece (layouts, descriptors, launch), on a launch-bound shape."""
 from __future__ import annotations
 
-import time
 
 import torch
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 import qtrain
+from overhead import host_us  # same folder: run as `python benchmarks/gluon_overhead.py`
 from qtrain.kernels import int8_gemm as kg
 from qtrain.kernels import int8_gemm_gluon as glu
-
-
-def host_us(fn, n=300):
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    us = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return us
 
 
 def main():
