@@ -1,7 +1,6 @@
 """Host cost of one Gluon INT8 GEMM call, by piece (layouts, descriptors, launch), on a launch-bound shape."""
 from __future__ import annotations
 
-
 import torch
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
