@@ -68,6 +68,8 @@ def test_run_folder_contents(tmp_path):
     assert config["recipe"]["name"] == "switchback" and config["model_config"]["family"] == "llama"
     assert config["data"]["python"] and config["train"]["seq_len"] == 64
     assert (out / "loss.png").exists() and "--- sampled ---" in (out / "sample.txt").read_text()
+    report = (out / "quant_report.txt").read_text()
+    assert "layers.0.mlp.w_down" in report and "switchback" in report and " - " not in report
     assert json.loads((out / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
 
 

@@ -328,6 +328,10 @@ def finish(run: Run, rates: list[float], val_loss: float | None) -> dict:
               f"{run.cfg.model} · {run.recipe.name} · {run.cfg.data}/{run.cfg.tokenizer}")
     if run.cfg.sample_tokens > 0:
         (run.out / "sample.txt").write_text(sample(run, run.cfg.sample_tokens))
+    if run.recipe.quantized:
+        report = quantization_report(run)
+        (run.out / "quant_report.txt").write_text(report + "\n")
+        tqdm.write(report)
     steady = sorted(rates[min(3, len(rates) - 1):]) if rates else []   # skip warm-up steps
     evals = [r["val_loss"] for r in records if "val_loss" in r]
     summary = {
@@ -341,6 +345,17 @@ def finish(run: Run, rates: list[float], val_loss: float | None) -> dict:
     }
     (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+@torch.no_grad()
+def quantization_report(run: Run) -> str:
+    """Per-layer quantization error (``qtrain.report``) of the trained model on one validation batch."""
+    x, y = next(iter(qdata.eval_batches(run.tokens.val, 1, run.cfg.batch_size, run.cfg.seq_len)))
+    run.model.eval()
+    with qtrain.track_errors(run.model), autocast(run.device, run.precision):
+        run.model(x.to(run.device), y.to(run.device))
+    run.model.train()
+    return "quantization error on one validation batch:\n" + qtrain.report(run.model)
 
 
 @torch.no_grad()
