@@ -44,15 +44,32 @@ def test_rowwise_bit_exact(shape, dtype):
     assert q.is_contiguous()
 
 
-def test_rowwise_non_contiguous_and_long_rows(monkeypatch):
+def test_rowwise_non_contiguous():
     x = rows_with_distinct_scales(96, 300, torch.bfloat16, DEV).t()       # [300, 96], strides (1, 300)
     for got, ref in zip(krow.quantize_rowwise(x), quant.quantize_rowwise(x)):
         assert_same(got, ref, "transposed input")
-    monkeypatch.setattr(krow, "_MAX_BLOCK_K", 64)                          # force the two-pass loop
-    monkeypatch.setattr(krow, "_LOOP_BLOCK_K", 64)
+
+
+@pytest.mark.parametrize("config", [krow.LaunchConfig(4, 256, 64, True, 4),     # head + tail, one pass
+                                    krow.LaunchConfig(2, 512, 0, True, 4),      # one masked tile
+                                    krow.LaunchConfig(4, 64, 0, False, 4)],     # two passes over 64-wide chunks
+                         ids=["head+tail", "one-tile", "two-pass"])
+def test_rowwise_tilings(config):
     x = _poisoned(rows_with_distinct_scales(20, 300, torch.float16, DEV))
-    for got, ref in zip(krow.quantize_rowwise(x), quant.quantize_rowwise(x)):
-        assert_same(got, ref, "two-pass rows")
+    x[4, 290] = float("nan")                                                # specials inside the tail
+    x[5, 299] = -float("inf")
+    x[6, 270] = 1e4
+    for got, ref in zip(krow.quantize_rowwise(x, config), quant.quantize_rowwise(x)):
+        assert_same(got, ref, str(config))
+
+
+def test_rowwise_launch_config():
+    c = krow.launch_config(16384, 11008)
+    assert (c.block_k, c.tail_k, c.one_pass) == (8192, 4096, True)
+    assert krow.launch_config(16384, 4096)[1:4] == (4096, 0, True)
+    assert not krow.launch_config(8, krow._MAX_ONE_PASS_K + 1).one_pass
+    with pytest.raises(ValueError, match="does not cover"):
+        krow.quantize_rowwise(torch.ones(2, 300, device=DEV), krow.LaunchConfig(1, 256, 0, True, 4))
 
 
 def test_rowwise_empty_and_errors():
