@@ -6,6 +6,7 @@ Each config's output is checked equal to the default config's (itself checked ag
 from __future__ import annotations
 
 import torch
+import triton
 import triton.testing
 
 from qtrain.kernels.rowwise import LaunchConfig as C
@@ -19,14 +20,9 @@ def candidates(M: int, K: int) -> list[tuple[str, C]]:
     out = [("default", d)]
     for bk, w in ((2048, 4), (4096, 8), (8192, 8)):
         if bk < K:
-            out.append((f"loop {bk} w{w}", C(1, bk, 0, False, w)))
-    if d.one_pass:
-        for w in (8, 16, 32):
-            if w != d.num_warps:
-                out.append((f"head+tail w{w}", d._replace(num_warps=w)))
-        if d.tail_k:
-            for w in (16, 32):
-                out.append((f"one tile {2 * d.block_k} w{w}", C(1, 2 * d.block_k, 0, True, w)))
+            out.append((f"loop {bk} w{w}", C(1, bk, False, w)))
+    for w in (16, 32):
+        out.append((f"one tile w{w}", C(1, triton.next_power_of_2(K), True, w)))
     return out
 
 

@@ -50,13 +50,12 @@ def test_rowwise_non_contiguous():
         assert_same(got, ref, "transposed input")
 
 
-@pytest.mark.parametrize("config", [krow.LaunchConfig(4, 256, 64, True, 4),     # head + tail, one pass
-                                    krow.LaunchConfig(2, 512, 0, True, 4),      # one masked tile
-                                    krow.LaunchConfig(4, 64, 0, False, 4)],     # two passes over 64-wide chunks
-                         ids=["head+tail", "one-tile", "two-pass"])
+@pytest.mark.parametrize("config", [krow.LaunchConfig(2, 512, True, 4),      # one masked tile
+                                    krow.LaunchConfig(4, 64, False, 4)],    # two passes over 64-wide chunks
+                         ids=["one-tile", "two-pass"])
 def test_rowwise_tilings(config):
     x = _poisoned(rows_with_distinct_scales(20, 300, torch.float16, DEV))
-    x[4, 290] = float("nan")                                                # specials inside the tail
+    x[4, 290] = float("nan")                                                # specials near the row end
     x[5, 299] = -float("inf")
     x[6, 270] = 1e4
     for got, ref in zip(krow.quantize_rowwise(x, config), quant.quantize_rowwise(x)):
@@ -64,12 +63,15 @@ def test_rowwise_tilings(config):
 
 
 def test_rowwise_launch_config():
-    c = krow.launch_config(16384, 11008)
-    assert (c.block_k, c.tail_k, c.one_pass) == (8192, 4096, True)
-    assert krow.launch_config(16384, 4096)[1:4] == (4096, 0, True)
-    assert not krow.launch_config(8, krow._MAX_ONE_PASS_K + 1).one_pass
+    assert krow.launch_config(16384, 4096)[1:3] == (4096, True)
+    assert krow.launch_config(16384, 5504)[1:3] == (2048, False)
+    assert krow.launch_config(16384, 11008)[1:3] == (4096, False)
+    assert krow.launch_config(16384, 28672)[1:3] == (8192, False)
+    for M, K in ((16384, 768), (7, 3000), (3, 9000)):
+        c = krow.launch_config(M, K)
+        assert c.block_m & (c.block_m - 1) == 0 and c.block_k & (c.block_k - 1) == 0, c
     with pytest.raises(ValueError, match="does not cover"):
-        krow.quantize_rowwise(torch.ones(2, 300, device=DEV), krow.LaunchConfig(1, 256, 0, True, 4))
+        krow.quantize_rowwise(torch.ones(2, 300, device=DEV), krow.LaunchConfig(1, 256, True, 4))
 
 
 def test_rowwise_empty_and_errors():
