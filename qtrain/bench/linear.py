@@ -11,9 +11,12 @@ SWEEP = [(16384, d, d) for d in (512, 768, 1024, 1536, 2048, 3072)] + [(4096, d,
 
 
 def _fwd_bwd(layer, x, dy, requant: bool):
+    """``requant``: quantize the weight every call (it changes every optimizer step); else reuse it, as
+    gradient-accumulation micro-steps inside ``qtrain.reuse_quantized_weights`` do."""
+    if hasattr(layer, "reuse_weight"):
+        layer.reuse_weight = not requant
+
     def step():
-        if requant:
-            layer._wcache = None          # the weight changes every optimizer step: count its quantization
         layer.weight.grad = None
         x.grad = None
         layer(x).backward(dy)

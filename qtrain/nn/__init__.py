@@ -1,5 +1,6 @@
 """Quantized layers and model conversion (the only package that knows about autograd)."""
-from qtrain.nn.convert import convert, quant_layers, report, track_errors
+from qtrain.nn.convert import convert, quant_layers, report, reuse_quantized_weights, track_errors
 from qtrain.nn.linear import QuantLinear, QuantLinearFunction
 
-__all__ = ["QuantLinear", "QuantLinearFunction", "convert", "report", "track_errors", "quant_layers"]
+__all__ = ["QuantLinear", "QuantLinearFunction", "convert", "report", "track_errors", "quant_layers",
+           "reuse_quantized_weights"]

@@ -100,6 +100,26 @@ def track_errors(model: nn.Module):
             m.track_errors = False
 
 
+@contextlib.contextmanager
+def reuse_quantized_weights(model: nn.Module):
+    """Within the block, each QuantLinear quantizes its weight once and reuses the INT8 copy while the weight is
+    unchanged — wrap the micro-steps of one optimizer step (gradient accumulation), an evaluation or a
+    generation loop. The copies (2 bytes per weight: W and Wᵀ) are freed at exit and never outlive a change of
+    the weight or an optimizer step. Under FSDP2 they are unsharded copies: weigh that memory before using it
+    there."""
+    layers = [m for _, m in quant_layers(model)]
+    before = [m.reuse_weight for m in layers]
+    for m in layers:
+        m.reuse_weight = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, before):
+            m.reuse_weight = b
+            if not b:
+                m._wcache = None
+
+
 def report(model: nn.Module) -> str:
     """A table of the converted layers: shape, recipe, and the last recorded quantization errors
     (``x err``/``w err``: ‖t − t̂‖/‖t‖ of the fprop operands; ``y SQNR``: dB against an fp32 linear).

@@ -6,10 +6,23 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qtrain import ops, recipes
 from qtrain.nn.functional import Int8Operand, emulate, fast_int8, gemm, quantize_int8
 from qtrain.quant.core import FLOAT_DTYPES, relative_error, sqnr
+
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Any torch optimizer's step invalidates every reused INT8 weight (see QuantLinear).
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _tensorwise_reusable(recipe: recipes.Recipe) -> bool:
@@ -83,8 +96,10 @@ class QuantLinear(nn.Module):
     ``eval()`` and ``no_grad`` run the same quantized forward. ``weight_layout='kn'`` stores ``weight`` as
     ``[in, out]`` (Hugging Face's GPT-2 ``Conv1D``).
 
-    The tensor-wise INT8 weight is cached between forwards while ``weight`` is unchanged (its version counter
-    and storage), so gradient-accumulation micro-steps quantize it once per optimizer step.
+    Inside :func:`qtrain.reuse_quantized_weights` (``reuse_weight`` set) the tensor-wise INT8 weight is
+    quantized once and reused while ``weight`` is unchanged: same version counter and storage, and no optimizer
+    step since (FSDP2 re-gathers weights without bumping their version, so the version alone is not enough).
+    Outside it nothing is kept between forwards.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe="switchback",
@@ -101,6 +116,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.track_errors = False
         self.stats: dict[str, float] = {}
+        self.reuse_weight = False
         self._wcache = None
         self.reset_parameters()
 
@@ -144,10 +160,12 @@ class QuantLinear(nn.Module):
 
     def _quantized_weight(self):
         """Cached ``(q, qt, scale)`` of the tensor-wise INT8 weight, or None where it does not apply."""
-        if not _tensorwise_reusable(self.recipe) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.reuse_weight or not _tensorwise_reusable(self.recipe):
             return None
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, self.weight.dtype)
+        w = self.weight
+        key = (_optimizer_steps, w._version, w.data_ptr(), w.device, w.dtype)
         if self._wcache is None or self._wcache[0] != key:
+            self._wcache = None                                    # free the old one before quantizing anew
             with torch.no_grad():
                 self._wcache = (key, ops.quantize_tensorwise(self._weight()))
         return self._wcache[1]
@@ -164,7 +182,11 @@ class QuantLinear(nn.Module):
                                           out_dtype, self._quantized_weight())
             if self.track_errors:
                 self._record_errors(x2.detach(), y.detach())
-        return y.reshape(*x.shape[:-1], self.out_features)
+        if x.dim() == 2:
+            return y
+        # Like F.linear (aten matmul), fold the batch dims back without making the output an autograd view:
+        # FSDP2 cannot hook in-place ops on a view output (it warns), and nn.Linear's output is no view either.
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))
 
     @torch.no_grad()
     def _record_errors(self, x: torch.Tensor, y: torch.Tensor) -> None:

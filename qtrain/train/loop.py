@@ -227,10 +227,11 @@ def evaluate(run: Run) -> float:
     """Mean loss over the fixed validation batches."""
     run.step_model.eval()
     losses = []
-    for x, y in qdata.eval_batches(run.tokens.val, run.cfg.eval_batches, run.cfg.batch_size, run.cfg.seq_len):
-        with autocast(run.device, run.precision):
-            _, loss = run.step_model(x.to(run.device), y.to(run.device))
-        losses.append(loss.item())
+    with qtrain.reuse_quantized_weights(run.model):
+        for x, y in qdata.eval_batches(run.tokens.val, run.cfg.eval_batches, run.cfg.batch_size, run.cfg.seq_len):
+            with autocast(run.device, run.precision):
+                _, loss = run.step_model(x.to(run.device), y.to(run.device))
+            losses.append(loss.item())
     run.step_model.train()
     return sum(losses) / len(losses)
 
@@ -290,13 +291,14 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum):
-                x, y = run.batches.next()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, run.precision):
-                    _, loss = model(x, y)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
+            with qtrain.reuse_quantized_weights(run.model):     # one INT8 weight per step, not per micro-step
+                for _ in range(cfg.grad_accum):
+                    x, y = run.batches.next()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with autocast(device, run.precision):
+                        _, loss = model(x, y)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach()
             if cfg.optimizer == "adamw" and cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
             opt.step()
@@ -367,7 +369,7 @@ def sample(run: Run, n_tokens: int) -> str:
     start = int(docs[len(docs) // 2]) + 1 if docs.size else 0
     prompt = torch.from_numpy(val[start:start + 64].astype("int64"))[None].to(run.device)
     run.model.eval()
-    with autocast(run.device, run.precision):
+    with autocast(run.device, run.precision), qtrain.reuse_quantized_weights(run.model):
         out = run.model.generate(prompt, n_tokens, generator=torch.Generator().manual_seed(run.cfg.seed))
     run.model.train()
     text_prompt = run.tokenizer.decode(prompt[0].tolist())

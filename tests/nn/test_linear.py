@@ -103,14 +103,30 @@ def test_activation_checkpointing_gives_same_grads():
     assert torch.equal(xc.grad, dx) and torch.equal(layer.weight.grad, dw)
 
 
-def test_weight_cache_invalidated_by_update():
+def test_weight_reuse_only_inside_the_block_and_invalidated_by_update():
     layer = _layer("switchback", k=64, n=32)
     x = torch.randn(4, 64)
-    y0 = layer(x)
-    assert layer._quantized_weight() is layer._quantized_weight()  # cached between micro-steps
-    with torch.no_grad():
-        layer.weight.mul_(2.0)
-    assert torch.allclose(layer(x) - layer.bias, 2 * (y0 - layer.bias), rtol=1e-5, atol=1e-5)
+    assert layer._quantized_weight() is None                           # nothing kept outside the block
+    with qtrain.reuse_quantized_weights(layer):
+        y0 = layer(x)
+        assert layer._quantized_weight() is layer._quantized_weight()  # reused between micro-steps
+        with torch.no_grad():
+            layer.weight.mul_(2.0)
+        assert torch.allclose(layer(x) - layer.bias, 2 * (y0 - layer.bias), rtol=1e-5, atol=1e-5)
+    assert layer._wcache is None and not layer.reuse_weight            # freed at exit
+
+
+def test_weight_reuse_invalidated_by_an_optimizer_step_without_a_version_bump():
+    """FSDP2 re-gathers weights under ``_unsafe_preserve_version_counter``; an update through ``.data`` does
+    not bump the version either. Any optimizer step must still invalidate the reused weight."""
+    layer = _layer("switchback", k=64, n=32)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+    x = torch.randn(4, 64)
+    with qtrain.reuse_quantized_weights(layer):
+        y0 = layer(x)
+        layer.weight.data.mul_(2.0)                                    # same version, same storage
+        opt.step()
+        assert torch.allclose(layer(x) - layer.bias, 2 * (y0 - layer.bias), rtol=1e-5, atol=1e-5)
 
 
 def test_compile_aot_eager_matches_eager():
