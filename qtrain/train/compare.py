@@ -12,8 +12,9 @@ from datetime import datetime
 from pathlib import Path
 
 from qtrain.errors import UserError
+from qtrain.train import distributed
 from qtrain.train.config import TrainConfig
-from qtrain.train.loop import resolve_recipe, train
+from qtrain.train.loop import resolve_device, resolve_recipe, train
 from qtrain.train.plots import plot_runs, read_log
 
 
@@ -48,9 +49,12 @@ def compare(cfg: TrainConfig, recipe_names: list[str]) -> list[dict]:
     if cfg.resume:
         raise UserError("compare does not resume: run it again (each recipe's folder holds its checkpoints, "
                         "which `qtrain train --resume` can continue)")
-    out = Path(cfg.out) if cfg.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare-{cfg.model}"
+    world, _ = distributed.init(resolve_device(cfg.device))            # under torchrun: rank 0's folder
+    out = Path(distributed.broadcast(cfg.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare-{cfg.model}", world))
     out.mkdir(parents=True, exist_ok=True)
     summaries = [train(cfg.replace(recipe=name, out=str(out / name))) for name in recipe_names]
+    if "rank" in summaries[0]:     # under torchrun, rank 0 writes the comparison
+        return summaries
     runs = {s["recipe"]: read_log(out / s["recipe"] / "log.jsonl") for s in summaries}
     first = summaries[0]
     title = f"{cfg.model} · {cfg.data}/{cfg.tokenizer} · {cfg.steps} steps · {first['device']} {first['precision']}"

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -28,7 +29,7 @@ import qtrain
 from qtrain import data as qdata
 from qtrain import models, recipes
 from qtrain.errors import UserError
-from qtrain.train import checkpoint
+from qtrain.train import checkpoint, distributed
 from qtrain.train.config import IDENTITY, TrainConfig
 from qtrain.train.plots import plot_runs, read_log
 
@@ -119,7 +120,7 @@ class Run:
     device: torch.device
     precision: str
     model: nn.Module            # the model as built (saved, sampled from)
-    step_model: nn.Module       # the model called in the loop (compiled when --compile)
+    step_model: nn.Module       # the model called in the loop (in DDP under torchrun, compiled when --compile)
     model_config: models.ModelConfig
     recipe: recipes.Recipe
     tokenizer: object
@@ -130,6 +131,8 @@ class Run:
     warmup: int
     start_step: int = 0
     record: dict = field(default_factory=dict)
+    world: distributed.World = distributed.World()
+    ddp: nn.Module | None = None   # the DDP wrapper under torchrun (for no_sync)
 
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -166,7 +169,10 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
         raise UserError(f"unknown precision {cfg.precision!r}; accepted: {', '.join(PRECISIONS)}")
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
-    device = resolve_device(cfg.device)
+    world, device = distributed.init(resolve_device(cfg.device))
+    if saved is not None and saved.get("world_size", 1) != world.size:
+        raise UserError(f"checkpoint {ckpt} was trained on {saved.get('world_size', 1)} processes, not "
+                        f"{world.size}: resume with as many (the global batch and data order depend on it)")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     recipe = resolve_recipe(cfg.recipe)
     tokenizer = qdata.get_tokenizer(cfg.tokenizer)
@@ -181,7 +187,7 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
         raise UserError(f"--seq-len {cfg.seq_len} is longer than {cfg.model} supports "
                         f"(at most {model_config.max_seq_len} tokens)")
     tokens = qdata.load_tokens(cfg.data, tokenizer)
-    batches = qdata.Batches(tokens.train, cfg.batch_size, cfg.seq_len, cfg.seed)
+    batches = qdata.Batches(tokens.train, cfg.batch_size, cfg.seq_len, cfg.seed, world.rank, world.size)
     qdata.eval_batches(tokens.val, 1, 1, cfg.seq_len)   # raises now if the validation split is too short
 
     torch.manual_seed(cfg.seed)
@@ -207,33 +213,37 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
             raise UserError(f"checkpoint {ckpt} is corrupt or from another setup: state.pt does not fit "
                             f"({type(e).__name__}: {e})") from None
 
-    out = Path(cfg.out) if cfg.out else Path("runs") / (
-        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{cfg.recipe}")
+    out = Path(distributed.broadcast(cfg.out or str(Path("runs") / (
+        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{cfg.recipe}")), world))
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(out=str(out))
-    step_model = torch.compile(model) if cfg.compile else model
+    ddp = distributed.wrap(model, world, device)
+    step_model = torch.compile(ddp) if cfg.compile else ddp
     record = {"train": cfg.to_dict(), "model_config": model_config.to_dict(), "recipe": recipe.to_dict(),
               "data": tokens.meta, "parameters": model.num_params(), "device": str(device),
-              "precision": precision, "peak_lr": peak_lr, "warmup": warmup,
+              "precision": precision, "peak_lr": peak_lr, "warmup": warmup, "world_size": world.size,
               "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                            "qtrain": qtrain.__version__, "platform": platform.platform()}}
     return Run(cfg, out, device, precision, model, step_model, model_config, recipe, tokenizer, tokens, batches,
-               optimizer, peak_lr, warmup, start_step, record)
+               optimizer, peak_lr, warmup, start_step, record, world, ddp if ddp is not model else None)
 
 
 # ------------------------------------------------------------------------------------------ the main loop
 @torch.no_grad()
 def evaluate(run: Run) -> float:
-    """Mean loss over the fixed validation batches."""
+    """Mean loss over the fixed validation batches (each process evaluates its slice; the result is global)."""
     run.step_model.eval()
-    losses = []
+    total, count = 0.0, 0
+    model = run.step_model if run.world.size == 1 else run.model     # evaluation needs no DDP bookkeeping
     with qtrain.reuse_quantized_weights(run.model):
-        for x, y in qdata.eval_batches(run.tokens.val, run.cfg.eval_batches, run.cfg.batch_size, run.cfg.seq_len):
+        for x, y in qdata.eval_batches(run.tokens.val, run.cfg.eval_batches, run.cfg.batch_size, run.cfg.seq_len,
+                                       run.world.rank, run.world.size):
             with autocast(run.device, run.precision):
-                _, loss = run.step_model(x.to(run.device), y.to(run.device))
-            losses.append(loss.item())
+                _, loss = model(x.to(run.device), y.to(run.device))
+            total, count = total + loss.item(), count + 1
     run.step_model.train()
-    return sum(losses) / len(losses)
+    total, count = distributed.all_sum([total, float(count)], run.world, run.device)
+    return total / count
 
 
 def save_checkpoint(run: Run, step: int) -> Path:
@@ -272,18 +282,20 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     ``explicit``: the settings the user gave (matters only with ``--resume``, see :func:`resume_config`).
     """
     run = setup(cfg, explicit)
-    cfg, model, opt, device = run.cfg, run.step_model, run.optimizer, run.device
-    log_path = start_log(run)
+    cfg, model, opt, device, world = run.cfg, run.step_model, run.optimizer, run.device, run.world
+    log_path = start_log(run) if world.main else os.devnull     # rank 0 writes the run folder
     if device.type == "cuda":   # free what an earlier run in this process left, then measure this one alone
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    tqdm.write(describe(run))
+    say = tqdm.write if world.main else (lambda text: None)
+    say(describe(run))
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world.size
     rates, val_loss = [], None
-    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=not cfg.progress,
-               desc=f"{cfg.model} {run.recipe.name}", unit="step", dynamic_ncols=True)
+    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
+               disable=not (cfg.progress and world.main), desc=f"{cfg.model} {run.recipe.name}", unit="step",
+               dynamic_ncols=True)
     with open(log_path, "a") as log:
         for step in bar:
             t0 = time.perf_counter()
@@ -292,18 +304,20 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             with qtrain.reuse_quantized_weights(run.model):     # one INT8 weight per step, not per micro-step
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     x, y = run.batches.next()
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast(device, run.precision):
-                        _, loss = model(x, y)
-                    (loss / cfg.grad_accum).backward()
+                    last = micro == cfg.grad_accum - 1
+                    with run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext():
+                        with autocast(device, run.precision):        # DDP all-reduces the gradients once,
+                            _, loss = model(x, y)                     # in the last micro-step's backward
+                        (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach()
             if cfg.optimizer == "adamw" and cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            loss_value = loss_sum.item() / cfg.grad_accum   # waits for the GPU: the step's time is complete
+            loss_value = distributed.all_sum([loss_sum.item()], world, device)[0] / (cfg.grad_accum * world.size)
             rate = tokens_per_step / (time.perf_counter() - t0)
             rates.append(rate)
 
@@ -311,15 +325,18 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             entry = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": round(rate, 1)}
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 val_loss = entry["val_loss"] = evaluate(run)
-                tqdm.write(f"step {done}: loss {entry['loss']:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
-                           f"{rate:,.0f} tokens/s")
+                say(f"step {done}: loss {entry['loss']:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
+                    f"{rate:,.0f} tokens/s")
             log.write(json.dumps(entry) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{rate:,.0f}",
                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-            if done % cfg.save_every == 0 or done == cfg.steps:
+            if world.main and (done % cfg.save_every == 0 or done == cfg.steps):
                 save_checkpoint(run, done)
     bar.close()
+    if not world.main:
+        return {"model": cfg.model, "recipe": run.recipe.name, "steps": cfg.steps, "out": str(run.out),
+                "rank": world.rank}
     return finish(run, rates, val_loss)
 
 

@@ -140,6 +140,20 @@ def test_batches_deterministic_and_resumable():
     torch.testing.assert_close(c.next()[0], nxt)
 
 
+def test_process_slices_make_up_the_global_batch():
+    tokens = (np.arange(10_000, dtype=np.uint16) * 7) % 256
+    whole = qdata.Batches(tokens, 6, 16, seed=3)
+    parts = [qdata.Batches(tokens, 2, 16, seed=3, rank=r, world=3) for r in range(3)]
+    for _ in range(2):
+        torch.testing.assert_close(torch.cat([p.next()[0] for p in parts]), whole.next()[0])
+    val_whole = [x for x, _ in qdata.eval_batches(tokens, 2, 6, 16)]
+    val_parts = [[x for x, _ in qdata.eval_batches(tokens, 2, 2, 16, rank=r, world=3)] for r in range(3)]
+    for i, x in enumerate(val_whole):
+        torch.testing.assert_close(torch.cat([p[i] for p in val_parts]), x)
+    with pytest.raises(ValueError, match="rank 3"):
+        qdata.Batches(tokens, 2, 16, seed=3, rank=3, world=3)
+
+
 def test_eval_batches_fixed_and_checked():
     tokens = np.arange(5_000, dtype=np.uint16) % 256
     first = [x for x, _ in qdata.eval_batches(tokens, 3, 2, 16)]

@@ -1,0 +1,70 @@
+"""``qtrain train`` under torchrun (2 CPU processes, gloo, DDP) against one process with twice the batch.
+
+Both see the same data (each process trains on its slice of the same global batch), so the losses agree up to
+the order of the gradient all-reduce; a resumed 2-process run reproduces the uninterrupted one exactly; resuming
+with another number of processes is refused.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
+
+FLAGS = ["--steps", "6", "--seq-len", "32", "--eval-every", "3", "--eval-batches", "3", "--save-every", "3",
+         "--sample-tokens", "0", "--device", "cpu", "--no-progress"]
+
+
+def _run(args, env, procs=1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] \
+        if procs > 1 else [sys.executable]
+    return subprocess.run(launcher + ["-m", "qtrain", "train", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return {**os.environ, "QTRAIN_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def two_procs(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    r = _run(FLAGS + ["--batch-size", "2", "--out", str(out)], env, procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_ddp_matches_one_process_with_the_global_batch(two_procs, tmp_path, env):
+    out, r = two_procs
+    assert r.stdout.count("done: 6 steps") == 1          # rank 0 reports, rank 1 stays quiet
+    one = tmp_path / "one"
+    r1 = _run(FLAGS + ["--batch-size", "4", "--out", str(one)], env)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    ddp, single = _log(out), _log(one)
+    assert [e["step"] for e in ddp] == list(range(1, 7))
+    for a, b in zip(ddp, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+        assert ("val_loss" in a) == ("val_loss" in b)
+        if "val_loss" in b:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000003", "step-000006"]
+
+
+def test_ddp_resume_is_exact_and_world_size_is_checked(two_procs, tmp_path, env):
+    out, _ = two_procs
+    r = _run(["--resume", str(out / "step-000003"), "--out", str(tmp_path / "resumed"), "--no-progress"], env,
+             procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [(e["step"], e["loss"], e.get("val_loss")) for e in _log(tmp_path / "resumed")]
+    assert resumed == [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
+    r = _run(["--resume", str(out), "--out", str(tmp_path / "single")], env)
+    assert r.returncode == 2 and "trained on 2 processes, not 1" in r.stderr
