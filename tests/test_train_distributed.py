@@ -1,8 +1,8 @@
-"""``qtrain train`` under torchrun (2 CPU processes, gloo, DDP) against one process with twice the batch.
+"""``qtrain train`` under torchrun (2 CPU processes, gloo; DDP and FSDP2) against one process with twice the batch.
 
-Both see the same data (each process trains on its slice of the same global batch), so the losses agree up to
-the order of the gradient all-reduce; a resumed 2-process run reproduces the uninterrupted one exactly; resuming
-with another number of processes is refused.
+All see the same data (each process trains on its slice of the same global batch), so the losses agree up to
+the order of the gradient reduction; a resumed 2-process run reproduces the uninterrupted one exactly (FSDP2
+gathers its checkpoints into the same format); resuming with another number of processes is refused.
 """
 import json
 import os
@@ -68,3 +68,24 @@ def test_ddp_resume_is_exact_and_world_size_is_checked(two_procs, tmp_path, env)
     assert resumed == [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
     r = _run(["--resume", str(out), "--out", str(tmp_path / "single")], env)
     assert r.returncode == 2 and "trained on 2 processes, not 1" in r.stderr
+
+
+def test_fsdp2_matches_ddp_and_resumes_exactly(two_procs, tmp_path, env):
+    ddp_out, _ = two_procs
+    out = tmp_path / "fsdp"
+    r = _run(FLAGS + ["--batch-size", "2", "--fsdp", "--sample-tokens", "8", "--out", str(out)], env, procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes, FSDP2" in r.stderr + r.stdout
+    for a, b in zip(_log(out), _log(ddp_out)):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+    assert (out / "sample.txt").exists() and (out / "quant_report.txt").exists()
+    r = _run(["--resume", str(out / "step-000003"), "--out", str(tmp_path / "resumed"), "--no-progress"], env,
+             procs=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [(e["step"], e["loss"], e.get("val_loss")) for e in _log(tmp_path / "resumed")]
+    assert resumed == [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
+
+
+def test_fsdp_needs_several_processes(tmp_path, env):
+    r = _run(FLAGS + ["--fsdp", "--out", str(tmp_path / "x")], env)
+    assert r.returncode == 2 and "--fsdp shards the model over several processes" in r.stderr

@@ -24,6 +24,10 @@ class CausalLM(nn.Module):
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks (the units FSDP2 shards one by one)."""
+        raise NotImplementedError
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         if idx.shape[1] > self.config.max_seq_len:
             raise ValueError(f"sequence of {idx.shape[1]} tokens is longer than max_seq_len "

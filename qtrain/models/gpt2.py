@@ -66,6 +66,9 @@ class GPT2(CausalLM):
         self.lm_head.weight = self.transformer.wte.weight   # tied
         self.init_weights(residual_projections=("c_proj",))
 
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.h
+
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)

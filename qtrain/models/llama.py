@@ -99,6 +99,9 @@ class Llama(CausalLM):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights(residual_projections=("wo", "w_down"))
 
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         T = idx.shape[1]
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]

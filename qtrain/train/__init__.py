@@ -42,6 +42,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--precision", help="auto (default: fp32 on CPU, BF16 autocast on GPU), fp32 or bf16")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true", default=None,
+                   help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (one unit per "
+                        "transformer block) instead of replicating them with DDP")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, help=f"model init and data order (default {d.seed})")
     g = p.add_argument_group("evaluation, checkpoints, output")

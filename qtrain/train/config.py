@@ -34,6 +34,7 @@ class TrainConfig:
     grad_clip: float = 1.0           # AdamW only; StableAdamW clips its updates itself
     precision: str = "auto"
     compile: bool = False
+    fsdp: bool = False               # under torchrun: FSDP2 instead of DDP
     device: str = "auto"
     seed: int = 0
     eval_every: int = 50

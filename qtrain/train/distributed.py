@@ -54,8 +54,18 @@ def init(device: torch.device) -> tuple[World, torch.device]:
     return World(dist.get_rank(), dist.get_world_size(), local), device
 
 
-def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
-    """``model`` in DDP when there are several processes (after ``qtrain.convert``, before ``torch.compile``)."""
+def wrap(model: torch.nn.Module, world: World, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
+    """``model`` in DDP when there are several processes (after ``qtrain.convert``, before ``torch.compile``);
+    with ``fsdp``, sharded in place by FSDP2: each transformer block (``model.blocks()``), then the rest."""
+    if fsdp:
+        if world.size == 1:
+            raise UserError("--fsdp shards the model over several processes: launch with torchrun "
+                            "--nproc-per-node N (N > 1), or drop --fsdp")
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks():
+            fully_shard(block)
+        return fully_shard(model)
     if world.size == 1:
         return model
     ids = [device.index] if device.type == "cuda" else None

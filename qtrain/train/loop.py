@@ -134,6 +134,11 @@ class Run:
     world: distributed.World = distributed.World()
     ddp: nn.Module | None = None   # the DDP wrapper under torchrun (for no_sync)
 
+    def reuse_weights(self):
+        """``qtrain.reuse_quantized_weights`` — except under FSDP2, where the reused INT8 weights would be
+        unsharded copies of every layer held at once."""
+        return contextlib.nullcontext() if self.cfg.fsdp else qtrain.reuse_quantized_weights(self.model)
+
 
 # -------------------------------------------------------------------------------------------------- setup
 def resume_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Path | None, dict | None]:
@@ -153,7 +158,7 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Pa
             raise UserError(f"checkpoint {ckpt} was trained with --{name.replace('_', '-')} {getattr(old, name)}, "
                             f"not {getattr(cfg, name)}: omit the flag to resume (it is read from the checkpoint)")
     keep = {f: getattr(cfg, f) for f in ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-                                         "sample_tokens", "device", "compile", "progress")
+                                         "sample_tokens", "device", "compile", "fsdp", "progress")
             if f in explicit or f == "progress"}
     out = cfg.out if "out" in explicit else str(ckpt.parent)
     return old.replace(resume=str(ckpt), out=out, **keep), ckpt, saved
@@ -217,7 +222,10 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
         f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{cfg.recipe}")), world))
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(out=str(out))
-    ddp = distributed.wrap(model, world, device)
+    if cfg.fsdp:
+        ddp, optimizer = shard(cfg, world, device, model, optimizer, peak_lr)
+    else:
+        ddp = distributed.wrap(model, world, device)
     step_model = torch.compile(ddp) if cfg.compile else ddp
     record = {"train": cfg.to_dict(), "model_config": model_config.to_dict(), "recipe": recipe.to_dict(),
               "data": tokens.meta, "parameters": model.num_params(), "device": str(device),
@@ -228,6 +236,38 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
                optimizer, peak_lr, warmup, start_step, record, world, ddp if ddp is not model else None)
 
 
+def shard(cfg: TrainConfig, world: distributed.World, device: torch.device, model: nn.Module,
+          optimizer: torch.optim.Optimizer, peak_lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """FSDP2 ``model`` in place; return it and a new optimizer over its shards holding ``optimizer``'s state
+    (the optimizer built, and perhaps loaded from a checkpoint, before sharding)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True)
+    state = get_optimizer_state_dict(model, optimizer, options=full) if optimizer.state else None
+    model = distributed.wrap(model, world, device, fsdp=True)
+    sharded = make_optimizer(cfg.optimizer, model, peak_lr, cfg.weight_decay)
+    if state is not None:
+        set_optimizer_state_dict(model, sharded, state, options=full)
+    return model, sharded
+
+
+def full_copy(run: Run) -> tuple[nn.Module, torch.optim.Optimizer] | None:
+    """Under FSDP2: a plain CPU model and optimizer holding the full state (on rank 0; None elsewhere), which
+    checkpoints are written from, so that they do not depend on how the run was parallelized."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(run.model, run.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.world.main:
+        return None
+    twin = models.build_from_config(run.model_config)
+    twin_opt = make_optimizer(run.cfg.optimizer, twin, run.peak_lr, run.cfg.weight_decay)
+    set_state_dict(twin, twin_opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True))
+    return twin, twin_opt
+
+
 # ------------------------------------------------------------------------------------------ the main loop
 @torch.no_grad()
 def evaluate(run: Run) -> float:
@@ -235,7 +275,7 @@ def evaluate(run: Run) -> float:
     run.step_model.eval()
     total, count = 0.0, 0
     model = run.step_model if run.world.size == 1 else run.model     # evaluation needs no DDP bookkeeping
-    with qtrain.reuse_quantized_weights(run.model):
+    with run.reuse_weights():
         for x, y in qdata.eval_batches(run.tokens.val, run.cfg.eval_batches, run.cfg.batch_size, run.cfg.seq_len,
                                        run.world.rank, run.world.size):
             with autocast(run.device, run.precision):
@@ -246,11 +286,17 @@ def evaluate(run: Run) -> float:
     return total / count
 
 
-def save_checkpoint(run: Run, step: int) -> Path:
-    state = {"step": step, "optimizer": run.optimizer.state_dict(), "data": run.batches.state_dict(),
+def save_checkpoint(run: Run, step: int) -> Path | None:
+    """Rank 0 writes the checkpoint (call it on every process: under FSDP2 gathering the state is collective)."""
+    model, optimizer = run.model, run.optimizer
+    if run.cfg.fsdp:
+        model, optimizer = full_copy(run) or (None, None)
+    if not run.world.main:
+        return None
+    state = {"step": step, "optimizer": optimizer.state_dict(), "data": run.batches.state_dict(),
              "rng": rng_state(run.device),
              "schedule": {"peak_lr": run.peak_lr, "warmup": run.warmup, "steps": run.cfg.steps}}
-    return checkpoint.save(run.out, step, run.model, state, run.record, run.cfg.keep_checkpoints)
+    return checkpoint.save(run.out, step, model, state, run.record, run.cfg.keep_checkpoints)
 
 
 def start_log(run: Run) -> Path:
@@ -273,6 +319,7 @@ def describe(run: Run) -> str:
     return (f"{cfg.model} ({run.record['parameters'] / 1e6:.1f}M parameters), recipe {run.recipe.name} ({layers}), "
             f"{run.device} {run.precision}; data {cfg.data} ({data['train_tokens'] / 1e6:.1f}M train / "
             f"{data['val_tokens'] / 1e6:.2f}M val {cfg.tokenizer} tokens); run folder {run.out}"
+            + (f"; {run.world.size} processes, {'FSDP2' if cfg.fsdp else 'DDP'}" if run.world.size > 1 else "")
             + (f"; resuming after step {run.start_step}" if run.start_step else ""))
 
 
@@ -303,7 +350,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            with qtrain.reuse_quantized_weights(run.model):     # one INT8 weight per step, not per micro-step
+            with run.reuse_weights():     # one INT8 weight per step, not per micro-step
                 for micro in range(cfg.grad_accum):
                     x, y = run.batches.next()
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -331,24 +378,29 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             log.flush()
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{rate:,.0f}",
                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
-            if world.main and (done % cfg.save_every == 0 or done == cfg.steps):
+            if done % cfg.save_every == 0 or done == cfg.steps:
                 save_checkpoint(run, done)
     bar.close()
-    if not world.main:
-        return {"model": cfg.model, "recipe": run.recipe.name, "steps": cfg.steps, "out": str(run.out),
-                "rank": world.rank}
     return finish(run, rates, val_loss)
 
 
 def finish(run: Run, rates: list[float], val_loss: float | None) -> dict:
-    """Write the loss plot, a text sample and ``summary.json``; return the summary."""
+    """Write the loss plot, a text sample and ``summary.json``; return the summary. Under torchrun rank 0
+    writes and the others return only where the run went (under FSDP2 they still join the sample's and the
+    report's forwards, whose all-gathers need every process)."""
+    everyone = run.cfg.fsdp
+    if not (run.world.main or everyone):
+        return {"recipe": run.recipe.name, "out": str(run.out), "rank": run.world.rank}
+    text = sample(run, run.cfg.sample_tokens) if run.cfg.sample_tokens > 0 else None
+    report = quantization_report(run) if run.recipe.quantized else None
+    if not run.world.main:
+        return {"recipe": run.recipe.name, "out": str(run.out), "rank": run.world.rank}
     records = read_log(run.out / "log.jsonl")
     plot_runs({run.recipe.name: records}, run.out / "loss.png",
               f"{run.cfg.model} · {run.recipe.name} · {run.cfg.data}/{run.cfg.tokenizer}")
-    if run.cfg.sample_tokens > 0:
-        (run.out / "sample.txt").write_text(sample(run, run.cfg.sample_tokens))
-    if run.recipe.quantized:
-        report = quantization_report(run)
+    if text is not None:
+        (run.out / "sample.txt").write_text(text)
+    if report is not None:
         (run.out / "quant_report.txt").write_text(report + "\n")
         tqdm.write(report)
     steady = sorted(rates[min(3, len(rates) - 1):]) if rates else []   # skip warm-up steps
@@ -386,7 +438,7 @@ def sample(run: Run, n_tokens: int) -> str:
     start = int(docs[len(docs) // 2]) + 1 if docs.size else 0
     prompt = torch.from_numpy(val[start:start + 64].astype("int64"))[None].to(run.device)
     run.model.eval()
-    with autocast(run.device, run.precision), qtrain.reuse_quantized_weights(run.model):
+    with autocast(run.device, run.precision), run.reuse_weights():
         out = run.model.generate(prompt, n_tokens, generator=torch.Generator().manual_seed(run.cfg.seed))
     run.model.train()
     text_prompt = run.tokenizer.decode(prompt[0].tolist())
