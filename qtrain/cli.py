@@ -9,11 +9,13 @@ from qtrain.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     from qtrain import bench, train
+    from qtrain.train import inspection
 
     parser = argparse.ArgumentParser(prog="qtrain", description="Train transformers with INT8/INT4 GEMMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train.add_commands(sub)   # train, compare
     bench.add_commands(sub)   # bench
+    inspection.add_commands(sub)   # inspect
     return parser
 
 

@@ -50,16 +50,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def find(path: str) -> Path:
+def find(path: str, flag: str = "--resume") -> Path:
     """The checkpoint folder ``path`` names: a checkpoint itself, or a run folder (then its latest)."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UserError(f"--resume {path!r}: no such checkpoint or run folder")
+        raise UserError(f"{flag} {path!r}: no such checkpoint or run folder")
     if (p / "state.pt").exists() or STEP_DIR.match(p.name):
         return p
     found = list_checkpoints(p)
     if not found:
-        raise UserError(f"--resume {path!r}: not a checkpoint (step-NNNNNN/ with {', '.join(FILES)}) nor a run "
+        raise UserError(f"{flag} {path!r}: not a checkpoint (step-NNNNNN/ with {', '.join(FILES)}) nor a run "
                         f"folder holding one")
     return found[-1]
 
