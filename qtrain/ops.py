@@ -21,6 +21,8 @@ import torch
 
 from qtrain import quant
 from qtrain.quant.core import check_2d, check_float
+from qtrain.quant.block_gemm import check_block_gemm_args
+from qtrain.quant.blockwise import check_block
 from qtrain.quant.int8_gemm import check_int8_gemm_args
 
 BACKENDS = ("auto", "triton", "reference")
@@ -154,3 +156,55 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
     if torch.compiler.is_compiling():
         return _int8_gemm_op(a, b, a_scale, b_scale, bias, out_dtype)
     return _int8_gemm(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------- quantize_blockwise
+def _quantize_blockwise(x, r, c):
+    k = _kernel("blockwise", "quantize_blockwise", x.device)
+    return (k or quant.quantize_blockwise)(x, r, c)
+
+
+@torch.library.custom_op("qtrain::quantize_blockwise", mutates_args=())
+def _quantize_blockwise_op(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_blockwise(x, r, c)
+
+
+@_quantize_blockwise_op.register_fake
+def _(x, r, c):
+    check_float(x)
+    check_2d(x)
+    check_block(r, c)
+    m, k = x.shape
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty((-(-m // r), -(-k // c)), dtype=torch.float32)
+
+
+def quantize_blockwise(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, K]`` float → ``(q [M, K] int8, scale [⌈M/r⌉, ⌈K/c⌉] fp32)``; see :mod:`qtrain.quant.blockwise`."""
+    return _quantize_blockwise_op(x, r, c) if torch.compiler.is_compiling() else _quantize_blockwise(x, r, c)
+
+
+# ------------------------------------------------------------------------------------------- block_int8_gemm
+def _block_int8_gemm(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype):
+    k = _kernel("block_gemm", "block_int8_gemm", a.device)
+    return (k or quant.block_int8_gemm)(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+
+
+@torch.library.custom_op("qtrain::block_int8_gemm", mutates_args=())
+def _block_int8_gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                        a_rows: int, b_rows: int, block_k: int, bias: torch.Tensor | None,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    return _block_int8_gemm(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+
+
+@_block_int8_gemm_op.register_fake
+def _(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype):
+    check_block_gemm_args(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                    a_rows: int, b_rows: int, block_k: int, bias: torch.Tensor | None = None,
+                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``Σ_j (a @ bᵀ over K-block j) · a_scale · b_scale (+ bias)``; see :mod:`qtrain.quant.block_gemm`."""
+    args = (a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+    return _block_int8_gemm_op(*args) if torch.compiler.is_compiling() else _block_int8_gemm(*args)

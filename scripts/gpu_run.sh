@@ -14,7 +14,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests) python -m pytest -m gpu tests/kernels -q -p no:cacheprovider 2>&1 | tee -a "$OUT/run.log" ;;
     tests-*) python -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "${step#tests-}" 2>&1 | tee -a "$OUT/run.log" ;;
-    gemm|quant|linear) python -m qtrain.bench "$step" --out "$OUT/results" 2>&1 | tee -a "$OUT/run.log" ;;
+    gemm|quant|linear|block) python -m qtrain.bench "$step" --out "$OUT/results" 2>&1 | tee -a "$OUT/run.log" ;;
     overhead) python benchmarks/overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon) python benchmarks/gluon_gemm.py 2>&1 | tee -a "$OUT/run.log" ;;
     rowwise-sweep) python benchmarks/rowwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;

@@ -1,4 +1,4 @@
-"""``qtrain bench gemm|linear|quant|all``: benchmark suites for the current GPU.
+"""``qtrain bench gemm|linear|quant|block|all``: benchmark suites for the current GPU.
 
 Each suite times qtrain's kernels against the BF16 (and ``torch._int_mm``) baselines in the same process,
 checks correctness before timing, and writes ``<out>/<date>-<gpu>-<suite>.{json,md}``. torch and Triton are
@@ -6,7 +6,7 @@ imported inside the suites, so ``qtrain --help`` works without a GPU.
 """
 from __future__ import annotations
 
-SUITES = ("gemm", "linear", "quant")
+SUITES = ("gemm", "linear", "quant", "block")
 
 
 def add_commands(subparsers) -> None:

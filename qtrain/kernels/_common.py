@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+TL_OUT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _MAGIC = 12582912.0  # 1.5·2²³: (v + M) − M rounds |v| < 2²² half to even in fp32
 
 
@@ -42,3 +43,12 @@ def quantize_rtn(x, scale):
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     v = (v + 12582912.0) - 12582912.0
     return v.to(tl.int8)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 rounded to the nearest bf16 value (ties to even), still in fp32, so the cast that follows is exact.
+    The GPU's cast rounds the same way; Triton's interpreter truncates, and this keeps both bit-exact."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))

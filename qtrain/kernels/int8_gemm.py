@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import check_device, interpreting
+from qtrain.kernels._common import TL_OUT, check_device, interpreting, round_to_bf16
 from qtrain.quant.int8_gemm import check_int8_gemm_args
 
 TMA_ENABLED = True   # benchmarks switch it off to compare the masked-pointer path
@@ -39,7 +39,6 @@ def _gluon():
     except ImportError:
         return None
     return int8_gemm_gluon
-_TL_OUT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _set_block_shapes(nargs):
@@ -62,15 +61,6 @@ def _configs() -> list[triton.Config]:
         return [_cfg(128, 128, 128, 4, 1)]
     return [_cfg(256, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(128, 128, 128, 8, 4),
             _cfg(64, 128, 128, 4, 4)]
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 rounded to the nearest bf16 value (ties to even), still in fp32, so the cast that follows is exact.
-    The GPU's cast rounds the same way; Triton's interpreter truncates, and this keeps both bit-exact."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -134,7 +124,7 @@ def _int8_gemm_kernel(a, b, out, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_
     if HAS_BIAS:
         res = res + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if OUT_DTYPE == tl.bfloat16:
-        res = _round_to_bf16(res)
+        res = round_to_bf16(res)
     res = res.to(OUT_DTYPE)
     if USE_TMA:
         out.store([off_m, off_n], res)
@@ -186,5 +176,5 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
     _int8_gemm_kernel[grid](
         a_arg, b_arg, out_arg, a_scale, b_scale, bias if bias is not None else a_scale, M, N, K,
         triton.next_power_of_2(M), a.stride(0), b.stride(0), out.stride(0),
-        USE_TMA=use_tma, B_ROW=b_scale.dim() == 1, HAS_BIAS=bias is not None, OUT_DTYPE=_TL_OUT[out_dtype])
+        USE_TMA=use_tma, B_ROW=b_scale.dim() == 1, HAS_BIAS=bias is not None, OUT_DTYPE=TL_OUT[out_dtype])
     return out

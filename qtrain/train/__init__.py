@@ -66,10 +66,8 @@ def _explicit(args: argparse.Namespace) -> set[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    try:
+    with distributed.session():
         summary = train(TrainConfig.from_namespace(args), explicit=_explicit(args))
-    finally:
-        distributed.shutdown()
     if "rank" not in summary:                      # under torchrun only rank 0 reports
         val = summary["final_val_loss"]
         print(f"done: {summary['steps']} steps, final val loss {val:.4f}, {summary['tokens_per_s']:,.0f} "
@@ -78,10 +76,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    try:
+    with distributed.session():
         summaries = compare(TrainConfig.from_namespace(args), parse_recipes(args.recipes))
-    finally:
-        distributed.shutdown()
     if "rank" not in summaries[0]:
         folder = Path(summaries[0]["out"]).parent
         print((folder / "compare.md").read_text(), end="")

@@ -7,6 +7,7 @@ validation batches.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -69,8 +70,7 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device, fsdp: bool 
     if world.size == 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    # The models' buffers (RoPE tables) are deterministic: no need to broadcast them every forward.
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def all_sum(values: list[float], world: World, device: torch.device) -> list[float]:
@@ -96,6 +96,17 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+@contextlib.contextmanager
+def session():
+    """Around a command: leave the process group at the end — together after success (a process that tears
+    gloo down while a peer still writes the run folder can abort at exit), at once after an error (a peer may
+    never reach the barrier)."""
+    try:
+        yield
+    except BaseException:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

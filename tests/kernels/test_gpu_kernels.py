@@ -158,3 +158,35 @@ def test_switchback_training_steps_cuda(monkeypatch):
     sb, bf = losses["switchback"], losses["bf16"]
     assert sb[-1] < 0.5 * sb[0]
     assert abs(sb[-1] - bf[-1]) <= 0.05 * bf[-1], (sb[-1], bf[-1])
+
+
+@pytest.mark.parametrize("shape,blk,transposed", [((16384, 4096), (1, 128), False), ((4096, 11008), (128, 128), False),
+                                                  ((11008, 4096), (32, 32), False), ((4096, 16384), (128, 1 << 7), True)],
+                         ids=str)
+def test_blockwise_gpu(shape, blk, transposed):
+    from qtrain.kernels import blockwise as kbw
+
+    x = rows_with_distinct_scales(*(shape[::-1] if transposed else shape), torch.bfloat16, "cuda")
+    x = x.t() if transposed else x
+    x[1, 5], x[2, 7], x[3] = float("nan"), float("inf"), 0
+    for name, g, r in zip(("q", "scale"), kbw.quantize_blockwise(x, *blk), quant.quantize_blockwise(x.cpu(), *blk)):
+        assert_same(g.cpu(), r, name)
+
+
+@pytest.mark.parametrize("mkn", [(16384, 4096, 4096), (16384, 11008, 4096), (1000, 999, 1001)], ids=str)
+@pytest.mark.parametrize("ra,rb,c", [(1, 128, 128), (32, 32, 32)], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_gemm_gpu(mkn, ra, rb, c, out_dtype):
+    from qtrain.kernels import block_gemm as kbg
+
+    M, K, N = mkn
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randint(-127, 128, (M, K), generator=g, device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)
+    nk = -(-K // c)
+    sa = torch.rand(-(-M // ra), nk, generator=g, device="cuda") * 1e-3 + 1e-4
+    sb = torch.rand(-(-N // rb), nk, generator=g, device="cuda") * 1e-3 + 1e-4
+    bias = torch.randn(N, generator=g, device="cuda")
+    out = kbg.block_int8_gemm(a, b, sa, sb, ra, rb, c, bias, out_dtype)
+    ref = quant.block_int8_gemm(a, b, sa, sb, ra, rb, c, bias, torch.float32)
+    assert quant.relative_error(ref, out.float()) <= (1e-5 if out_dtype == torch.float32 else 4e-3)

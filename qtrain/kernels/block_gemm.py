@@ -1,0 +1,108 @@
+"""INT8 GEMM with per-block scales along K (twin of :mod:`qtrain.quant.block_gemm`).
+
+``block_int8_gemm(a [M, K] int8, b [N, K] int8, a_scale [⌈M/ra⌉, ⌈K/c⌉], b_scale [⌈N/rb⌉, ⌈K/c⌉] fp32,
+a_rows ra, b_rows rb, block_k c, bias, out_dtype) -> [M, N]``: the K loop steps one scale block (``c``) at a
+time; each step's int32 tile product is converted to fp32 and scaled by its rows' and columns' block scales
+before it joins the fp32 accumulator (the promotion the per-tensor kernel does once, here once per K block).
+Masked pointers, grouped tile order, bias and output cast fused. ``c`` ∈ {32, 64, 128, 256} (the INT8 MMA
+needs K ≥ 32 per step); operands not contiguous along K are copied first.
+
+This is the Triton base of the block-scaled recipes; on Hopper its synchronous ``tl.dot`` plus a promotion per
+K block caps it well below the per-tensor kernel (GPU.md: 280–870 TOP/s), which a Gluon twin is to lift.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtrain.kernels._common import TL_OUT, check_device, interpreting, round_to_bf16
+from qtrain.quant.block_gemm import check_block_gemm_args
+
+BLOCK_KS = (32, 64, 128, 256)
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((128, 128, 8, 4), (128, 256, 8, 3), (256, 128, 8, 3), (64, 128, 4, 4))]
+
+
+def _prune(configs, named_args, **kwargs):
+    M, N = named_args["M"], named_args["N"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(M))
+            and c.kwargs["BLOCK_N"] <= max(128, triton.next_power_of_2(N))]
+    return kept or configs[-1:]
+
+
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "RA", "RB", "BLOCK_K", "HAS_BIAS", "OUT_DTYPE"],
+                 prune_configs_by={"early_config_prune": _prune} if not interpreting() else None)
+@triton.jit
+def _block_gemm_kernel(a, b, out, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_om,
+                       stride_sa, stride_sb, RA: tl.constexpr, RB: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * grid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+    b_ptrs = b + rn[:, None].to(tl.int64) * stride_bn + rk[None, :]
+    sa_ptrs = sa_ptr + (rm // RA) * stride_sa
+    sb_ptrs = sb_ptr + (rn // RB) * stride_sb
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(0, tl.cdiv(K, BLOCK_K)):
+        kmask = (j * BLOCK_K + rk)[None, :] < K
+        at = tl.load(a_ptrs, mask=(rm[:, None] < M) & kmask, other=0)
+        bt = tl.load(b_ptrs, mask=(rn[:, None] < N) & kmask, other=0)
+        part = tl.dot(at, bt.T, out_dtype=tl.int32).to(tl.float32)
+        sa = tl.load(sa_ptrs + j, mask=rm < M, other=0.0)
+        sb = tl.load(sb_ptrs + j, mask=rn < N, other=0.0)
+        acc += part * sa[:, None] * sb[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if OUT_DTYPE == tl.bfloat16:
+        acc = round_to_bf16(acc)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(OUT_DTYPE), mask=mask)
+
+
+def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                    a_rows: int, b_rows: int, block_k: int, bias: torch.Tensor | None = None,
+                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    check_block_gemm_args(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+    check_device(a)
+    if block_k not in BLOCK_KS:
+        raise ValueError(f"the block GEMM kernel takes block_k in {BLOCK_KS}, got {block_k}; use the reference "
+                         "(qtrain.ops backend 'reference') for others")
+    (M, K), N = a.shape, b.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        return out.copy_((bias.float() if bias is not None else torch.zeros(N, device=a.device)).expand(M, N))
+    a = a if a.stride(1) == 1 else a.contiguous()
+    b = b if b.stride(1) == 1 else b.contiguous()
+    a_scale, b_scale = a_scale.contiguous(), b_scale.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _block_gemm_kernel[grid](a, b, out, a_scale, b_scale, bias if bias is not None else a_scale, M, N, K,
+                             triton.next_power_of_2(M), a.stride(0), b.stride(0), out.stride(0),
+                             a_scale.stride(0), b_scale.stride(0), RA=a_rows, RB=b_rows, BLOCK_K=block_k,
+                             HAS_BIAS=bias is not None, OUT_DTYPE=TL_OUT[out_dtype])
+    return out

@@ -1,0 +1,59 @@
+"""Block-wise INT8 quantization kernel (twin of :mod:`qtrain.quant.blockwise`).
+
+``quantize_blockwise(x [M, K] float, r, c) -> (q [M, K] int8 contiguous, scale [⌈M/r⌉, ⌈K/c⌉] fp32)``: one
+scale per ``r × c`` block, RTN, bit-exact with the reference. Each program quantizes a ``[TM, c]`` tile —
+``TM / r`` blocks stacked along M, ~4k elements or one block if larger — read once: absmax per block, then
+quantize. ``r`` and ``c`` are powers of two (``c`` ≤ 1024). Any strides (a transposed view gives the blocks of
+the transpose, e.g. ``(128, 1)`` token blocks of an activation for the weight gradient), bf16/fp16/fp32 input.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
+from qtrain.quant.blockwise import check_block
+from qtrain.quant.core import check_2d, check_float
+
+MAX_C = 1024
+
+
+@triton.jit
+def _blockwise_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, n_block_rows, n_block_cols,
+                      R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * TM + tl.arange(0, TM)
+    cols = pid_k * C + tl.arange(0, C)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    bits = tl.reshape(abs_bits(x), [TM // R, R, C])
+    scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
+    row_scale = tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])
+    q = quantize_rtn(x, tl.broadcast_to(row_scale[:, None], x.shape))
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
+    brow = pid_m * (TM // R) + tl.arange(0, TM // R)
+    tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)
+
+
+def quantize_blockwise(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_float(x)
+    check_2d(x)
+    check_block(r, c)
+    check_device(x)
+    if r & (r - 1) or c & (c - 1) or c > MAX_C:
+        raise ValueError(f"the blockwise kernel takes power-of-two blocks with c ≤ {MAX_C}, got ({r}, {c}); "
+                         "use the reference (qtrain.ops backend 'reference') for others")
+    M, K = x.shape
+    nr, nc = -(-M // r), -(-K // c)
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    scale = torch.empty((nr, nc), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0:
+        return q, scale.fill_(1.0)
+    target = 65536 if interpreting() else 4096
+    tm = max(r, min(target // c, triton.next_power_of_2(M)))
+    warps = 8 if tm * c >= 8192 else 4
+    _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, M, K, x.stride(0), x.stride(1), nr, nc,
+                                                R=r, C=c, TM=tm, num_warps=warps)
+    return q, scale
