@@ -5,9 +5,11 @@ Operands are 2-D ``[outer, reduced]``. Two paths:
 * **int8 fast path** — both operands INT8, round-to-nearest, scales constant along the reduced dim
   (``tensor`` or ``row``): quantize with the ``qtrain.ops`` primitives and run ``ops.int8_gemm`` (Triton
   kernel on CUDA, exact integer reference elsewhere) with the dequantizing epilogue fused.
-* **emulated path** — any other quantized spec (block scales, SR, INT4): quantize-dequantize each operand with
-  the reference numerics of :mod:`qtrain.quant` and multiply in fp32. Numerically what a block-scaled kernel
-  computes (up to fp32 accumulation order), not fast.
+* **block path** — both operands INT8, round-to-nearest, with power-of-two ``(r, c)`` block scales sharing the
+  same ``c`` (32–256) along the reduced dim: ``ops.quantize_blockwise`` each, then ``ops.block_int8_gemm``.
+* **emulated path** — any other quantized spec (other blocks, SR, INT4, mixed kinds): quantize-dequantize each
+  operand with the reference numerics of :mod:`qtrain.quant` and multiply in fp32. Numerically what a kernel
+  would compute (up to fp32 accumulation order), not fast.
 """
 from __future__ import annotations
 
@@ -45,6 +47,21 @@ def fast_int8(spec: OperandSpec) -> bool:
     """True if ``spec`` runs on the int8 fast path (INT8, RTN, scale constant along the reduced dim)."""
     return (spec.format == "int8" and spec.rounding == "nearest" and spec.transform is None
             and spec.fallback is None and spec.granularity.kind in ("tensor", "row"))
+
+
+BLOCK_KS = (32, 64, 128, 256)     # block widths along K the block GEMM kernel takes
+
+
+def block_pair(lhs: OperandSpec, rhs: OperandSpec) -> tuple[int, int, int] | None:
+    """``(lhs rows, rhs rows, c)`` when the pair runs on the block path, else None."""
+    specs = (lhs, rhs)
+    if not all(s.format == "int8" and s.rounding == "nearest" and s.transform is None and s.fallback is None
+               and s.granularity.kind == "block" for s in specs):
+        return None
+    (ra, ca), (rb, cb) = lhs.granularity.block, rhs.granularity.block
+    if ca != cb or ca not in BLOCK_KS or ra & (ra - 1) or rb & (rb - 1):
+        return None
+    return ra, rb, ca
 
 
 @dataclass
@@ -93,6 +110,12 @@ def gemm(spec: GemmSpec, lhs, rhs, out_dtype: torch.dtype, bias: torch.Tensor | 
         a = lhs if isinstance(lhs, Int8Operand) else quantize_int8(lhs, spec.lhs)
         b = rhs if isinstance(rhs, Int8Operand) else quantize_int8(rhs, spec.rhs)
         return ops.int8_gemm(a.q, b.q, a.outer_scale(), b.scale, bias, out_dtype)
+    blocks = block_pair(spec.lhs, spec.rhs)
+    if blocks is not None and not isinstance(lhs, Int8Operand) and not isinstance(rhs, Int8Operand):
+        ra, rb, c = blocks
+        qa, sa = ops.quantize_blockwise(lhs, ra, c)
+        qb, sb = ops.quantize_blockwise(rhs, rb, c)
+        return ops.block_int8_gemm(qa, qb, sa, sb, ra, rb, c, bias, out_dtype)
     a = lhs.dequantize() if isinstance(lhs, Int8Operand) else emulate(lhs, spec.lhs)
     b = rhs.dequantize() if isinstance(rhs, Int8Operand) else emulate(rhs, spec.rhs)
     out = a @ b.t()
