@@ -261,7 +261,8 @@ def full_copy(run: Run) -> tuple[nn.Module, torch.optim.Optimizer] | None:
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not run.world.main:
         return None
-    twin = models.build_from_config(run.model_config)
+    with torch.random.fork_rng(devices=[]):          # its throw-away initialization must not move the RNG
+        twin = models.build_from_config(run.model_config)
     twin_opt = make_optimizer(run.cfg.optimizer, twin, run.peak_lr, run.cfg.weight_decay)
     set_state_dict(twin, twin_opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True))
