@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
@@ -63,6 +64,8 @@ def test_ddp_matches_one_process_with_the_global_batch(two_procs, tmp_path, env)
             assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000003", "step-000006"]
+    state = torch.load(out / "step-000006" / "state.pt", weights_only=True)
+    assert len(state["rng_ranks"]) == 2                 # each process resumes its own RNG stream
 
 
 def test_ddp_resume_is_exact_and_world_size_is_checked(two_procs, tmp_path, env):
@@ -95,3 +98,15 @@ def test_fsdp2_matches_ddp_and_resumes_exactly(two_procs, tmp_path, env):
 def test_fsdp_needs_several_processes(tmp_path, env):
     r = _run(FLAGS + ["--fsdp", "--out", str(tmp_path / "x")], env)
     assert r.returncode == 2 and "--fsdp shards the model over several processes" in r.stderr
+
+
+def test_compare_under_torchrun(tmp_path, env):
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "qtrain", "compare", "--recipes", "bf16,switchback", *FLAGS, "--batch-size", "2",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, _errors(r)
+    assert r.stdout.count("| switchback |") == 1        # rank 0 prints the table once
+    table = (out / "compare.md").read_text()
+    assert "| bf16 |" in table and "| switchback |" in table and (out / "compare.png").exists()
+    assert [e["step"] for e in _log(out / "switchback")] == list(range(1, 7))

@@ -91,9 +91,13 @@ def broadcast(obj, world: World):
     return box[0]
 
 
-def barrier(world: World) -> None:
-    if world.size > 1:
-        dist.barrier()
+def gather(obj, world: World) -> list | None:
+    """Every process' ``obj``, in rank order, on rank 0 (None elsewhere)."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size if world.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 @contextlib.contextmanager

@@ -212,7 +212,7 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
         try:
             optimizer.load_state_dict(state["optimizer"])
             batches.load_state_dict(state["data"])
-            set_rng_state(state["rng"], device)
+            set_rng_state(state.get("rng_ranks", [state["rng"]] * world.size)[world.rank], device)
             start_step = int(state["step"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise UserError(f"checkpoint {ckpt} is corrupt or from another setup: state.pt does not fit "
@@ -292,10 +292,11 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
     model, optimizer = run.model, run.optimizer
     if run.cfg.fsdp:
         model, optimizer = full_copy(run) or (None, None)
+    rngs = distributed.gather(rng_state(run.device), run.world)      # each process resumes its own RNG
     if not run.world.main:
         return None
     state = {"step": step, "optimizer": optimizer.state_dict(), "data": run.batches.state_dict(),
-             "rng": rng_state(run.device),
+             "rng": rngs[0], "rng_ranks": rngs,
              "schedule": {"peak_lr": run.peak_lr, "warmup": run.warmup, "steps": run.cfg.steps}}
     return checkpoint.save(run.out, step, model, state, run.record, run.cfg.keep_checkpoints)
 
