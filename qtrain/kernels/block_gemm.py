@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import TL_OUT, check_device, interpreting, round_to_bf16
+from qtrain.kernels._common import TL_OUT, check_device, grouped_tile, interpreting, round_to_bf16
 from qtrain.quant.block_gemm import check_block_gemm_args
 
 BLOCK_KS = (32, 64, 128, 256)
@@ -43,14 +43,7 @@ def _block_gemm_kernel(a, b, out, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET, s
                        stride_sa, stride_sb, RA: tl.constexpr, RB: tl.constexpr, BLOCK_K: tl.constexpr,
                        HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * grid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

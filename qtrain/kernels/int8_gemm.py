@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import TL_OUT, check_device, interpreting, round_to_bf16
+from qtrain.kernels._common import TL_OUT, check_device, grouped_tile, interpreting, round_to_bf16
 from qtrain.quant.int8_gemm import check_int8_gemm_args
 
 TMA_ENABLED = True   # benchmarks switch it off to compare the masked-pointer path
@@ -82,14 +82,7 @@ def _int8_gemm_kernel(a, b, out, a_scale_ptr, b_scale_ptr, bias_ptr, M, N, K, M_
                       USE_TMA: tl.constexpr, B_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * grid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
 

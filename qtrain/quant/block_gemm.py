@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from qtrain.quant.blockwise import check_block
-from qtrain.quant.int8_gemm import OUT_DTYPES
+from qtrain.quant.int8_gemm import check_epilogue_args
 
 MAX_BLOCK_K = 1040
 
@@ -36,13 +36,7 @@ def check_block_gemm_args(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias,
         if s.dtype != torch.float32 or tuple(s.shape) != want:
             raise ValueError(f"{name} must be fp32 {list(want)} (blocks of {rows}×{block_k}), got {s.dtype} "
                              f"{list(s.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must be [N]={N}, got {tuple(bias.shape)}")
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    devs = {t.device for t in (a, b, a_scale, b_scale) + ((bias,) if bias is not None else ())}
-    if len(devs) != 1:
-        raise ValueError(f"block_int8_gemm operands are on different devices: {sorted(map(str, devs))}")
+    check_epilogue_args("block_int8_gemm", (a, b, a_scale, b_scale), N, bias, out_dtype)
 
 
 def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,

@@ -26,13 +26,18 @@ def check_int8_gemm_args(a, b, a_scale, b_scale, bias, out_dtype) -> None:
         raise ValueError(f"a_scale must be fp32 [M]={M}, got {a_scale.dtype} {tuple(a_scale.shape)}")
     if b_scale.dtype != torch.float32 or tuple(b_scale.shape) not in ((), (N,)):
         raise ValueError(f"b_scale must be fp32 [] or [N]={N}, got {b_scale.dtype} {tuple(b_scale.shape)}")
+    check_epilogue_args("int8_gemm", (a, b, a_scale, b_scale), N, bias, out_dtype)
+
+
+def check_epilogue_args(op: str, tensors: tuple, N: int, bias, out_dtype) -> None:
+    """What every scaled GEMM checks alike: bias ``[N]``, an output dtype of :data:`OUT_DTYPES`, one device."""
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must be [N]={N}, got {tuple(bias.shape)}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
-    devs = {t.device for t in (a, b, a_scale, b_scale) + ((bias,) if bias is not None else ())}
+    devs = {t.device for t in tensors + ((bias,) if bias is not None else ())}
     if len(devs) != 1:
-        raise ValueError(f"int8_gemm operands are on different devices: {sorted(map(str, devs))}")
+        raise ValueError(f"{op} operands are on different devices: {sorted(map(str, devs))}")
 
 
 def int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
