@@ -1,5 +1,7 @@
 """``qtrain train`` / ``qtrain compare`` on the command line: bad input is one line on stderr, exit code 2, no
 traceback; a short run succeeds."""
+import json
+
 import pytest
 
 from qtrain.cli import main
@@ -64,3 +66,24 @@ def test_compare_cli(capsys, tmp_path):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| switchback |" in printed and (out / "compare.png").exists() and (out / "compare.md").exists()
+
+
+def test_recipe_from_json_file(capsys, tmp_path):
+    from qtrain.recipes import GemmSpec, Recipe, block, int8
+
+    blocked = Recipe("blocked", fprop=GemmSpec(int8(block(1, 128)), int8(block(128, 128))),
+                     dgrad=GemmSpec(int8(block(1, 128)), int8(block(128, 128))))
+    path = tmp_path / "blocked.json"
+    path.write_text(json.dumps(blocked.to_dict()))
+    out = tmp_path / "cmp"
+    argv = ["compare", "--recipes", f"bf16,{path}", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+            "--eval-batches", "1", "--sample-tokens", "0", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert "| blocked |" in capsys.readouterr().out
+    saved = json.loads((out / "blocked" / "step-000002" / "config.json").read_text())["recipe"]
+    assert Recipe.from_dict(saved) == blocked
+    assert main(["train", "--resume", str(out / "blocked"), "--steps", "3", "--no-progress"]) == 0   # from the record
+    _error(capsys, ["train", "--recipe", str(tmp_path / "missing.json")], "cannot read the recipe file")
+    (tmp_path / "bad.json").write_text('{"name": "x"}')
+    _error(capsys, ["train", "--recipe", str(tmp_path / "bad.json")], "not a valid recipe file")
+    _error(capsys, ["train", "--recipe", "fp4"], "'fp4'", "recipe .json file")

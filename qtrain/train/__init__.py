@@ -91,7 +91,8 @@ def add_commands(subparsers) -> None:
                               description="Train a model preset on a corpus with a recipe. With no flags: "
                                           "llama-tiny on Python's standard-library sources, byte tokens, "
                                           "SwitchBack, on the CPU in a few minutes.")
-    p.add_argument("--recipe", help=f"{', '.join(recipes.PRESETS)} (default {TrainConfig.recipe})")
+    p.add_argument("--recipe", help=f"{', '.join(recipes.PRESETS)}, or a recipe .json file (default "
+                                    f"{TrainConfig.recipe})")
     _add_run_flags(p)
     p.add_argument("--resume", help="checkpoint folder (step-NNNNNN/) or run folder (its latest checkpoint)")
     p.set_defaults(func=_cmd_train)
@@ -100,6 +101,7 @@ def add_commands(subparsers) -> None:
                               description="Train the same model with each recipe (same seed, init, data order "
                                           "and optimizer); write compare.png and compare.md in the run folder.")
     p.add_argument("--recipes", default="bf16,switchback",
-                   help=f"comma-separated, from {', '.join(recipes.PRESETS)} (default bf16,switchback)")
+                   help=f"comma-separated, from {', '.join(recipes.PRESETS)} or recipe .json files (default "
+                        "bf16,switchback)")
     _add_run_flags(p)
     p.set_defaults(func=_cmd_compare)

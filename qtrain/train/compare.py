@@ -19,13 +19,13 @@ from qtrain.train.plots import plot_runs, read_log
 
 
 def parse_recipes(text: str) -> list[str]:
+    """The comma-separated recipes of ``--recipes`` (preset names or recipe .json paths), checked."""
     names = [r.strip() for r in text.split(",") if r.strip()]
     if not names:
         raise UserError("--recipes needs at least one recipe name, e.g. --recipes bf16,switchback")
-    if len(set(names)) != len(names):
+    resolved = [resolve_recipe(name).name for name in names]
+    if len(set(resolved)) != len(resolved):
         raise UserError(f"--recipes {text!r} names a recipe twice")
-    for name in names:
-        resolve_recipe(name)
     return names
 
 
@@ -52,7 +52,7 @@ def compare(cfg: TrainConfig, recipe_names: list[str]) -> list[dict]:
     world, _ = distributed.init(resolve_device(cfg.device))            # under torchrun: rank 0's folder
     out = Path(distributed.broadcast(cfg.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare-{cfg.model}", world))
     out.mkdir(parents=True, exist_ok=True)
-    summaries = [train(cfg.replace(recipe=name, out=str(out / name))) for name in recipe_names]
+    summaries = [train(cfg.replace(recipe=name, out=str(out / resolve_recipe(name).name))) for name in recipe_names]
     if "rank" in summaries[0]:     # under torchrun, rank 0 writes the comparison
         return summaries
     runs = {s["recipe"]: read_log(out / s["recipe"] / "log.jsonl") for s in summaries}

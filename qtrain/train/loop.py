@@ -80,10 +80,19 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_recipe(name: str) -> recipes.Recipe:
+    """A preset name, or the path of a recipe JSON file (``Recipe.to_dict()``'s form, as checkpoints record it)."""
+    if name.endswith(".json"):
+        try:
+            return recipes.Recipe.from_dict(json.loads(Path(name).expanduser().read_text()))
+        except OSError as e:
+            raise UserError(f"--recipe {name!r}: cannot read the recipe file ({e.strerror or e})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"--recipe {name!r} is not a valid recipe file ({type(e).__name__}: {e}); write one "
+                            "with json.dump(qtrain.recipes.Recipe(...).to_dict(), f)") from None
     try:
         return recipes.get(name)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"{e} (or the path of a recipe .json file)") from None
 
 
 def quantize_all_but_head(module: nn.Module, name: str) -> bool:
@@ -179,7 +188,7 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
         raise UserError(f"checkpoint {ckpt} was trained on {saved.get('world_size', 1)} processes, not "
                         f"{world.size}: resume with as many (the global batch and data order depend on it)")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    recipe = resolve_recipe(cfg.recipe)
+    recipe = recipes.Recipe.from_dict(saved["recipe"]) if saved is not None else resolve_recipe(cfg.recipe)
     tokenizer = qdata.get_tokenizer(cfg.tokenizer)
     if saved is not None:
         try:
@@ -219,7 +228,7 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
                             f"({type(e).__name__}: {e})") from None
 
     out = Path(distributed.broadcast(cfg.out or str(Path("runs") / (
-        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{cfg.recipe}")), world))
+        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{recipe.name}")), world))
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(out=str(out))
     if cfg.fsdp:
