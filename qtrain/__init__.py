@@ -4,5 +4,5 @@ from qtrain.nn import QuantLinear, convert, report, reuse_quantized_weights, tra
 from qtrain.recipes import GemmSpec, OperandSpec, Recipe
 
 __version__ = "0.1.0"
-__all__ = ["convert", "report", "track_errors", "reuse_quantized_weights", "QuantLinear", "Recipe", "GemmSpec", "OperandSpec", "recipes",
-           "quant", "ops", "optim"]
+__all__ = ["convert", "report", "track_errors", "reuse_quantized_weights", "QuantLinear", "Recipe", "GemmSpec",
+           "OperandSpec", "recipes", "quant", "ops", "optim"]

@@ -17,9 +17,7 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels._common import TL_OUT, check_device, grouped_tile, interpreting, round_to_bf16
-from qtrain.quant.block_gemm import check_block_gemm_args
-
-BLOCK_KS = (32, 64, 128, 256)
+from qtrain.quant.block_gemm import BLOCK_KS, check_block_gemm_args
 
 
 def _configs() -> list[triton.Config]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from qtrain import ops, quant
+from qtrain.quant.block_gemm import BLOCK_KS
 from qtrain.recipes import GemmSpec, OperandSpec
 
 _SR_GENERATORS: dict[torch.device, torch.Generator] = {}
@@ -43,20 +44,20 @@ def reseed(seed: int) -> None:
         _SR_GENERATORS[torch.device(dev)] = g
 
 
+def _plain_int8(spec: OperandSpec) -> bool:
+    """INT8, round-to-nearest, no transform, no fallback."""
+    return (spec.format == "int8" and spec.rounding == "nearest" and spec.transform is None
+            and spec.fallback is None)
+
+
 def fast_int8(spec: OperandSpec) -> bool:
     """True if ``spec`` runs on the int8 fast path (INT8, RTN, scale constant along the reduced dim)."""
-    return (spec.format == "int8" and spec.rounding == "nearest" and spec.transform is None
-            and spec.fallback is None and spec.granularity.kind in ("tensor", "row"))
-
-
-BLOCK_KS = (32, 64, 128, 256)     # block widths along K the block GEMM kernel takes
+    return _plain_int8(spec) and spec.granularity.kind in ("tensor", "row")
 
 
 def block_pair(lhs: OperandSpec, rhs: OperandSpec) -> tuple[int, int, int] | None:
     """``(lhs rows, rhs rows, c)`` when the pair runs on the block path, else None."""
-    specs = (lhs, rhs)
-    if not all(s.format == "int8" and s.rounding == "nearest" and s.transform is None and s.fallback is None
-               and s.granularity.kind == "block" for s in specs):
+    if not all(_plain_int8(s) and s.granularity.kind == "block" for s in (lhs, rhs)):
         return None
     (ra, ca), (rb, cb) = lhs.granularity.block, rhs.granularity.block
     if ca != cb or ca not in BLOCK_KS or ra & (ra - 1) or rb & (rb - 1):

@@ -17,6 +17,7 @@ from qtrain.quant.blockwise import check_block
 from qtrain.quant.int8_gemm import check_epilogue_args
 
 MAX_BLOCK_K = 1040
+BLOCK_KS = (32, 64, 128, 256)     # the block widths along K the Triton kernel takes (INT8 MMA steps K ≥ 32)
 
 
 def check_block_gemm_args(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype) -> None:
