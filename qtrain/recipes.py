@@ -14,11 +14,18 @@ Every operand is described in the orientation its GEMM consumes it: ``[outer, re
 relative to that orientation: ``row`` is one scale per outer index (per token for X in fprop, per output
 channel for W), ``block(r, c)`` has ``r`` along the outer dim and ``c`` along the reduced one.
 
+An operand may carry extras: a ``transform`` (:class:`Hadamard`, applied along the reduced dim before
+quantizing) and a ``fallback`` policy (:class:`Fallback`: tiles holding outliers add a second INT8 term on the
+residual). A GEMM's ``out`` says how its result leaves the kernel: ``dequant`` (16/32-bit) or ``int8_blocks``
+(quantized for the next op, Jetfire's data flow). Which combinations run is decided once per layer by
+:mod:`qtrain.nn.plan`, which rejects the rest when the layer is built.
+
 A method is a preset in :data:`PRESETS`; :func:`get` looks one up by name.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 FORMATS = ("int8", "int4", "hp")
 ROUNDINGS = ("nearest", "stochastic")
@@ -55,20 +62,75 @@ def block(r: int, c: int) -> Granularity:
 
 
 @dataclass(frozen=True)
+class Hadamard:
+    """Multiply the operand along its reduced dim by a block-diagonal orthonormal Hadamard matrix of ``block``
+    (a power of two, 16–256) before quantizing (METHODS.md § INT4)."""
+
+    block: int = 128
+
+    def __post_init__(self):
+        if not (isinstance(self.block, int) and 16 <= self.block <= 256 and self.block & (self.block - 1) == 0):
+            raise ValueError(f"Hadamard block must be a power of two in [16, 256], got {self.block!r}")
+
+    def __str__(self) -> str:
+        return f"H{self.block}"
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Fallback quantization (METHODS.md § Fallback): a tile of ``group_rows`` outer rows × one scale block
+    along the reduced dim whose absmax exceeds the layer's threshold τ also gets the residual
+    ``x − s₁q₁`` quantized to INT8 (a second MMA on that tile only).
+
+    ``threshold=None``: τ adapts per layer and GEMM so that a ``target`` share of tiles falls back — after each
+    quantization ``τ ← ema·τ + (1 − ema)·quantile(tile absmax, 1 − target)`` (the first one sets τ directly).
+    A number fixes τ.
+    """
+
+    target: float = 0.05
+    threshold: float | None = None
+    ema: float = 0.9
+    group_rows: int = 128
+
+    def __post_init__(self):
+        if not (isinstance(self.target, (int, float)) and 0.0 < self.target < 1.0):
+            raise ValueError(f"fallback target must be a fraction in (0, 1), got {self.target!r}")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float))
+                                               and math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"fallback threshold must be None (adaptive) or a finite number ≥ 0, "
+                             f"got {self.threshold!r}")
+        if not (isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0):
+            raise ValueError(f"fallback ema must be in [0, 1), got {self.ema!r}")
+        if self.group_rows != 128:
+            raise ValueError(f"fallback group_rows must be 128 (the GEMM tile height), got {self.group_rows!r}")
+
+    def __str__(self) -> str:
+        return f"fallback(τ={self.threshold})" if self.threshold is not None else f"fallback({self.target:.0%})"
+
+
+@dataclass(frozen=True)
 class OperandSpec:
     """How one GEMM operand is quantized. ``format='hp'`` means kept in high (16/32-bit) precision."""
 
     format: str = "hp"
     granularity: Granularity = TENSOR
     rounding: str = "nearest"
-    transform: str | None = None
-    fallback: str | None = None
+    transform: Hadamard | None = None
+    fallback: Fallback | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ValueError(f"format {self.format!r} is not one of {FORMATS}")
+        if not isinstance(self.granularity, Granularity):
+            raise TypeError(f"granularity must be a Granularity, got {self.granularity!r}")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding {self.rounding!r} is not one of {ROUNDINGS}")
+        if self.transform is not None and not isinstance(self.transform, Hadamard):
+            raise TypeError(f"transform must be None or qtrain.recipes.Hadamard, got {self.transform!r}")
+        if self.fallback is not None and not isinstance(self.fallback, Fallback):
+            raise TypeError(f"fallback must be None or qtrain.recipes.Fallback, got {self.fallback!r}")
+        if (self.transform is not None or self.fallback is not None) and not self.quantized:
+            raise ValueError("a high-precision ('hp') operand takes no transform or fallback")
 
     @property
     def quantized(self) -> bool:
@@ -78,14 +140,18 @@ class OperandSpec:
         if not self.quantized:
             return "hp"
         rnd = "RTN" if self.rounding == "nearest" else "SR"
-        return f"{self.format}/{self.granularity}/{rnd}"
+        extras = "".join(f"/{e}" for e in (self.transform, self.fallback) if e is not None)
+        return f"{self.format}/{self.granularity}/{rnd}{extras}"
 
 
 HP = OperandSpec()
 
 
-def int8(granularity: Granularity, rounding: str = "nearest") -> OperandSpec:
-    return OperandSpec("int8", granularity, rounding)
+def int8(granularity: Granularity, rounding: str = "nearest", fallback: Fallback | None = None) -> OperandSpec:
+    return OperandSpec("int8", granularity, rounding, fallback=fallback)
+
+
+OUTS = ("dequant", "int8_blocks")
 
 
 @dataclass(frozen=True)
@@ -95,6 +161,13 @@ class GemmSpec:
     lhs: OperandSpec = HP
     rhs: OperandSpec = HP
     out: str = "dequant"
+
+    def __post_init__(self):
+        for side in ("lhs", "rhs"):
+            if not isinstance(getattr(self, side), OperandSpec):
+                raise TypeError(f"GemmSpec.{side} must be an OperandSpec, got {getattr(self, side)!r}")
+        if self.out not in OUTS:
+            raise ValueError(f"GemmSpec out {self.out!r} is not one of {OUTS}")
 
     @property
     def quantized(self) -> bool:
@@ -129,16 +202,36 @@ class Recipe:
 
     @staticmethod
     def from_dict(d: dict) -> "Recipe":
-        def op(o):
-            g = o["granularity"]
-            gran = Granularity(g["kind"], tuple(g["block"]) if g["block"] is not None else None)
-            return OperandSpec(o["format"], gran, o["rounding"], o["transform"], o["fallback"])
+        """The inverse of :meth:`to_dict`. Strict: an unknown key anywhere is an error naming its place and the
+        accepted keys; omitted keys take their defaults."""
+        def build(cls, value, where, **nested):
+            if value is None and cls in (Hadamard, Fallback):
+                return None
+            if not isinstance(value, dict):
+                raise ValueError(f"recipe {where}: expected an object, got {value!r}")
+            names = [f.name for f in fields(cls)]
+            unknown = sorted(set(value) - set(names))
+            if unknown:
+                raise ValueError(f"recipe {where}: unknown key(s) {', '.join(unknown)}; accepted: "
+                                 f"{', '.join(names)}")
+            kw = {k: (nested[k](v, f"{where}.{k}") if k in nested else v) for k, v in value.items()}
+            return cls(**kw)
 
-        def gemm(g):
-            return GemmSpec(op(g["lhs"]), op(g["rhs"]), g["out"])
+        def gran(v, where):
+            g = build(Granularity, v, where)
+            return Granularity(g.kind, tuple(g.block)) if g.block is not None else g
 
-        return Recipe(d["name"], gemm(d["fprop"]), gemm(d["dgrad"]), gemm(d["wgrad"]),
-                      d["save_int8_input"], d["dataflow"], d.get("description", ""))
+        def op(v, where):
+            return build(OperandSpec, v, where, granularity=gran,
+                         transform=lambda t, w: build(Hadamard, t, w),
+                         fallback=lambda f, w: build(Fallback, f, w))
+
+        def gemm(v, where):
+            return build(GemmSpec, v, where, lhs=op, rhs=op)
+
+        if not isinstance(d, dict) or "name" not in d:
+            raise ValueError(f"a recipe must be an object with a 'name', got {d!r:.80}")
+        return build(Recipe, d, d["name"], fprop=gemm, dgrad=gemm, wgrad=gemm)
 
     def __str__(self) -> str:
         return (f"{self.name}: fprop {self.fprop}; dgrad {self.dgrad}; wgrad {self.wgrad}"
@@ -166,7 +259,18 @@ SWITCHBACK_M = Recipe(
     description="SwitchBack, memory-efficient: saves the INT8 X and its row scales for the 16-bit wgrad.",
 )
 
-PRESETS: dict[str, Recipe] = {r.name: r for r in (BF16, SWITCHBACK, SWITCHBACK_M)}
+_ACT = int8(block(1, 128), fallback=Fallback())      # activation/gradient: 1×128 blocks + fallback
+FALLBACK = Recipe(
+    "fallback",
+    fprop=GemmSpec(lhs=_ACT, rhs=int8(block(128, 128))),
+    dgrad=GemmSpec(lhs=_ACT, rhs=int8(block(128, 128))),
+    wgrad=GemmSpec(lhs=_ACT, rhs=int8(block(1, 128))),
+    description="Zhang et al. 2025: all three GEMMs INT8 in 1×128 blocks along the reduced dim (weights "
+                "128×128, reused transposed in dgrad); activation and gradient tiles over an adaptive per-layer "
+                "threshold (5 % of tiles) add an INT8 residual term inside the same GEMM.",
+)
+
+PRESETS: dict[str, Recipe] = {r.name: r for r in (BF16, SWITCHBACK, SWITCHBACK_M, FALLBACK)}
 
 
 def get(recipe: "str | Recipe") -> Recipe:

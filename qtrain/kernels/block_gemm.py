@@ -29,24 +29,31 @@ def _configs() -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     M, N = named_args["M"], named_args["N"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(M))
+    # with a fallback term a tile's flag is one per 128 rows: BLOCK_M must not straddle two
+    max_m = 128 if kwargs.get("HAS_FB") else max(64, triton.next_power_of_2(M))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m
             and c.kwargs["BLOCK_N"] <= max(128, triton.next_power_of_2(N))]
-    return kept or configs[-1:]
+    return kept or [c for c in configs if c.kwargs["BLOCK_M"] <= 128][-1:]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "RA", "RB", "BLOCK_K", "HAS_BIAS", "OUT_DTYPE"],
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "RA", "RB", "BLOCK_K", "HAS_BIAS", "OUT_DTYPE",
+                                          "HAS_FB"],
                  prune_configs_by={"early_config_prune": _prune} if not interpreting() else None)
 @triton.jit
-def _block_gemm_kernel(a, b, out, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET, stride_am, stride_bn, stride_om,
-                       stride_sa, stride_sb, RA: tl.constexpr, RB: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _block_gemm_kernel(a, b, out, sa_ptr, sb_ptr, bias_ptr, a2, sa2_ptr, flag_ptr, M, N, K, M_BUCKET, stride_am,
+                       stride_bn, stride_om, stride_sa, stride_sb, stride_f, RA: tl.constexpr, RB: tl.constexpr,
+                       BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                       HAS_FB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       GROUP_M: tl.constexpr):
+    """``HAS_FB``: a second lhs ``a2`` (same layout as ``a``, scales ``sa2``) joins each K block whose
+    128-row tile is flagged (``flag_ptr`` uint8 ``[⌈M/128⌉, nk]``); unflagged tiles of ``a2`` are never read."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+    a_offs = rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+    a_ptrs = a + a_offs
     b_ptrs = b + rn[:, None].to(tl.int64) * stride_bn + rk[None, :]
     sa_ptrs = sa_ptr + (rm // RA) * stride_sa
     sb_ptrs = sb_ptr + (rn // RB) * stride_sb
@@ -59,6 +66,12 @@ def _block_gemm_kernel(a, b, out, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET, s
         sa = tl.load(sa_ptrs + j, mask=rm < M, other=0.0)
         sb = tl.load(sb_ptrs + j, mask=rn < N, other=0.0)
         acc += part * sa[:, None] * sb[None, :]
+        if HAS_FB:
+            if tl.load(flag_ptr + ((pid_m * BLOCK_M) // 128) * stride_f + j) != 0:
+                a2t = tl.load(a2 + a_offs + j * BLOCK_K, mask=(rm[:, None] < M) & kmask, other=0)
+                part2 = tl.dot(a2t, bt.T, out_dtype=tl.int32).to(tl.float32)
+                sa2 = tl.load(sa2_ptr + (rm // RA) * stride_sa + j, mask=rm < M, other=0.0)
+                acc += part2 * sa2[:, None] * sb[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
@@ -74,6 +87,12 @@ def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
                     a_rows: int, b_rows: int, block_k: int, bias: torch.Tensor | None = None,
                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     check_block_gemm_args(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+    return launch(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+
+
+def launch(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype, fallback=None) -> torch.Tensor:
+    """The Triton block GEMM on checked arguments; ``fallback = (a2, a2_scale, flags)`` adds the residual term
+    of :func:`qtrain.kernels.fallback.fallback_block_gemm` (``a_rows`` 1)."""
     check_device(a)
     if block_k not in BLOCK_KS:
         raise ValueError(f"the block GEMM kernel takes block_k in {BLOCK_KS}, got {block_k}; use the reference "
@@ -88,12 +107,20 @@ def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
     b = b if b.stride(1) == 1 else b.contiguous()
     a_scale, b_scale = a_scale.contiguous(), b_scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
+    if fallback is not None:
+        a2, a2_scale, flags = fallback
+        a, a2 = a.contiguous(), a2.contiguous()                          # one layout for both lhs terms
+        a2_scale = a2_scale.contiguous()
+        flags = (flags.view(torch.uint8) if flags.dtype == torch.bool else flags).contiguous()
+    else:
+        a2, a2_scale, flags = a, a_scale, a_scale
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _block_gemm_kernel[grid](a, b, out, a_scale, b_scale, bias if bias is not None else a_scale, M, N, K,
-                             triton.next_power_of_2(M), a.stride(0), b.stride(0), out.stride(0),
-                             a_scale.stride(0), b_scale.stride(0), RA=a_rows, RB=b_rows, BLOCK_K=block_k,
-                             HAS_BIAS=bias is not None, OUT_DTYPE=TL_OUT[out_dtype])
+    _block_gemm_kernel[grid](a, b, out, a_scale, b_scale, bias if bias is not None else a_scale, a2, a2_scale,
+                             flags, M, N, K, triton.next_power_of_2(M), a.stride(0), b.stride(0), out.stride(0),
+                             a_scale.stride(0), b_scale.stride(0), flags.stride(0) if fallback else 0,
+                             RA=a_rows, RB=b_rows, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+                             OUT_DTYPE=TL_OUT[out_dtype], HAS_FB=fallback is not None)
     return out

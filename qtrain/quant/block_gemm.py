@@ -44,6 +44,14 @@ def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
                     a_rows: int, b_rows: int, block_k: int, bias: torch.Tensor | None = None,
                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     check_block_gemm_args(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+    out = block_sum_fp64(a, b, a_scale, b_scale, a_rows, b_rows, block_k)
+    if bias is not None:
+        out += bias.double()
+    return out.to(out_dtype)
+
+
+def block_sum_fp64(a, b, a_scale, b_scale, a_rows, b_rows, block_k) -> torch.Tensor:
+    """The scaled block sum of :func:`block_int8_gemm` in fp64, no bias, no cast (arguments checked)."""
     (M, K), N = a.shape, b.shape[0]
     sa = a_scale.double().repeat_interleave(a_rows, 0)[:M]       # [M, nk]
     sb = b_scale.double().repeat_interleave(b_rows, 0)[:N]       # [N, nk]
@@ -51,6 +59,4 @@ def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
     for j, k in enumerate(range(0, K, block_k)):
         part = a[:, k:k + block_k].float() @ b[:, k:k + block_k].float().t()      # exact integers
         out += part.double() * sa[:, j, None] * sb[None, :, j]
-    if bias is not None:
-        out += bias.double()
-    return out.to(out_dtype)
+    return out

@@ -1,0 +1,81 @@
+"""Fallback quantization kernels (twin of :mod:`qtrain.quant.fallback`, same contracts).
+
+``quantize_fallback``: one program per tile of 128 rows × ``block_k`` columns, read once: row-block scales and
+INT8 codes, the tile's absmax and flag (``absmax > tau``, every tile while ``tau < 0``), and — only on a flagged
+tile — the residual's scales and codes (unflagged tiles leave ``q2`` unwritten and write ``scale2 = 0``).
+Bit-exact with the reference; multiply-add contraction is off so the residual rounds like the reference's.
+Any input strides (a transposed view quantizes the transpose: ``dYᵀ`` for the weight gradient).
+
+``fallback_block_gemm``: the Triton block-scaled GEMM (:mod:`qtrain.kernels.block_gemm`) with the second MMA
+issued only for flagged tiles, reusing the rhs tile already loaded.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtrain.kernels import block_gemm as _block_gemm
+from qtrain.kernels._common import abs_bits, check_device, quantize_rtn, scale_from_bits
+from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
+
+
+@triton.jit
+def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_ptr, tmax_ptr, M, K, stride_xm,
+                           stride_xk, nk, GR: tl.constexpr, C: tl.constexpr):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * GR + tl.arange(0, GR)
+    cols = pid_k * C + tl.arange(0, C)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    row_bits = tl.max(abs_bits(x), axis=1)                                            # [GR]
+    scale = scale_from_bits(row_bits)
+    q = quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape))
+    out_offs = rows[:, None].to(tl.int64) * K + cols[None, :]
+    tl.store(q_ptr + out_offs, q, mask=mask)
+    tl.store(s_ptr + rows * nk + pid_k, scale, mask=rows < M)
+
+    tmax = tl.max(row_bits, axis=0).to(tl.float32, bitcast=True)
+    tau = tl.load(tau_ptr)
+    flag = (tmax > tau) | (tau < 0)
+    tl.store(tmax_ptr + pid_m * nk + pid_k, tmax)
+    tl.store(flag_ptr + pid_m * nk + pid_k, flag.to(tl.uint8))
+    if flag:
+        resid = x - q.to(tl.float32) * scale[:, None]
+        scale2 = scale_from_bits(tl.max(abs_bits(resid), axis=1))
+        q2 = quantize_rtn(resid, tl.broadcast_to(scale2[:, None], x.shape))
+        tl.store(q2_ptr + out_offs, q2, mask=mask)
+        tl.store(s2_ptr + rows * nk + pid_k, scale2, mask=rows < M)
+    else:
+        tl.store(s2_ptr + rows * nk + pid_k, tl.zeros([GR], tl.float32), mask=rows < M)
+
+
+def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128, group_rows: int = GROUP_ROWS):
+    check_fallback_args(x, tau, block_k, group_rows)
+    check_device(x)
+    if tau.device != x.device:
+        raise ValueError(f"tau is on {tau.device} but x on {x.device}")
+    M, K = x.shape
+    nk, gm = -(-K // block_k), -(-M // group_rows)
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    q2 = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    scale = torch.empty((M, nk), dtype=torch.float32, device=x.device)
+    scale2 = torch.empty((M, nk), dtype=torch.float32, device=x.device)
+    flags = torch.empty((gm, nk), dtype=torch.bool, device=x.device)
+    tmax = torch.empty((gm, nk), dtype=torch.float32, device=x.device)
+    if M == 0 or K == 0:
+        return q, scale.fill_(1.0), q2, scale2.zero_(), flags, tmax
+    _fallback_quant_kernel[(gm, nk)](x, tau, q, scale, q2, scale2, flags.view(torch.uint8), tmax, M, K,
+                                     x.stride(0), x.stride(1), nk, GR=group_rows, C=block_k,
+                                     num_warps=8 if block_k >= 128 else 4, enable_fp_fusion=False)
+    return q, scale, q2, scale2, flags, tmax
+
+
+def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor, a2_scale: torch.Tensor,
+                        flags: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, b_rows: int,
+                        block_k: int = 128, bias: torch.Tensor | None = None,
+                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    check_fallback_gemm_args(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype)
+    return _block_gemm.launch(a, b, a_scale, b_scale, 1, b_rows, block_k, bias, out_dtype,
+                              fallback=(a2, a2_scale, flags))
