@@ -142,8 +142,9 @@ def int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return out
-    if K == 0:
-        return out.copy_((bias.float() if bias is not None else torch.zeros(N, device=a.device)).expand(M, N))
+    if K == 0:   # an empty sum, still scaled like the reference: a NaN/Inf scale gives NaN, not the bias
+        res = torch.zeros((M, N), device=a.device) * a_scale[:, None] * b_scale
+        return out.copy_(res + bias.float() if bias is not None else res)
     if a.stride(1) != 1:
         a = a.contiguous()
     if b.stride(1) != 1:

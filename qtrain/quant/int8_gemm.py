@@ -6,7 +6,8 @@ out_dtype) -> [M, N] out_dtype``::
     acc = Σ_k a[m, k]·b[n, k]                    (exact, int32)
     out = float32(acc) · a_scale[m] · b_scale[n] (+ float32(bias[n]))   → out_dtype
 
-Both operands are contiguous along the reduced dim K.
+Both operands are contiguous along the reduced dim K. K = 0 is an empty sum, still scaled: ``acc = 0``, so
+``out = 0·a_scale·b_scale (+ bias)`` — NaN wherever a scale is NaN or ±Inf — in every twin.
 """
 from __future__ import annotations
 

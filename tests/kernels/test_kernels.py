@@ -165,3 +165,27 @@ def test_int8_gemm_errors():
         kgemm.int8_gemm(a, b, sa[:3], sb, None, torch.float32)
     with pytest.raises(TypeError, match="out_dtype"):
         kgemm.int8_gemm(a, b, sa, sb, None, torch.int32)
+
+
+@pytest.mark.parametrize("out_dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("b_row,bias", [(False, False), (True, True), (True, False), (False, True)])
+def test_int8_gemm_k0_applies_the_scales(b_row, bias, out_dtype):
+    """K = 0: out = 0·a_scale·b_scale (+ bias), like the reference: a NaN or ±Inf scale gives NaN, not the bias."""
+    from qtrain import ops
+
+    a, b = torch.empty(4, 0, dtype=torch.int8, device=DEV), torch.empty(3, 0, dtype=torch.int8, device=DEV)
+    sa = torch.tensor([2.0, float("nan"), float("inf"), 0.5], device=DEV)
+    sb = torch.tensor([1.0, -float("inf"), 3.0], device=DEV) if b_row else torch.tensor(0.25, device=DEV)
+    bb = torch.tensor([1.5, -2.0, 0.1], device=DEV) if bias else None
+    ref = quant.int8_gemm(a, b, sa, sb, bb, out_dtype)
+    nan = torch.zeros(4, 3, dtype=torch.bool)
+    nan[1:3] = True                                                              # NaN / Inf row scales
+    if b_row:
+        nan[:, 1] = True                                                         # an Inf column scale
+    assert torch.equal(torch.isnan(ref).cpu(), nan)
+    expect = (bb.float() if bias else torch.zeros(3, device=DEV)).expand(4, 3).to(out_dtype)
+    assert torch.equal(ref[~nan.to(DEV)], expect[~nan.to(DEV)])
+    assert_same(kgemm.int8_gemm(a, b, sa, sb, bb, out_dtype), ref, "kernel, K = 0")
+    for backend in ("triton", "reference"):
+        with ops.use_backend(backend):
+            assert_same(ops.int8_gemm(a, b, sa, sb, bb, out_dtype), ref, f"ops ({backend}), K = 0")

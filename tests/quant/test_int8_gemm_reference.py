@@ -38,3 +38,12 @@ def test_int8_gemm_rejects_bad_args():
         quant.int8_gemm(a, a, torch.ones(3), torch.ones(()))
     with pytest.raises(ValueError, match="b_scale"):
         quant.int8_gemm(a, a, torch.ones(4), torch.ones(2))
+
+
+def test_int8_gemm_k0_is_a_scaled_empty_sum():
+    """K = 0: acc = 0, then the same epilogue: 0·a_scale·b_scale + bias (NaN where a scale is NaN or ±Inf)."""
+    a, b = torch.empty(3, 0, dtype=torch.int8), torch.empty(2, 0, dtype=torch.int8)
+    sa, sb = torch.tensor([1.0, float("nan"), float("inf")]), torch.tensor([2.0, 0.5])
+    out = quant.int8_gemm(a, b, sa, sb, torch.tensor([1.0, -1.0]), torch.float32)
+    assert torch.equal(out[0], torch.tensor([1.0, -1.0])) and torch.isnan(out[1:]).all()
+    assert torch.equal(quant.int8_gemm(a[:1], b, sa[:1], sb, None, torch.float32), torch.zeros(1, 2))
