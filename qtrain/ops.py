@@ -4,7 +4,10 @@ twin (``qtrain.quant``), both with one contract.
 ``auto`` (default) picks the kernel for CUDA tensors when Triton is importable, the reference otherwise.
 ``triton`` forces the kernels (on CPU tensors this needs ``TRITON_INTERPRET=1``, which is how CPU tests drive
 them); ``reference`` forces the twins. Set it with :func:`set_backend` or the :func:`use_backend` context,
-or the environment variable ``QTRAIN_BACKEND``.
+or the environment variable ``QTRAIN_BACKEND`` (unset or empty: ``auto``). An unknown value is reported where a
+backend is chosen — by :func:`get_backend` and the first dispatched op — as a :class:`BackendError` (a
+``UserError``: the CLI prints it as one line), not at import, where ``python -m qtrain`` could only show a
+traceback.
 
 Each primitive is also a ``torch.library.custom_op`` with a fake (meta) implementation: under ``torch.compile``
 the public functions call the custom op, so the compiler sees opaque, shape-checked ops; in eager mode they call
@@ -20,37 +23,51 @@ import os
 import torch
 
 from qtrain import quant
+from qtrain.errors import UserError
 from qtrain.quant.core import check_2d, check_float
 from qtrain.quant.block_gemm import check_block_gemm_args
 from qtrain.quant.blockwise import check_block
 from qtrain.quant.int8_gemm import check_int8_gemm_args
 
 BACKENDS = ("auto", "triton", "reference")
-_backend = os.environ.get("QTRAIN_BACKEND", "auto")
-if _backend not in BACKENDS:
-    raise ValueError(f"QTRAIN_BACKEND={_backend!r} is not one of {BACKENDS}")
+
+
+class BackendError(UserError, ValueError):
+    """An unknown backend name (``set_backend`` or ``QTRAIN_BACKEND``); the message lists the accepted ones."""
+
+
+_backend = os.environ.get("QTRAIN_BACKEND") or "auto"    # checked where it is used: see the module docstring
+
+
+def _unknown_env_backend() -> BackendError:
+    return BackendError(f"QTRAIN_BACKEND={_backend!r} is not a backend; accepted: {', '.join(BACKENDS)} "
+                        "(or leave it unset for auto)")
 
 
 def set_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; accepted: {', '.join(BACKENDS)}")
+        raise BackendError(f"unknown backend {name!r}; accepted: {', '.join(BACKENDS)}")
     _backend = name
 
 
 def get_backend() -> str:
+    """The backend in force; raises :class:`BackendError` if ``QTRAIN_BACKEND`` named an unknown one."""
+    if _backend not in BACKENDS:
+        raise _unknown_env_backend()
     return _backend
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the block with backend ``name``, restoring the previous one after."""
-    old = get_backend()
+    global _backend
+    old = _backend   # as it was, even an unknown QTRAIN_BACKEND value (still reported after the block)
     set_backend(name)
     try:
         yield
     finally:
-        set_backend(old)
+        _backend = old
 
 
 def triton_available() -> bool:
@@ -73,11 +90,15 @@ def _kernel(module: str, fn: str, device: torch.device):
     """The Triton twin ``qtrain.kernels.<module>.<fn>`` if the backend wants it for ``device``, else None."""
     if _backend == "reference":
         return None
-    if _backend == "auto" and not (device.type == "cuda" and _TRITON):
-        return None
-    if _backend == "triton" and device.type != "cuda" and not interpreting():
-        raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before qtrain is "
-                           "imported; use backend 'reference' or CUDA tensors")
+    if _backend == "auto":
+        if not (device.type == "cuda" and _TRITON):
+            return None
+    elif _backend == "triton":
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before qtrain is "
+                               "imported; use backend 'reference' or CUDA tensors")
+    else:
+        raise _unknown_env_backend()
     k = _KERNELS.get((module, fn))
     if k is None:
         k = _KERNELS[(module, fn)] = getattr(importlib.import_module(f"qtrain.kernels.{module}"), fn)
