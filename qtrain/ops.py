@@ -27,6 +27,7 @@ from qtrain.errors import UserError
 from qtrain.quant.core import check_2d, check_float
 from qtrain.quant.block_gemm import check_block_gemm_args
 from qtrain.quant.blockwise import check_block
+from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 from qtrain.quant.int8_gemm import check_int8_gemm_args
 
 BACKENDS = ("auto", "triton", "reference")
@@ -229,3 +230,61 @@ def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
     """``Σ_j (a @ bᵀ over K-block j) · a_scale · b_scale (+ bias)``; see :mod:`qtrain.quant.block_gemm`."""
     args = (a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
     return _block_int8_gemm_op(*args) if torch.compiler.is_compiling() else _block_int8_gemm(*args)
+
+
+# ----------------------------------------------------------------------------------------- quantize_fallback
+def _quantize_fallback(x, tau, block_k):
+    k = _kernel("fallback", "quantize_fallback", x.device)
+    return (k or quant.quantize_fallback)(x, tau, block_k)
+
+
+@torch.library.custom_op("qtrain::quantize_fallback", mutates_args=())
+def _quantize_fallback_op(x: torch.Tensor, tau: torch.Tensor, block_k: int) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize_fallback(x, tau, block_k)
+
+
+@_quantize_fallback_op.register_fake
+def _(x, tau, block_k):
+    check_fallback_args(x, tau, block_k, GROUP_ROWS)
+    m, k = x.shape
+    nk, gm = -(-k // block_k), -(-m // GROUP_ROWS)
+    q = x.new_empty((m, k), dtype=torch.int8)
+    s = x.new_empty((m, nk), dtype=torch.float32)
+    return (q, s, torch.empty_like(q), torch.empty_like(s), x.new_empty((gm, nk), dtype=torch.bool),
+            x.new_empty((gm, nk), dtype=torch.float32))
+
+
+def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128):
+    """``x [M, K]`` → ``(q, scale, q2, scale2, flags, tile_absmax)``; see :mod:`qtrain.quant.fallback`."""
+    return _quantize_fallback_op(x, tau, block_k) if torch.compiler.is_compiling() else _quantize_fallback(
+        x, tau, block_k)
+
+
+# --------------------------------------------------------------------------------------- fallback_block_gemm
+def _fallback_block_gemm(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype):
+    k = _kernel("fallback", "fallback_block_gemm", a.device)
+    return (k or quant.fallback_block_gemm)(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias,
+                                            out_dtype)
+
+
+@torch.library.custom_op("qtrain::fallback_block_gemm", mutates_args=())
+def _fallback_block_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor, a2_scale: torch.Tensor,
+                            flags: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, b_rows: int,
+                            block_k: int, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return _fallback_block_gemm(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype)
+
+
+@_fallback_block_gemm_op.register_fake
+def _(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype):
+    check_fallback_gemm_args(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype)
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor, a2_scale: torch.Tensor,
+                        flags: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, b_rows: int,
+                        block_k: int = 128, bias: torch.Tensor | None = None,
+                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The block-scaled GEMM plus the residual term on flagged tiles; see :mod:`qtrain.quant.fallback`."""
+    args = (a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype)
+    return _fallback_block_gemm_op(*args) if torch.compiler.is_compiling() else _fallback_block_gemm(*args)

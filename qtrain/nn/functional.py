@@ -1,15 +1,7 @@
-"""The three GEMMs of a quantized linear layer, run as a :class:`~qtrain.recipes.GemmSpec` says.
+"""Operands of the quantized GEMMs and the predicates that choose their path (used by :mod:`qtrain.nn.plan`).
 
-Operands are 2-D ``[outer, reduced]``. Two paths:
-
-* **int8 fast path** — both operands INT8, round-to-nearest, scales constant along the reduced dim
-  (``tensor`` or ``row``): quantize with the ``qtrain.ops`` primitives and run ``ops.int8_gemm`` (Triton
-  kernel on CUDA, exact integer reference elsewhere) with the dequantizing epilogue fused.
-* **block path** — both operands INT8, round-to-nearest, with power-of-two ``(r, c)`` block scales sharing the
-  same ``c`` (32–256) along the reduced dim: ``ops.quantize_blockwise`` each, then ``ops.block_int8_gemm``.
-* **emulated path** — any other quantized spec (other blocks, SR, INT4, mixed kinds): quantize-dequantize each
-  operand with the reference numerics of :mod:`qtrain.quant` and multiply in fp32. Numerically what a kernel
-  would compute (up to fp32 accumulation order), not fast.
+Operands are 2-D ``[outer, reduced]``. :class:`Operand` is a quantized one, carrying what its path needs;
+:func:`emulate` is the quantize-dequantize of the reference numerics (the path of specs no kernel runs).
 """
 from __future__ import annotations
 
@@ -19,7 +11,8 @@ import torch
 
 from qtrain import ops, quant
 from qtrain.quant.block_gemm import BLOCK_KS
-from qtrain.recipes import GemmSpec, OperandSpec
+from qtrain.quant.fallback import expand_tiles
+from qtrain.recipes import OperandSpec
 
 _SR_GENERATORS: dict[torch.device, torch.Generator] = {}
 
@@ -66,60 +59,58 @@ def block_pair(lhs: OperandSpec, rhs: OperandSpec) -> tuple[int, int, int] | Non
 
 
 @dataclass
-class Int8Operand:
-    """An INT8 operand for ``ops.int8_gemm``: ``q [outer, reduced]`` with ``scale`` ``[]`` or ``[outer]``."""
+class Operand:
+    """A quantized GEMM operand ``q [outer, reduced]`` int8 with what its path needs.
 
+    ``int8`` path: ``scale`` ``[]`` (tensor) or ``[outer]`` (row). ``block``: ``scale``
+    ``[⌈outer/rows⌉, ⌈reduced/block_k⌉]``. ``fallback`` (``rows`` 1): also the residual ``q2``/``scale2`` and the
+    tile ``flags``/``tile_absmax`` of :func:`qtrain.quant.fallback.quantize_fallback`.
+    """
+
+    path: str
     q: torch.Tensor
     scale: torch.Tensor
+    rows: int = 1
+    block_k: int = 0
+    q2: torch.Tensor | None = None
+    scale2: torch.Tensor | None = None
+    flags: torch.Tensor | None = None
+    tile_absmax: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        s = self.scale[:, None] if self.scale.dim() == 1 else self.scale
-        return (self.q.float() * s).to(dtype)
+        M, K = self.q.shape
+        if self.path == "int8":
+            s = self.scale[:, None] if self.scale.dim() == 1 else self.scale
+            return (self.q.float() * s).to(dtype)
+        out = self.q.float() * _expand_blocks(self.scale, self.rows, self.block_k, M, K)
+        if self.path == "fallback":
+            mask = expand_tiles(self.flags, M).repeat_interleave(self.block_k, 1)[:, :K]
+            out = out + torch.where(mask, self.q2.float(), 0.0) * _expand_blocks(self.scale2, 1, self.block_k, M, K)
+        return out.to(dtype)
 
     def outer_scale(self) -> torch.Tensor:
-        """Scale as ``[outer]`` (the lhs of ``ops.int8_gemm`` wants one per row)."""
+        """An ``int8`` path scale as ``[outer]`` (the lhs of ``ops.int8_gemm`` wants one per row)."""
         return self.scale.expand(self.q.shape[0]).contiguous() if self.scale.dim() == 0 else self.scale
 
+    def transposed(self) -> "Operand":
+        """The operand of ``tᵀ``: exact for tensor scales and square blocks (the same blocks, transposed)."""
+        if self.path == "int8" and self.scale.dim() == 0:
+            return Operand("int8", self.q.t().contiguous(), self.scale)
+        if self.path == "block" and self.rows == self.block_k:
+            return Operand("block", self.q.t().contiguous(), self.scale.t().contiguous(), self.rows, self.block_k)
+        raise ValueError(f"a {self.path} operand with {self.rows}-row blocks has no exact transpose")
 
-def quantize_int8(t: torch.Tensor, spec: OperandSpec) -> Int8Operand:
-    """Quantize a 2-D operand on the fast path (``fast_int8(spec)`` must hold)."""
-    if spec.granularity.kind == "row":
-        return Int8Operand(*ops.quantize_rowwise(t))
-    q, _, s = ops.quantize_tensorwise(t)
-    return Int8Operand(q, s)
+
+def _expand_blocks(scale: torch.Tensor, rows: int, block_k: int, M: int, K: int) -> torch.Tensor:
+    return scale.repeat_interleave(rows, 0)[:M].repeat_interleave(block_k, 1)[:, :K]
 
 
 def emulate(t: torch.Tensor, spec: OperandSpec) -> torch.Tensor:
-    """fp32 ``dequantize(quantize(t))`` as ``spec`` says (identity cast for high precision)."""
+    """fp32 ``dequantize(quantize(t))`` as ``spec`` says (identity cast for high precision); transforms and
+    fallback run on their own paths, never emulated."""
     if not spec.quantized:
         return t.float()
     if spec.transform is not None or spec.fallback is not None:
-        raise NotImplementedError(f"operand transform/fallback {spec} is not implemented in this version")
+        raise ValueError(f"operand {spec} has no emulated path (its plan runs it: qtrain.nn.plan)")
     gen = sr_generator(t.device) if spec.rounding == "stochastic" else None
     return quant.fake_quantize(t, spec.granularity, spec.format, spec.rounding, gen)
-
-
-def gemm(spec: GemmSpec, lhs, rhs, out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``lhs @ rhsᵀ (+ bias)`` for ``lhs [M, R]``, ``rhs [N, R]`` as ``spec`` says → ``[M, N]`` ``out_dtype``.
-
-    ``lhs``/``rhs`` are float tensors or already-quantized :class:`Int8Operand` s (reused quantizations).
-    """
-    if not spec.quantized:
-        out = lhs.to(out_dtype) @ rhs.to(out_dtype).t()
-        return out + bias.to(out_dtype) if bias is not None else out
-    if fast_int8(spec.lhs) and fast_int8(spec.rhs):
-        a = lhs if isinstance(lhs, Int8Operand) else quantize_int8(lhs, spec.lhs)
-        b = rhs if isinstance(rhs, Int8Operand) else quantize_int8(rhs, spec.rhs)
-        return ops.int8_gemm(a.q, b.q, a.outer_scale(), b.scale, bias, out_dtype)
-    blocks = block_pair(spec.lhs, spec.rhs)
-    if blocks is not None and not isinstance(lhs, Int8Operand) and not isinstance(rhs, Int8Operand):
-        ra, rb, c = blocks
-        qa, sa = ops.quantize_blockwise(lhs, ra, c)
-        qb, sb = ops.quantize_blockwise(rhs, rb, c)
-        return ops.block_int8_gemm(qa, qb, sa, sb, ra, rb, c, bias, out_dtype)
-    a = lhs.dequantize() if isinstance(lhs, Int8Operand) else emulate(lhs, spec.lhs)
-    b = rhs.dequantize() if isinstance(rhs, Int8Operand) else emulate(rhs, spec.rhs)
-    out = a @ b.t()
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)

@@ -9,7 +9,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qtrain import ops, recipes
-from qtrain.nn.functional import Int8Operand, emulate, fast_int8, gemm, quantize_int8
+from qtrain.nn.functional import Operand, emulate
+from qtrain.nn.plan import GEMMS, build_plan
+from qtrain.quant.fallback import fallback_ratio
 from qtrain.quant.core import FLOAT_DTYPES, relative_error, sqnr
 
 
@@ -25,67 +27,76 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def _tensorwise_reusable(recipe: recipes.Recipe) -> bool:
-    """fprop's W is tensor-wise INT8 on the fast path, so one pass yields W and Wᵀ, and dgrad reuses Wᵀ."""
-    return (fast_int8(recipe.fprop.lhs) and fast_int8(recipe.fprop.rhs)
-            and recipe.fprop.rhs.granularity.kind == "tensor")
+def _slot(t: torch.Tensor | None, gemm: str) -> torch.Tensor | None:
+    """The one-element view of a per-GEMM ``[3]`` state tensor (fallback threshold or ratio)."""
+    if t is None:
+        return None
+    i = GEMMS.index(gemm)
+    return t[i:i + 1]
 
 
 class QuantLinearFunction(torch.autograd.Function):
-    """``y = x·Wᵀ + b`` for 2-D ``x [M, K]``, ``W [N, K]`` (``[K, N]`` when ``w_kn``), recipe-driven.
+    """``y = x·Wᵀ + b`` for 2-D ``x [M, K]``, ``W [N, K]`` (``[K, N]`` when ``w_kn``), as ``plan`` says.
 
-    Saves for backward: the INT8 Wᵀ and its scale when dgrad reuses fprop's tensor-wise W; the INT8 X and its
-    row scales when ``recipe.save_int8_input``, else X in the compute dtype (what ``F.linear`` saves).
+    Saves for backward: fprop's quantized ``Wᵀ`` when dgrad reuses it (``plan.reuse_wt``); the INT8 X and its
+    row scales when the recipe saves the INT8 input, else X in the compute dtype (what ``F.linear`` saves).
+    ``wquant``: a reused ``(W, Wᵀ)`` quantization or None. ``tau``/``ratio``: the layer's per-GEMM fallback
+    thresholds and last fallback shares (``[3]`` fp32, updated in place when ``update``), or None.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, w_kn, out_dtype, wquant):
+    def forward(ctx, x, weight, bias, plan, w_kn, out_dtype, wquant, tau, ratio, update):
         w = weight.t() if w_kn else weight
-        fp = recipe.fprop
-        wt_op = None
-        if fast_int8(fp.lhs) and fast_int8(fp.rhs):
-            x_op = quantize_int8(x, fp.lhs)
-            if fp.rhs.granularity.kind == "tensor":
-                wq, wqt, ws = wquant if wquant is not None else ops.quantize_tensorwise(w)
-                w_op, wt_op = Int8Operand(wq, ws), Int8Operand(wqt, ws)
-            else:
-                w_op = quantize_int8(w, fp.rhs)
-        else:
-            x_op, w_op = x, w
-        y = gemm(fp, x_op, w_op, out_dtype, bias)
+        fp = plan.fprop
+        x_op = fp.quantize(x, "lhs", _slot(tau, "fprop"), update)
+        w_op, wt_op = wquant if wquant is not None else (
+            plan.quantize_weight(w) if plan.weight_quantized else (fp.quantize(w, "rhs"), None))
+        y = fp(x_op, w_op, out_dtype, bias)
+        _record_ratio(ratio, "fprop", x_op)
 
-        reuse_wt = wt_op is not None and recipe.dgrad.rhs == fp.rhs and fast_int8(recipe.dgrad.lhs)
-        if recipe.save_int8_input:
-            if not isinstance(x_op, Int8Operand):
-                raise ValueError(f"recipe {recipe.name!r} saves the INT8 input but its fprop lhs {fp.lhs} is "
-                                 "not an INT8 tensor/row operand")
+        if plan.recipe.save_int8_input:
             x_saved, xs_saved = x_op.q, x_op.scale
         else:
             x_saved, xs_saved = x.to(out_dtype), None
         ctx.save_for_backward(x_saved, xs_saved, weight, bias,
-                              wt_op.q if reuse_wt else None, wt_op.scale if reuse_wt else None)
-        ctx.recipe, ctx.w_kn, ctx.out_dtype, ctx.x_dtype = recipe, w_kn, out_dtype, x.dtype
+                              wt_op.q if wt_op is not None else None, wt_op.scale if wt_op is not None else None)
+        ctx.plan, ctx.w_kn, ctx.out_dtype, ctx.x_dtype = plan, w_kn, out_dtype, x.dtype
+        ctx.tau, ctx.ratio, ctx.update = tau, ratio, update
+        ctx.wt_meta = (wt_op.path, wt_op.rows, wt_op.block_k) if wt_op is not None else None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_saved, xs_saved, weight, bias, wqt, ws = ctx.saved_tensors
-        recipe, cd = ctx.recipe, ctx.out_dtype
+        x_saved, xs_saved, weight, bias, wtq, wts = ctx.saved_tensors
+        plan, cd = ctx.plan, ctx.out_dtype
         dy = dy.contiguous()
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            wt = Int8Operand(wqt, ws) if wqt is not None else (weight if ctx.w_kn else weight.t())
-            dx_dtype = ctx.x_dtype if recipe.dgrad.quantized else cd
-            dx = gemm(recipe.dgrad, dy, wt, dx_dtype).to(ctx.x_dtype)
+            dg = plan.dgrad
+            if wtq is not None:
+                wt = Operand(ctx.wt_meta[0], wtq, wts, ctx.wt_meta[1], ctx.wt_meta[2])
+            else:
+                wt = dg.quantize(weight if ctx.w_kn else weight.t(), "rhs")
+            a = dg.quantize(dy, "lhs", _slot(ctx.tau, "dgrad"), ctx.update)
+            _record_ratio(ctx.ratio, "dgrad", a)
+            dx = dg(a, wt, ctx.x_dtype if dg.spec.quantized else cd).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            x = Int8Operand(x_saved, xs_saved).dequantize(cd) if xs_saved is not None else x_saved
-            dw_dtype = weight.dtype if recipe.wgrad.quantized else cd
-            dw = gemm(recipe.wgrad, dy.t(), x.t(), dw_dtype).to(weight.dtype)
+            wg = plan.wgrad
+            x = Operand("int8", x_saved, xs_saved).dequantize(cd) if xs_saved is not None else x_saved
+            a = wg.quantize(dy.t(), "lhs", _slot(ctx.tau, "wgrad"), ctx.update)
+            _record_ratio(ctx.ratio, "wgrad", a)
+            dw = wg(a, wg.quantize(x.t(), "rhs"), weight.dtype if wg.spec.quantized else cd).to(weight.dtype)
             if ctx.w_kn:
                 dw = dw.t()
         if bias is not None and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(bias.dtype)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
+@torch.no_grad()
+def _record_ratio(ratio: torch.Tensor | None, gemm: str, op) -> None:
+    if ratio is not None and isinstance(op, Operand) and op.flags is not None:
+        _slot(ratio, gemm).copy_(fallback_ratio(op.flags))
 
 
 class QuantLinear(nn.Module):
@@ -96,10 +107,15 @@ class QuantLinear(nn.Module):
     ``eval()`` and ``no_grad`` run the same quantized forward. ``weight_layout='kn'`` stores ``weight`` as
     ``[in, out]`` (Hugging Face's GPT-2 ``Conv1D``).
 
-    Inside :func:`qtrain.reuse_quantized_weights` (``reuse_weight`` set) the tensor-wise INT8 weight is
-    quantized once and reused while ``weight`` is unchanged: same version counter and storage, and no optimizer
+    The recipe becomes a :class:`~qtrain.nn.plan.LinearPlan` when the layer is built (a spec no path runs is
+    an error then). Inside :func:`qtrain.reuse_quantized_weights` (``reuse_weight`` set) the quantized weight
+    is made once and reused while ``weight`` is unchanged: same version counter and storage, and no optimizer
     step since (FSDP2 re-gathers weights without bumping their version, so the version alone is not enough).
     Outside it nothing is kept between forwards.
+
+    A recipe with fallback adds per-layer state: the buffer ``fallback_tau`` ``[3]`` (the threshold of fprop,
+    dgrad, wgrad; −1 until the first training step sets it) is in ``state_dict`` (a checkpoint without it
+    loads, and τ starts afresh); ``fallback_ratio`` ``[3]`` holds each GEMM's last share of fallen-back tiles.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe="switchback",
@@ -110,6 +126,7 @@ class QuantLinear(nn.Module):
                              f"got {weight_layout!r}")
         self.in_features, self.out_features = in_features, out_features
         self.recipe = recipes.get(recipe)
+        self.plan = build_plan(self.recipe)
         self.weight_layout = weight_layout
         shape = (out_features, in_features) if weight_layout == "nk" else (in_features, out_features)
         self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
@@ -118,6 +135,16 @@ class QuantLinear(nn.Module):
         self.stats: dict[str, float] = {}
         self.reuse_weight = False
         self._wcache = None
+        if self.plan.fallback_gemms:
+            fixed = [getattr(self.recipe, g).lhs.fallback.threshold if g in self.plan.fallback_gemms else None
+                     for g in GEMMS]
+            buf_device = None if device == "meta" else device        # from_module moves them to the weight
+            self.register_buffer("fallback_tau", torch.tensor([-1.0 if t is None else float(t) for t in fixed],
+                                                              device=buf_device))
+            self.register_buffer("fallback_ratio", torch.full((3,), float("nan"), device=buf_device),
+                                 persistent=False)
+        else:
+            self.fallback_tau = self.fallback_ratio = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -138,6 +165,9 @@ class QuantLinear(nn.Module):
         q = cls(in_f, out_f, bias=module.bias is not None, recipe=recipe, device="meta", weight_layout=layout)
         q.weight = module.weight
         q.bias = module.bias
+        if q.fallback_tau is not None:
+            q.fallback_tau = q.fallback_tau.to(module.weight.device)
+            q.fallback_ratio = q.fallback_ratio.to(module.weight.device)
         q.train(module.training)
         return q
 
@@ -146,7 +176,16 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, recipe={self.recipe.name}"
                 + (", weight_layout=kn" if self.weight_layout == "kn" else ""))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "fallback_tau" in missing_keys:                    # a plain model's checkpoint: τ afresh
+            missing_keys.remove(prefix + "fallback_tau")
+
     def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() == 0:
+            raise ValueError(f"QuantLinear expects input [..., {self.in_features}], got a 0-D tensor")
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"QuantLinear input must be float32, bfloat16 or float16, got {x.dtype}")
         if x.shape[-1] != self.in_features:
@@ -159,15 +198,15 @@ class QuantLinear(nn.Module):
         return self.weight.t() if self.weight_layout == "kn" else self.weight
 
     def _quantized_weight(self):
-        """Cached ``(q, qt, scale)`` of the tensor-wise INT8 weight, or None where it does not apply."""
-        if torch.compiler.is_compiling() or not self.reuse_weight or not _tensorwise_reusable(self.recipe):
+        """The reused ``(W, Wᵀ)`` operands of :meth:`LinearPlan.quantize_weight`, or None where none applies."""
+        if torch.compiler.is_compiling() or not self.reuse_weight or not self.plan.weight_quantized:
             return None
         w = self.weight
         key = (_optimizer_steps, w._version, w.data_ptr(), w.device, w.dtype)
         if self._wcache is None or self._wcache[0] != key:
             self._wcache = None                                    # free the old one before quantizing anew
             with torch.no_grad():
-                self._wcache = (key, ops.quantize_tensorwise(self._weight()))
+                self._wcache = (key, self.plan.quantize_weight(self._weight()))
         return self._wcache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,8 +217,10 @@ class QuantLinear(nn.Module):
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x2 = x.reshape(-1, self.in_features)
         with torch.autocast(dev, enabled=False):
-            y = QuantLinearFunction.apply(x2, self.weight, self.bias, self.recipe, self.weight_layout == "kn",
-                                          out_dtype, self._quantized_weight())
+            update = self.training and torch.is_grad_enabled()
+            y = QuantLinearFunction.apply(x2, self.weight, self.bias, self.plan, self.weight_layout == "kn",
+                                          out_dtype, self._quantized_weight(), self.fallback_tau,
+                                          self.fallback_ratio, update)
             if self.track_errors:
                 self._record_errors(x2.detach(), y.detach())
         if x.dim() == 2:
@@ -193,11 +234,20 @@ class QuantLinear(nn.Module):
         """Quantization error of the forward: relative error of X̂ and Ŵ, SQNR of Y against fp32."""
         w = self._weight()
         ref = F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float())
-        self.stats = {
-            "x_rel_err": relative_error(x, emulate(x, self.recipe.fprop.lhs)),
-            "w_rel_err": relative_error(w, emulate(w, self.recipe.fprop.rhs)),
-            "y_sqnr_db": sqnr(ref, y.float()),
-        }
+        fp = self.plan.fprop
+        self.stats = {"x_rel_err": relative_error(x, _fake_quantized(fp, x, "lhs", _slot(self.fallback_tau, "fprop"))),
+                      "w_rel_err": relative_error(w, _fake_quantized(fp, w, "rhs")),
+                      "y_sqnr_db": sqnr(ref, y.float())}
+        if fp.path == "fallback":              # the same X in 1×c blocks without the residual term
+            self.stats["x_rel_err_no_fallback"] = relative_error(x, _fake_quantized(fp, x, "lhs", no_fallback=True))
+
+
+def _fake_quantized(plan, t, side, tau=None, no_fallback=False) -> torch.Tensor:
+    """fp32 ``t`` as the GEMM ``plan`` sees it (its quantize-dequantize; τ is not updated)."""
+    if no_fallback:
+        return Operand("block", *ops.quantize_blockwise(t, 1, plan.blocks[2]), 1, plan.blocks[2]).dequantize()
+    op = plan.quantize(t, side, tau)
+    return op.dequantize() if isinstance(op, Operand) else emulate(t, getattr(plan.spec, side))
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:

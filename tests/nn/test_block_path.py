@@ -5,7 +5,7 @@ import torch
 
 import qtrain
 from qtrain import ops
-from qtrain.nn import functional
+from qtrain.nn import functional, plan
 from qtrain.quant import relative_error, sqnr
 from qtrain.quant.testing import outlier_data
 from qtrain.recipes import ROW, GemmSpec, Recipe, block, int8
@@ -43,8 +43,13 @@ def test_block_recipe_uses_block_gemm_and_matches_emulation(backend, monkeypatch
     with ops.use_backend(backend):
         got = _run(BLOCKED, x, dy)
     assert calls == [(1, 128, 128), (1, 128, 128), (1, 1, 128)]                        # fprop, dgrad, wgrad
-    monkeypatch.setattr(functional, "block_pair", lambda lhs, rhs: None)                # the emulated path
-    want = _run(BLOCKED, x, dy)
+    monkeypatch.setattr(plan, "block_pair", lambda lhs, rhs: None)                      # the emulated path
+    plan.build_plan.cache_clear()
+    try:
+        assert plan.build_plan(BLOCKED).fprop.path == "emulated"
+        want = _run(BLOCKED, x, dy)
+    finally:
+        plan.build_plan.cache_clear()
     for name, g, w in zip(("y", "dx", "dw"), got, want):
         assert relative_error(w, g) <= 1e-5, name
 

@@ -1,0 +1,169 @@
+"""A recipe turned, once per layer, into what each GEMM runs: the quantizer plan.
+
+:func:`build_plan` decides for each of ``fprop``/``dgrad``/``wgrad`` its **path** and rejects, when the layer is
+built, any spec no path implements (with what is accepted):
+
+========== =====================================================================================================
+path       operands → GEMM
+========== =====================================================================================================
+hp         both high precision → a 16/32-bit matmul
+int8       INT8 RTN, tensor or row scales → ``ops.quantize_rowwise``/``quantize_tensorwise`` → ``ops.int8_gemm``
+block      INT8 RTN, power-of-two ``(r, c)`` blocks, one ``c`` ∈ 32–256 → ``ops.quantize_blockwise`` →
+           ``ops.block_int8_gemm``
+fallback   lhs INT8 ``(1, c)`` blocks with a :class:`~qtrain.recipes.Fallback` policy, rhs as on ``block`` →
+           ``ops.quantize_fallback`` → ``ops.fallback_block_gemm``
+emulated   other quantized specs (SR, INT4, other blocks, mixed kinds): reference quantize-dequantize, fp32 matmul
+========== =====================================================================================================
+
+and what is reused: ``reuse_wt`` — dgrad's ``Wᵀ`` is fprop's quantized ``W`` transposed (exact for tensor scales
+and square blocks), saved for backward instead of quantizing again.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from qtrain import ops
+from qtrain.nn.functional import Operand, block_pair, emulate, fast_int8
+from qtrain.quant.block_gemm import BLOCK_KS
+from qtrain.quant.fallback import update_threshold
+from qtrain.recipes import GemmSpec, Recipe
+
+GEMMS = ("fprop", "dgrad", "wgrad")
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """One GEMM ``lhs [M, R] @ rhs [N, R]ᵀ`` on its path (see the module table)."""
+
+    name: str
+    spec: GemmSpec
+    path: str
+    blocks: tuple[int, int, int] | None = None          # (lhs rows, rhs rows, c) on the block/fallback paths
+
+    def quantize(self, t: torch.Tensor, side: str, tau: torch.Tensor | None = None, update: bool = False):
+        """``t`` as this GEMM's ``side`` operand: an :class:`Operand`, or ``t`` itself where the GEMM takes
+        floats (hp, emulated). On the fallback path ``tau`` is the layer's threshold for this GEMM; with
+        ``update`` it moves toward this call's tiles (training)."""
+        spec = getattr(self.spec, side)
+        if self.path == "int8":
+            if spec.granularity.kind == "row":
+                return Operand("int8", *ops.quantize_rowwise(t))
+            q, _, s = ops.quantize_tensorwise(t)
+            return Operand("int8", q, s)
+        if self.path in ("block", "fallback"):
+            rows = self.blocks[0] if side == "lhs" else self.blocks[1]
+            c = self.blocks[2]
+            if self.path == "fallback" and side == "lhs":
+                q, s, q2, s2, flags, tmax = ops.quantize_fallback(t, tau, c)
+                if update:
+                    update_threshold(tau, tmax, spec.fallback)
+                return Operand("fallback", q, s, 1, c, q2, s2, flags, tmax)
+            return Operand("block", *ops.quantize_blockwise(t, rows, c), rows, c)
+        return t
+
+    def __call__(self, a, b, out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``a @ bᵀ (+ bias)`` → ``out_dtype``; ``a``/``b`` as :meth:`quantize` returns them."""
+        if self.path == "hp":
+            out = a.to(out_dtype) @ b.to(out_dtype).t()
+            return out + bias.to(out_dtype) if bias is not None else out
+        if self.path == "int8":
+            return ops.int8_gemm(a.q, b.q, a.outer_scale(), b.scale, bias, out_dtype)
+        if self.path == "block":
+            return ops.block_int8_gemm(a.q, b.q, a.scale, b.scale, a.rows, b.rows, a.block_k, bias, out_dtype)
+        if self.path == "fallback":
+            return ops.fallback_block_gemm(a.q, a.scale, a.q2, a.scale2, a.flags, b.q, b.scale, b.rows,
+                                           a.block_k, bias, out_dtype)
+        out = emulate(a, self.spec.lhs) @ emulate(b, self.spec.rhs).t()
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """The three GEMM plans of one layer and what crosses between them."""
+
+    recipe: Recipe
+    fprop: GemmPlan
+    dgrad: GemmPlan
+    wgrad: GemmPlan
+    reuse_wt: bool
+
+    @property
+    def fallback_gemms(self) -> tuple[str, ...]:
+        return tuple(g for g in GEMMS if getattr(self, g).path == "fallback")
+
+    @property
+    def weight_quantized(self) -> bool:
+        """fprop quantizes W with a kernel (so a reused quantization saves work)."""
+        return self.fprop.path in ("int8", "block", "fallback")
+
+    def quantize_weight(self, w: torch.Tensor) -> tuple[Operand | torch.Tensor, Operand | None]:
+        """fprop's ``W`` operand and, if dgrad reuses it, the ``Wᵀ`` operand."""
+        if self.fprop.path == "int8" and self.fprop.spec.rhs.granularity.kind == "tensor":
+            q, qt, s = ops.quantize_tensorwise(w)                       # W and Wᵀ from one pass
+            return Operand("int8", q, s), (Operand("int8", qt, s) if self.reuse_wt else None)
+        w_op = self.fprop.quantize(w, "rhs")
+        return w_op, (w_op.transposed() if self.reuse_wt else None)
+
+
+def _reject(recipe: Recipe, gemm: str, what: str) -> ValueError:
+    return ValueError(f"recipe {recipe.name!r}: {gemm} {what}")
+
+
+def _gemm_plan(recipe: Recipe, name: str) -> GemmPlan:
+    spec: GemmSpec = getattr(recipe, name)
+    if spec.out != "dequant":
+        raise _reject(recipe, name, f"out={spec.out!r} (an INT8 output for the data flow) is not implemented in "
+                                    "this version; accepted: 'dequant'")
+    for side in ("lhs", "rhs"):
+        op = getattr(spec, side)
+        if op.transform is not None:
+            raise _reject(recipe, name, f"{side} transform {op.transform} is not implemented in this version; "
+                                        "accepted: none")
+    if not spec.quantized:
+        return GemmPlan(name, spec, "hp")
+    if spec.rhs.fallback is not None:
+        raise _reject(recipe, name, "rhs has a fallback policy: fallback applies to the lhs (the activation or "
+                                    "gradient operand) only")
+    if spec.lhs.fallback is not None:
+        plain = spec.lhs.__class__(spec.lhs.format, spec.lhs.granularity, spec.lhs.rounding)
+        blocks = block_pair(plain, spec.rhs)
+        if blocks is None or blocks[0] != 1:
+            raise _reject(recipe, name, f"fallback needs an INT8 round-to-nearest lhs in (1, c) blocks and an INT8 "
+                                        f"RTN rhs in power-of-two (r, c) blocks with the same c ∈ {BLOCK_KS}; got "
+                                        f"{spec}")
+        return GemmPlan(name, spec, "fallback", blocks)
+    if fast_int8(spec.lhs) and fast_int8(spec.rhs):
+        return GemmPlan(name, spec, "int8")
+    blocks = block_pair(spec.lhs, spec.rhs)
+    if blocks is not None:
+        return GemmPlan(name, spec, "block", blocks)
+    return GemmPlan(name, spec, "emulated")
+
+
+def _reuses_wt(recipe: Recipe, fprop: GemmPlan, dgrad: GemmPlan) -> bool:
+    if recipe.dgrad.rhs != recipe.fprop.rhs:
+        return False
+    g = recipe.fprop.rhs.granularity
+    if fprop.path == "int8" and dgrad.path == "int8":
+        return g.kind == "tensor"
+    if fprop.path in ("block", "fallback") and dgrad.path in ("block", "fallback"):
+        return g.block[0] == g.block[1]
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def build_plan(recipe: Recipe) -> LinearPlan:
+    """The plan of ``recipe`` for one linear layer; raises ``ValueError`` naming the spec no path implements."""
+    if recipe.dataflow:
+        raise ValueError(f"recipe {recipe.name!r}: dataflow=True (INT8 between ops) is not implemented in this "
+                         "version; accepted: dataflow=False")
+    fprop, dgrad, wgrad = (_gemm_plan(recipe, g) for g in GEMMS)
+    if recipe.save_int8_input and not (fprop.path == "int8" and fast_int8(recipe.fprop.lhs)):
+        raise ValueError(f"recipe {recipe.name!r} saves the INT8 input for wgrad, which needs an fprop lhs in INT8 "
+                         f"with tensor or row scales; got {recipe.fprop.lhs}")
+    return LinearPlan(recipe, fprop, dgrad, wgrad, _reuses_wt(recipe, fprop, dgrad))
