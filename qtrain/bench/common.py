@@ -72,3 +72,24 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
     return "" if v is None else str(v)
+
+
+class partial_results_writer:
+    """For long suites: ``writer(rows, notes)`` rewrites ``<date>-<gpu>-<suite>.partial.json`` under ``out_dir``
+    (same content as :func:`write_results`' JSON) so that a run killed midway leaves what it measured;
+    ``writer.done()`` removes it once the final results are written."""
+
+    def __init__(self, suite: str, out_dir):
+        self.suite, self.meta = suite, metadata()
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / f"{self.meta['date']}-{gpu_slug()}-{suite}.partial.json"
+
+    def __call__(self, rows: list[dict], notes: list[str]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"suite": self.suite, "meta": self.meta, "rows": rows, "notes": notes,
+                                   "partial": True}, indent=1) + "\n")
+        tmp.replace(self.path)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
