@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable
 
@@ -136,7 +137,7 @@ def _torchao_filter(module, fqn: str) -> bool:
 
 def _convert(model, recipe, filter_name: str) -> int:
     """Convert ``model`` in place for ``recipe`` (a Recipe, or :data:`TORCHAO`); the number of converted layers."""
-    if recipe == TORCHAO:
+    if isinstance(recipe, str) and recipe == TORCHAO:
         from torchao.float8 import convert_to_float8_training
 
         convert_to_float8_training(model, module_filter_fn=_torchao_filter)   # default config: tensorwise
@@ -195,10 +196,11 @@ def _label(recipe) -> str:
 
 
 def _error_text(e: BaseException) -> str:
-    """One markdown-safe line: the exception's type and the first line of its message, shortened."""
+    """One markdown-safe line: the exception's type and the first lines of its message (a compile error's cause
+    is on its second line), shortened."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = f"{type(e).__name__}: {lines[0] if lines else ''}".replace("|", "/")
-    return text if len(text) <= 240 else text[:237] + "..."
+    text = f"{type(e).__name__}: {' '.join(lines[:3])}".replace("|", "/")
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def empty_row(shape: Shape, mode: str, recipe) -> dict:
@@ -217,6 +219,8 @@ def measure(shape: Shape, recipe, mode: str, device, timer: Timer, steps: int, w
         _run_row(row, shape, recipe, mode, device, timer, steps, warmup, filter_name, compile_fn, row_seconds)
     except Exception as e:          # OOM, compile errors, recipes that cannot run: record and go on
         row["error"] = _error_text(e)
+        where = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-2))
+        print(f"\n{where[-3000:]}", end="", flush=True)      # the end of the traceback, for the log
     if mode == "compile":
         torch._dynamo.reset()       # compiled code holds the model: drop it before the next row
     timer.free()                    # the row's model, optimizer state and graphs are gone by now

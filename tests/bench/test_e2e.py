@@ -52,7 +52,7 @@ def test_rows_bf16_switchback_and_a_failing_recipe(monkeypatch):
         assert r["peak_gib"] == 1.0 and r["mem_vs_bf16"] == 1.0 and r["graphs"] is None
     assert bf16["converted"] == "0/9" and sb["converted"] == "8/9"        # 2 × (wqkv, wo, gate_up, down), not lm_head
     assert bf16["vs_bf16"] == 1.0 and sb["vs_bf16"] == pytest.approx(bf16["step_ms"] / sb["step_ms"])
-    assert failed["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert failed["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB more / details"
     assert failed["step_ms"] is None and failed["vs_bf16"] is None and failed["mem_vs_bf16"] is None
 
 
