@@ -301,7 +301,9 @@ def notes_for(shapes: list[Shape], steps: int, warmup: int, filter_name: str, to
     from qtrain.nn.convert import MIN_CUDA_FEATURES
 
     notes = ["Shapes (qtrain's LLaMA: RMSNorm, SwiGLU, RoPE, SDPA attention, untied lm_head kept in BF16): "
-             + "; ".join(s.describe() for s in shapes) + ".",
+             + "; ".join(s.describe() for s in shapes) + ". 7b: LLaMA-7B's layer widths; 1b: TinyLlama-1.1B's "
+             "widths (it has 22 layers and 4 KV heads; 4 layers and full multi-head attention here, to keep the "
+             "compile time of the suite in budget).",
              "One step = forward under BF16 autocast (fp32 master weights) + fp32 next-token cross-entropy + "
              "backward + StableAdamW step (qtrain train's default optimizer, weight decay 0.1 on matrices) + "
              "zero_grad; two fixed batches of random token ids alternate.",

@@ -54,6 +54,8 @@ def test_rows_bf16_switchback_and_a_failing_recipe(monkeypatch):
     assert bf16["vs_bf16"] == 1.0 and sb["vs_bf16"] == pytest.approx(bf16["step_ms"] / sb["step_ms"])
     assert failed["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB more / details"
     assert failed["step_ms"] is None and failed["vs_bf16"] is None and failed["mem_vs_bf16"] is None
+    notes = e2e.notes_for([TINY], 2, 1, "default", "torchao not importable (ModuleNotFoundError: x)", rows)
+    assert notes[-1].startswith("torchao not importable") and any("vs_bf16" in n for n in notes)
 
 
 def test_compile_mode_and_a_recipe_that_cannot_run():
