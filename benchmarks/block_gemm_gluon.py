@@ -1,0 +1,199 @@
+"""Gluon block-scaled INT8 GEMM (qtrain/kernels/block_gemm_gluon.py) vs cuBLAS BF16 and the Triton block kernel,
+same run. Shapes M×K×N: the 7B fprop/dgrad layouts with 1×128 activation · 128×128 weight blocks, the wgrad
+layouts with 1×128 · 1×128 blocks (both operands blocked along the token dim, K = tokens), and the fallback
+term at 0/5/20/100 % flagged tiles. Correctness (fp32 output vs the reference, ≤ 1e-5) is checked before timing;
+a variant that fails to compile or is wrong is reported and skipped.
+
+Run on the GPU: ``PYTHONPATH=. python benchmarks/block_gemm_gluon.py --out results.json`` (markdown on stdout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+
+import torch
+import triton
+import triton.testing
+
+from qtrain import quant
+from qtrain.kernels import block_gemm as tri
+from qtrain.kernels import block_gemm_gluon as glu
+
+FPROP = [(16384, 4096, 4096), (16384, 4096, 11008), (16384, 11008, 4096)]            # M × K × N, rb = 128
+WGRAD = [(4096, 16384, 4096), (4096, 16384, 11008), (11008, 16384, 4096)]             # rb = 1
+FALLBACK = [(16384, 4096, 4096), (16384, 11008, 4096)]
+RATIOS = [0.0, 0.05, 0.20, 1.0]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def operands(M, K, N, rb, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randint(-127, 128, (M, K), generator=g, device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)
+    nk = triton.cdiv(K, 128)
+    sa = torch.rand(M, nk, generator=g, device="cuda") * 1e-3 + 1e-4
+    sb = torch.rand(triton.cdiv(N, rb), nk, generator=g, device="cuda") * 1e-3 + 1e-4
+    return a, b, sa, sb
+
+
+def variants(rb):
+    """(name, callable(a, b, sa, sb) -> out) for the Gluon kernel."""
+    out = [("gluon", lambda a, b, sa, sb: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16)),
+           ("gluon-i2f", lambda a, b, sa, sb: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, magic=False)),
+           ("gluon-s4", lambda a, b, sa, sb: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, stages=4))]
+    # a_scale stored K-major ([nk, M] storage viewed as [M, nk]): the per-K-block row scales contiguous
+    out.append(("gluon-saT", lambda a, b, sa, sb: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16)))
+    return out
+
+
+def gemm_rows(shapes, rb, label, rows, bad):
+    for M, K, N in shapes:
+        a, b, sa, sb = operands(M, K, N, rb)
+        sa_t = sa.t().contiguous().t()
+        x16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        ops = 2 * M * N * K
+        row = {"M": M, "K": K, "N": N, "blocks": label}
+        t_bf16 = bench(lambda: x16 @ w16.t())
+        row["bf16_tflops"] = ops / t_bf16 / 1e9
+        t_tri = bench(lambda: tri.launch(a, b, sa, sb, 1, rb, 128, None, torch.bfloat16))
+        row["triton_tops"] = ops / t_tri / 1e9
+        ref = quant.block_int8_gemm(a, b, sa, sb, 1, rb, 128, None, torch.float32)
+        best = None
+        for name, fn in variants(rb):
+            if name in bad:
+                continue
+            sa_use = sa_t if name == "gluon-saT" else sa
+            try:
+                err = quant.relative_error(ref, glu.launch(a, b, sa_use, sb, rb, None, torch.float32,
+                                                           magic=name != "gluon-i2f",
+                                                           stages=4 if name == "gluon-s4" else None))
+                if not err <= 1e-5:
+                    row[f"{name}_error"] = err
+                    print(f"{M}x{K}x{N} {name}: WRONG rel err {err:.2e}", flush=True)
+                    continue
+                t = bench(lambda: fn(a, b, sa_use, sb))
+            except Exception:
+                bad.add(name)
+                traceback.print_exc(limit=4)
+                continue
+            row[f"{name}_tops"] = ops / t / 1e9
+            if name == "gluon":
+                row["gluon_rel_err_fp32"] = err
+                best = t
+        if best is not None:
+            row["gluon_vs_bf16"] = t_bf16 / best
+            row["gluon_vs_triton"] = t_tri / best
+        if rb == 128:           # the per-row-scaled Gluon INT8 GEMM on the same operands: the no-promotion ceiling
+            try:
+                from qtrain.kernels import int8_gemm_gluon as g8
+                sr, st = torch.rand(M, device="cuda") + 0.5, torch.tensor(1e-3, device="cuda")
+                row["int8_gluon_rowscaled_tops"] = ops / bench(lambda: g8.launch(a, b, sr, st, None,
+                                                                                  torch.bfloat16)) / 1e9
+            except Exception:
+                traceback.print_exc(limit=2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def fallback_rows(rows):
+    for M, K, N in FALLBACK:
+        a, b, sa, sb = operands(M, K, N, 128, seed=1)
+        a2 = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+        nk, gm = triton.cdiv(K, 128), triton.cdiv(M, 128)
+        ops = 2 * M * N * K
+        x16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        t_bf16 = bench(lambda: x16 @ w16.t())
+        t_plain = bench(lambda: glu.launch(a, b, sa, sb, 128, None, torch.bfloat16))
+        for ratio in RATIOS:
+            g = torch.Generator(device="cuda").manual_seed(2)
+            flags = torch.rand(gm, nk, generator=g, device="cuda") < ratio
+            sa2 = torch.where(flags.repeat_interleave(128, 0)[:M], sa * 1e-2, torch.zeros_like(sa))
+            row = {"M": M, "K": K, "N": N, "blocks": "fallback 1x128 · 128x128", "ratio": ratio,
+                   "flagged": flags.float().mean().item(), "bf16_tflops": ops / t_bf16 / 1e9,
+                   "gluon_nofb_tops": ops / t_plain / 1e9}
+            try:
+                ref = (quant.block_int8_gemm(a, b, sa, sb, 1, 128, 128, None, torch.float32)
+                       + quant.block_int8_gemm(torch.where(flags.repeat_interleave(128, 0)[:M]
+                                                           .repeat_interleave(128, 1)[:, :K], a2, 0),
+                                               b, sa2, sb, 1, 128, 128, None, torch.float32))
+                err = quant.relative_error(ref, glu.launch(a, b, sa, sb, 128, None, torch.float32, a2, sa2, flags))
+                row["gluon_rel_err_fp32"] = err
+                if not err <= 1e-5:
+                    print(f"fallback {M}x{K}x{N} {ratio}: WRONG rel err {err:.2e}", flush=True)
+                    rows.append(row)
+                    continue
+                t = bench(lambda: glu.launch(a, b, sa, sb, 128, None, torch.bfloat16, a2, sa2, flags))
+                row["gluon_fb_tops"] = ops / t / 1e9
+                row["fb_vs_nofb_time"] = t / t_plain
+                row["gluon_fb_vs_bf16"] = t_bf16 / t
+                t_tri = bench(lambda: tri.launch(a, b, sa, sb, 1, 128, 128, None, torch.bfloat16,
+                                                 fallback=(a2, sa2, flags)))
+                row["triton_fb_tops"] = ops / t_tri / 1e9
+                row["gluon_fb_vs_triton_fb"] = t_tri / t
+            except Exception:
+                traceback.print_exc(limit=4)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def markdown(rows, info):
+    lines = [f"# Gluon block-scaled INT8 GEMM — {info['gpu']}, torch {info['torch']}, triton {info['triton']}",
+             "", "TOP/s by 2·M·N·K; median of triton.testing.do_bench (L2 flushed); bf16 output; all columns from "
+             "the same run.", "",
+             "| M×K×N | blocks | BF16 TFLOP/s | Triton block | Gluon | Gluon / BF16 | Gluon / Triton | variants "
+             "(i2f, 4 stages, a_scale K-major) | row-scaled Gluon INT8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda r, k: f"{r[k]:.0f}" if k in r else "—"                                          # noqa: E731
+    for r in rows:
+        if "ratio" in r:
+            continue
+        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['blocks']} | {f(r, 'bf16_tflops')} | {f(r, 'triton_tops')}"
+                     f" | {f(r, 'gluon_tops')} | {r.get('gluon_vs_bf16', 0):.2f}× | {r.get('gluon_vs_triton', 0):.2f}×"
+                     f" | {f(r, 'gluon-i2f_tops')} / {f(r, 'gluon-s4_tops')} / {f(r, 'gluon-saT_tops')}"
+                     f" | {f(r, 'int8_gluon_rowscaled_tops')} |")
+    lines += ["", "Fallback (second A operand on flagged 128-row × 128-K tiles), 1×128 · 128×128:", "",
+              "| M×K×N | flagged | Gluon no-fallback | Gluon fallback | time vs no-fallback | vs BF16 | Triton fallback "
+              "| Gluon / Triton |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ratio" not in r:
+            continue
+        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {100 * r['flagged']:.1f} % | {f(r, 'gluon_nofb_tops')} | "
+                     f"{f(r, 'gluon_fb_tops')} | {r.get('fb_vs_nofb_time', 0):.3f} | {r.get('gluon_fb_vs_bf16', 0):.2f}×"
+                     f" | {f(r, 'triton_fb_tops')} | {r.get('gluon_fb_vs_triton_fb', 0):.2f}× |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None, help="write the JSON rows here (and the markdown next to it, .md)")
+    p.add_argument("--quick", action="store_true", help="one shape per group")
+    p.add_argument("--skip", default="", help="comma list of groups to skip: fprop, wgrad, fallback")
+    args = p.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    rows, bad = [], set()
+    if "fprop" not in skip:
+        gemm_rows(FPROP[:1] if args.quick else FPROP, 128, "1x128 · 128x128", rows, bad)
+    if "wgrad" not in skip:
+        gemm_rows(WGRAD[:1] if args.quick else WGRAD, 1, "1x128 · 1x128 (wgrad)", rows, bad)
+    if "fallback" not in skip:
+        fallback_rows(rows)
+    md = markdown(rows, info)
+    print(md)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"info": info, "rows": rows}, fh, indent=1)
+        with open(args.out.rsplit(".", 1)[0] + ".md", "w") as fh:
+            fh.write(md + "\n")
+
+
+if __name__ == "__main__":
+    main()

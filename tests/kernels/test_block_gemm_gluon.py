@@ -1,0 +1,182 @@
+"""Gluon block-scaled INT8 GEMM (qtrain/kernels/block_gemm_gluon.py) vs the reference twins.
+
+GPU (`pytest -m gpu`, Hopper): DESIGN.md's gates — fp32 output within 1e-5 relative, 16-bit within one rounding
+plus the fp32 accumulation's own noise — on ragged M/N/K, bias, NaN scales, both weight blockings (128×128 and
+1×128), the persistent tile loop (a grid smaller than the tile count, a short ring), and the fallback term at
+0 %, 5 % and 100 % flagged tiles (unflagged residual bytes and scales poisoned: they must never be read).
+CPU: the module imports and declines every call.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qtrain import quant  # noqa: E402
+from qtrain.quant import fallback as qfb  # noqa: E402
+
+from .helpers import FLOATS, assert_one_rounding  # noqa: E402
+
+glu = pytest.importorskip("qtrain.kernels.block_gemm_gluon")
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon block GEMM needs a Hopper GPU (capability 9.0)")
+
+
+def test_declines_cpu_and_unsupported_blockings():
+    a = torch.zeros(64, 256, dtype=torch.int8)
+    b = torch.zeros(32, 256, dtype=torch.int8)
+    assert not glu.supported(a, b, 1, 128, 128)
+    with pytest.raises(ValueError, match="Hopper"):
+        glu.block_int8_gemm(a, b, torch.ones(64, 2), torch.ones(1, 2), 1, 128, 128)
+    with pytest.raises(ValueError, match="a_scale must be fp32"):
+        glu.block_int8_gemm(a, b, torch.ones(64, 3), torch.ones(1, 2), 1, 128, 128)
+    # empty shapes are answered on the host: the bias broadcast, or nothing
+    bias = torch.randn(32)
+    out = glu.block_int8_gemm(a[:, :0], b[:, :0], torch.ones(64, 0), torch.ones(1, 0), 1, 128, 128, bias,
+                              torch.float32)
+    assert torch.equal(out, bias.expand(64, 32))
+
+
+def _operands(m, n, k, rb, bias, seed=0, device="cuda"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]
+    w = torch.randn(n, k, generator=g) * torch.logspace(1, -1, k)[None, :]
+    qa, sa = quant.quantize_blockwise(x, 1, 128)
+    qb, sb = quant.quantize_blockwise(w, rb, 128)
+    bb = torch.randn(n, generator=g) if bias else None
+    return x, [t if t is None else t.to(device) for t in (qa, qb, sa, sb, bb)]
+
+
+def _expand(q, s, rows):
+    M, K = q.shape
+    return q.float().abs() * s.repeat_interleave(rows, 0)[:M].repeat_interleave(128, 1)[:, :K]
+
+
+def _check(out, ref32, out_dtype, magnitude, nk):
+    assert out.shape == ref32.shape and out.dtype == out_dtype
+    if out_dtype == torch.float32:
+        keep = ~torch.isnan(ref32).any(1)
+        assert torch.equal(torch.isnan(out), torch.isnan(ref32))
+        assert quant.relative_error(ref32[keep], out[keep]) <= 1e-5
+    else:
+        assert_one_rounding(out, ref32, magnitude * max(1.0, nk / 8))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("out_dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("rb", [128, 1])
+@pytest.mark.parametrize("mkn,bias", [((37, 208, 72), True), ((300, 640, 200), False), ((1000, 1008, 1040), True),
+                                      ((130, 128, 264), True), ((4096, 2048, 384), False)], ids=str)
+def test_block_gemm_gates(mkn, bias, rb, out_dtype):
+    M, K, N = mkn
+    _, (qa, qb, sa, sb, bb) = _operands(M, N, K, rb, bias)
+    out = glu.block_int8_gemm(qa, qb, sa, sb, 1, rb, 128, bb, out_dtype)
+    ref32 = quant.block_int8_gemm(qa, qb, sa, sb, 1, rb, 128, bb, torch.float32)
+    magnitude = _expand(qa, sa, 1) @ _expand(qb, sb, rb).t() + (bb.abs() if bb is not None else 0)
+    _check(out, ref32, out_dtype, magnitude, -(-K // 128))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("rb", [128, 1])
+def test_block_gemm_7b_shape_and_persistent_loop(rb):
+    """16384×4096×4096 (31 tiles per program), then a 3-program grid and a 2-stage ring on a ragged shape."""
+    M, K, N = 16384, 4096, 4096
+    g = torch.Generator(device="cuda").manual_seed(1)
+    a = torch.randint(-127, 128, (M, K), generator=g, device="cuda", dtype=torch.int8)
+    b = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)
+    sa = torch.rand(M, K // 128, generator=g, device="cuda") * 1e-3 + 1e-4
+    sb = torch.rand(-(-N // rb), K // 128, generator=g, device="cuda") * 1e-3 + 1e-4
+    bias = torch.randn(N, generator=g, device="cuda")
+    ref = quant.block_int8_gemm(a, b, sa, sb, 1, rb, 128, bias, torch.float32)
+    assert quant.relative_error(ref, glu.block_int8_gemm(a, b, sa, sb, 1, rb, 128, bias, torch.float32)) <= 1e-5
+    assert quant.relative_error(ref, glu.block_int8_gemm(a, b, sa, sb, 1, rb, 128, bias).float()) <= 4e-3
+    m, k, n = 1000, 1152, 648
+    a, b, sa, sb = a[:m, :k], b[:n, :k].contiguous(), sa[:m, :k // 128].contiguous(), sb[:, :k // 128]
+    sb = sb[:-(-n // rb)].contiguous()
+    ref = quant.block_int8_gemm(a, b, sa, sb, 1, rb, 128, None, torch.float32)
+    for grid_size, stages in ((3, 2), (5, 3), (1, 4)):
+        out = glu.launch(a, b, sa, sb, rb, None, torch.float32, stages=stages, grid_size=grid_size)
+        assert quant.relative_error(ref, out) <= 1e-5, (grid_size, stages)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_block_gemm_nan_scales_non_contiguous_and_errors():
+    _, (qa, qb, sa, sb, _) = _operands(200, 136, 512, 128, False)
+    sa[7, 1] = float("nan")
+    sb[1, 2] = float("nan")                          # columns 128..135 of K block 2
+    out = glu.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, None, torch.float32)
+    ref = quant.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, None, torch.float32)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    assert torch.isnan(out[7]).all() and torch.isnan(out[:, 128:]).all() and not torch.isnan(out[8:, :128]).any()
+    fin = ~torch.isnan(ref)
+    assert quant.relative_error(ref[fin], out[fin]) <= 1e-5
+    # a row-strided A (a view into a wider buffer) goes straight to TMA
+    wide = torch.zeros(200, 640, dtype=torch.int8, device="cuda")
+    wide[:, :512] = qa
+    sa[7, 1] = 1e-3
+    ref = quant.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, None, torch.float32)
+    assert quant.relative_error(ref, glu.block_int8_gemm(wide[:, :512], qb, sa, sb, 1, 128, 128, None,
+                                                         torch.float32)) <= 1e-5
+    for args in ((qa, qb, sa, sb, 32, 128, 128), (qa, qb, sa, sb[:, :2], 1, 128, 256)):
+        with pytest.raises(ValueError):
+            glu.block_int8_gemm(*args)
+    assert not glu.supported(qa[:, :200], qb[:, :200], 1, 128, 128)         # K % 16 != 0
+
+
+def _fallback_case(m, n, k, rb, ratio, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[torch.rand(m, k, generator=g) < 0.002] *= 300.0                       # scattered outliers
+    x = x.cuda()
+    tmax = qfb.tile_absmax(x, 128)
+    if ratio == 0:
+        tau = torch.tensor([float("inf")], device="cuda")
+    elif ratio == 1:
+        tau = torch.tensor([-1.0], device="cuda")
+    else:
+        tau = torch.quantile(tmax.flatten(), 1 - ratio).reshape(1)
+    q, s, q2, s2, flags, _ = qfb.quantize_fallback(x, tau)
+    w = torch.randn(n, k, generator=g).cuda()
+    qb, sb = quant.quantize_blockwise(w, rb, 128)
+    bb = torch.randn(n, generator=g).cuda() if bias else None
+    return q, s, q2, s2, flags, qb, sb, bb
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rb", [128, 1])
+@pytest.mark.parametrize("ratio", [0.0, 0.05, 1.0])
+@pytest.mark.parametrize("mkn", [(1000, 1152, 520), (4096, 4096, 1024)], ids=str)
+def test_fallback_gemm(mkn, ratio, rb, out_dtype):
+    M, K, N = mkn
+    q, s, q2, s2, flags, qb, sb, bb = _fallback_case(M, N, K, rb, ratio, bias=True)
+    ref32 = qfb.fallback_block_gemm(q, s, q2, s2, flags, qb, sb, rb, 128, bb, torch.float32)
+    rows = qfb.expand_tiles(flags, M)                                        # [M, nk]
+    cols = rows.repeat_interleave(128, 1)[:, :K]
+    assert 0.5 * ratio <= flags.float().mean().item() <= max(1.5 * ratio, 0.0)
+    # unflagged residual bytes and scales are garbage: the kernel must skip those tiles entirely
+    q2 = torch.where(cols, q2, torch.randint_like(q2, -127, 128))
+    s2 = torch.where(rows, s2, torch.full_like(s2, float("nan")))
+    for fl in (flags, flags.to(torch.uint8)):
+        out = glu.fallback_block_gemm(q, s, q2, s2, fl, qb, sb, rb, 128, bb, out_dtype)
+        magnitude = (_expand(q, s, 1) + _expand(torch.where(cols, q2, 0), torch.nan_to_num(s2), 1)) \
+            @ _expand(qb, sb, rb).t() + bb.abs()
+        _check(out, ref32, out_dtype, magnitude, -(-K // 128))
+    if ratio == 0.0:                      # no flagged tile: the plain block GEMM, bit for bit
+        assert torch.equal(out, glu.block_int8_gemm(q, qb, s, sb, 1, rb, 128, bb, out_dtype))
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_fallback_gemm_errors():
+    q, s, q2, s2, flags, qb, sb, _ = _fallback_case(256, 128, 256, 128, 0.05, bias=False)
+    with pytest.raises(ValueError, match="flags"):
+        glu.fallback_block_gemm(q, s, q2, s2, flags[:1], qb, sb, 128)
+    with pytest.raises(ValueError, match="residual"):
+        glu.fallback_block_gemm(q, s, q2[:, :128], s2, flags, qb, sb, 128)
