@@ -10,14 +10,17 @@ from torch import nn
 
 from qtrain import recipes
 from qtrain.nn.linear import QuantLinear, is_hf_conv1d
+from qtrain.nn.plan import GEMMS, build_plan
 from qtrain.quant.core import FLOAT_DTYPES
 
 log = logging.getLogger("qtrain")
 
 HEAD_NAMES = ("lm_head", "head", "output", "classifier", "score", "embed_out")
 # On CUDA, layers whose smaller side is below this stay in 16-bit: quantize/launch overhead outweighs the
-# INT8 GEMM's gain there (measured by `qtrain bench linear`; see benchmarks/results).
-MIN_CUDA_FEATURES = 3072
+# INT8 GEMM's gain there. Measured on the H100/H200 (benchmarks/results, NOTES.md): eager SwitchBack layers
+# break even near 3072 features, compiled ones (torch.compile) pay from 2048 (a d 2048 LLaMA step 1.11×, a
+# 16384×2048→5632 linear 1.26× BF16); below 2048 neither does.
+MIN_CUDA_FEATURES = 2048
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -49,9 +52,13 @@ def convert(model: nn.Module, recipe="switchback",
     ``filter_fn(module, fully_qualified_name) -> bool`` chooses the layers; by default every linear layer except
     the output head, weights tied to an embedding, and (on CUDA) layers below ``MIN_CUDA_FEATURES``.
     The Parameters are kept (tied weights and existing optimizers keep working; ``state_dict`` is unchanged).
-    Call before ``torch.compile``, DDP or FSDP. Returns ``model``; raises if no layer was converted.
+    Call before ``torch.compile``, DDP or FSDP. Returns ``model``. If the default filter leaves every layer
+    alone (a small model on CUDA), it logs a warning saying why and returns the model unchanged; a
+    ``filter_fn`` that selects nothing, a model without linear layers, or one already converted is an error.
+    A recipe with a spec no path runs is rejected before any layer is touched.
     """
     recipe = recipes.get(recipe)
+    build_plan(recipe)
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -76,8 +83,18 @@ def convert(model: nn.Module, recipe="switchback",
             setattr(parent, child_name, QuantLinear.from_module(child, recipe))
             converted.append(name)
     if not converted:
+        done = quant_layers(model)
+        if done:
+            raise ValueError(f"convert({recipe.name!r}): the model is already converted ({len(done)} QuantLinear "
+                             f"layers, recipe {done[0][1].recipe.name!r}; {len(skipped)} linear layers left "
+                             "alone); convert a model built fresh instead")
+        listing = ", ".join(f"{n} ({r})" for n, r in skipped)
+        if filter_fn is None and skipped:
+            log.warning("qtrain.convert(%s): no layer converted, the default filter skipped all %d: %s — pass "
+                        "filter_fn to choose layers yourself", recipe.name, len(skipped), listing)
+            return model
         raise ValueError(f"convert({recipe.name!r}) found no linear layer to convert "
-                         f"({len(skipped)} skipped: {', '.join(f'{n} ({r})' for n, r in skipped) or 'none seen'})")
+                         f"({len(skipped)} skipped: {listing or 'none seen'})")
     log.info("qtrain.convert(%s): converted %d linear layers, skipped %d%s", recipe.name, len(converted),
              len(skipped), "".join(f"\n  skipped {n}: {r}" for n, r in skipped))
     return model
@@ -120,16 +137,36 @@ def reuse_quantized_weights(model: nn.Module):
                 m._wcache = None
 
 
+def fallback_stats(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per fallback layer, each GEMM's share of tiles that fell back at its last call (NaN before any) — one
+    host synchronization for the whole model."""
+    layers = [(n, m) for n, m in quant_layers(model) if m.fallback_ratio is not None]
+    if not layers:
+        return {}
+    ratios = torch.stack([m.fallback_ratio.float() for _, m in layers]).cpu()
+    return {n: {g: ratios[i, j].item() for j, g in enumerate(GEMMS) if g in m.plan.fallback_gemms}
+            for i, (n, m) in enumerate(layers)}
+
+
 def report(model: nn.Module) -> str:
     """A table of the converted layers: shape, recipe, and the last recorded quantization errors
     (``x err``/``w err``: ‖t − t̂‖/‖t‖ of the fprop operands; ``y SQNR``: dB against an fp32 linear).
-    Errors are recorded inside :func:`track_errors`; '-' where none was."""
-    rows = [("layer", "in→out", "recipe", "x err", "w err", "y SQNR dB")]
+    Errors are recorded inside :func:`track_errors`; '-' where none was. Layers with fallback add each GEMM's
+    last fallback share (``fallback %`` fprop/dgrad/wgrad) and X's error without the fallback term."""
+    fb = fallback_stats(model)
+    cols = ("layer", "in→out", "recipe", "x err", "w err", "y SQNR dB") + (
+        ("fallback % f/d/w", "x err no-fb") if fb else ())
+    rows = [cols]
     for name, m in quant_layers(model):
         s = m.stats
-        rows.append((name, f"{m.in_features}→{m.out_features}", m.recipe.name,
-                     f"{s['x_rel_err']:.2e}" if s else "-", f"{s['w_rel_err']:.2e}" if s else "-",
-                     f"{s['y_sqnr_db']:.1f}" if s else "-"))
+        row = (name, f"{m.in_features}→{m.out_features}", m.recipe.name,
+               f"{s['x_rel_err']:.2e}" if s else "-", f"{s['w_rel_err']:.2e}" if s else "-",
+               f"{s['y_sqnr_db']:.1f}" if s else "-")
+        if fb:
+            shares = fb.get(name, {})
+            row += ("/".join(f"{100 * shares[g]:.1f}" if g in shares else "-" for g in GEMMS) if shares else "-",
+                    f"{s['x_rel_err_no_fallback']:.2e}" if "x_rel_err_no_fallback" in s else "-")
+        rows.append(row)
     if len(rows) == 1:
         return "no QuantLinear layers (call qtrain.convert first)"
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -85,7 +85,8 @@ class Operand:
         out = self.q.float() * _expand_blocks(self.scale, self.rows, self.block_k, M, K)
         if self.path == "fallback":
             mask = expand_tiles(self.flags, M).repeat_interleave(self.block_k, 1)[:, :K]
-            out = out + torch.where(mask, self.q2.float(), 0.0) * _expand_blocks(self.scale2, 1, self.block_k, M, K)
+            s2 = _expand_blocks(self.scale2, 1, self.block_k, M, K)
+            out = out + torch.where(mask, self.q2.float(), 0.0) * s2
         return out.to(dtype)
 
     def outer_scale(self) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Fallback quantization (reference twin of ``qtrain.kernels.fallback``; METHODS.md § Fallback).
 
-``quantize_fallback(x [M, K] float, tau [] fp32, block_k=128, group_rows=128)
--> (q [M, K] int8, scale [M, nk], q2 [M, K] int8, scale2 [M, nk], flags [⌈M/128⌉, nk] bool, tile_absmax [⌈M/128⌉, nk] fp32)``
+``quantize_fallback(x [M, K] float, tau [] fp32, block_k=128, group_rows=128) -> (q [M, K] int8,
+scale [M, nk] fp32, q2 [M, K] int8, scale2 [M, nk] fp32, flags [⌈M/128⌉, nk] bool, tile_absmax [⌈M/128⌉, nk] fp32)``
 with ``nk = ⌈K/block_k⌉``:
 
 * ``q, scale`` — :func:`qtrain.quant.blockwise.quantize_blockwise` of ``x`` in ``1 × block_k`` blocks;
@@ -14,7 +14,8 @@ with ``nk = ⌈K/block_k⌉``:
 ``fallback_block_gemm(q, scale, q2, scale2, flags, b [N, K] int8, b_scale [⌈N/rb⌉, nk], b_rows, block_k, bias,
 out_dtype) -> [M, N]``::
 
-    out = Σ_j (q_j·b_jᵀ)·scale[:, j]·b_scale[n // rb, j] + Σ_j flags[m // 128, j]·(q2_j·b_jᵀ)·scale2[:, j]·b_scale[...]
+    out = Σ_j (q_j·b_jᵀ)·scale[:, j]·b_scale[n // rb, j]
+        + Σ_j flags[m // 128, j]·(q2_j·b_jᵀ)·scale2[:, j]·b_scale[n // rb, j]
 
 — the block-scaled GEMM (:mod:`qtrain.quant.block_gemm`) with a second term on the flagged tiles only.
 

@@ -1,3 +1,4 @@
+import importlib
 import logging
 
 import pytest
@@ -108,3 +109,23 @@ def test_report_lists_layers_and_errors():
     assert "fc1" in rep and "switchback" in rep and "y SQNR dB" in rep
     assert not model.fc1.track_errors
     assert qtrain.report(TinyLM()).startswith("no QuantLinear")
+
+
+def test_default_filter_skipping_everything_warns_and_returns_the_model(monkeypatch, caplog):
+    convert_mod = importlib.import_module("qtrain.nn.convert")
+    monkeypatch.setattr(convert_mod, "skip_reason", lambda m, name, tied: "smaller than 2048 features")
+    model = TinyLM()
+    with caplog.at_level("WARNING", logger="qtrain"):
+        assert qtrain.convert(model, "switchback") is model
+    assert "no layer converted" in caplog.text and "fc1 (smaller than 2048 features)" in caplog.text
+    assert isinstance(model.fc1, nn.Linear)
+    with pytest.raises(ValueError, match="no linear layer to convert"):          # an explicit filter: an error
+        qtrain.convert(TinyLM(), "switchback", filter_fn=lambda m, n: False)
+
+
+def test_converting_twice_says_so_and_0d_input_is_refused():
+    model = qtrain.convert(TinyLM(), "switchback")
+    with pytest.raises(ValueError, match="already converted.*2 QuantLinear.*'switchback'"):
+        qtrain.convert(model, "fallback")
+    with pytest.raises(ValueError, match="0-D"):
+        model.fc1(torch.tensor(1.0))

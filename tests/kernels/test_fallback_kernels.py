@@ -1,0 +1,91 @@
+"""Fallback quantize and mixed GEMM kernels vs their reference twins (CPU: Triton's interpreter).
+
+Quantizer: bit-exact codes, scales, flags and tile absmax (residual codes compared on flagged tiles, where the
+contract defines them) on ragged shapes, transposed input, unset/fixed τ, NaN/Inf. GEMM: DESIGN.md's gates.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qtrain.kernels import fallback as kfb  # noqa: E402
+from qtrain.quant import fallback as rfb  # noqa: E402
+from qtrain.quant import quantize_blockwise  # noqa: E402
+from qtrain.quant.testing import outlier_data  # noqa: E402
+
+from .helpers import FLOATS, assert_one_rounding, assert_same  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_quantizer(x, tau, c=128):
+    got = kfb.quantize_fallback(x, tau, c)
+    ref = rfb.quantize_fallback(x, tau, c)
+    for name, g, r in zip(("q", "scale", "q2", "scale2", "flags", "tile_absmax"), got, ref):
+        if name == "q2":
+            m = rfb.expand_tiles(ref[4], x.shape[0]).repeat_interleave(c, 1)[:, :x.shape[1]]
+            g, r = g[m], r[m]
+        assert_same(g, r, name)
+    return got
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("shape", [(300, 260), (129, 128), (5, 33)], ids=str)
+@pytest.mark.parametrize("tau", [-1.0, 20.0, 1e9])
+def test_quantize_fallback_bit_exact(shape, dtype, tau):
+    x = outlier_data(*shape, magnitude=100.0, pattern="scattered", seed=4, dtype=dtype, device=DEV)
+    _check_quantizer(x, torch.tensor(tau, device=DEV))
+
+
+def test_quantize_fallback_transposed_nan_inf_and_block_64():
+    x = outlier_data(260, 200, magnitude=100.0, seed=5, device=DEV)
+    _check_quantizer(x.t(), torch.tensor(20.0, device=DEV))
+    x[3, 7], x[200, 150] = float("nan"), float("inf")
+    _check_quantizer(x, torch.tensor(20.0, device=DEV))
+    _check_quantizer(x, torch.tensor(20.0, device=DEV), c=64)
+    q, s, q2, s2, flags, tmax = kfb.quantize_fallback(torch.empty(0, 8, device=DEV), torch.tensor(1.0, device=DEV))
+    assert q.shape == (0, 8) and flags.shape == (0, 1)
+
+
+@pytest.mark.parametrize("out_dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("tau", [-1.0, 30.0, 1e9])
+@pytest.mark.parametrize("b_rows", [128, 1])
+def test_fallback_gemm_gates(tau, out_dtype, b_rows):
+    x = outlier_data(300, 384, magnitude=60.0, seed=6, device=DEV)
+    w = torch.randn(136, 384, device=DEV)
+    bias = torch.randn(136, device=DEV)
+    a = rfb.quantize_fallback(x, torch.tensor(tau, device=DEV))
+    qw, sw = quantize_blockwise(w, b_rows, 128)
+    out = kfb.fallback_block_gemm(*a[:5], qw, sw, b_rows, 128, bias, out_dtype)
+    ref32 = rfb.fallback_block_gemm(*a[:5], qw, sw, b_rows, 128, bias, torch.float32)
+    if out_dtype == torch.float32:
+        assert ((out - ref32).norm() / ref32.norm()).item() <= 1e-5
+    else:
+        assert_one_rounding(out, ref32, ref32.abs() + bias.abs())
+
+
+def test_fallback_gemm_never_reads_unflagged_residual():
+    x = outlier_data(256, 256, magnitude=60.0, seed=7, device=DEV, pattern="token", n_outlier_channels=1)
+    q, s, q2, s2, flags, _ = kfb.quantize_fallback(x, torch.tensor(30.0, device=DEV))
+    assert 0 < flags.sum() < flags.numel()
+    qw, sw = quantize_blockwise(torch.randn(64, 256, device=DEV), 128, 128)
+    mask = rfb.expand_tiles(flags, 256).repeat_interleave(128, 1)
+    garbage = torch.where(mask, q2, torch.full_like(q2, -128))
+    a = kfb.fallback_block_gemm(q, s, q2, s2, flags, qw, sw, 128, 128, None, torch.float32)
+    b = kfb.fallback_block_gemm(q, s, garbage, s2, flags, qw, sw, 128, 128, None, torch.float32)
+    assert torch.equal(a, b)
+
+
+def test_ops_dispatch_fallback():
+    from qtrain import ops
+    x = outlier_data(130, 256, magnitude=60.0, device=DEV)
+    tau = torch.tensor(30.0, device=DEV)
+    qw, sw = quantize_blockwise(torch.randn(64, 256, device=DEV), 128, 128)
+    outs = []
+    for backend in ("reference", "triton"):
+        with ops.use_backend(backend):
+            a = ops.quantize_fallback(x, tau)
+            outs.append(ops.fallback_block_gemm(*a[:5], qw, sw, 128, 128, None, torch.float32))
+    assert ((outs[0] - outs[1]).norm() / outs[0].norm()).item() <= 1e-5
