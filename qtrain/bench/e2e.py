@@ -406,8 +406,9 @@ def run_suite(quick: bool = False, shapes: str = "7b,1b", recipes: str | None = 
     return rows, note_list(rows)
 
 
-def add_arguments(p) -> None:
-    """The e2e options (``python -m qtrain.bench e2e -h``)."""
+def add_arguments(p, common: bool = True) -> None:
+    """The e2e options (``python -m qtrain.bench e2e -h``); ``common=False`` leaves out ``--quick`` and ``--out``
+    (for a parser shared with the other suites, which has them)."""
     p.add_argument("--shapes", default="7b,1b", help=f"comma-separated, from {', '.join(SHAPES)} (default all)")
     p.add_argument("--recipes", default=None,
                    help="comma-separated preset names or recipe .json files (default: every preset in "
@@ -420,8 +421,9 @@ def add_arguments(p) -> None:
                    help="layers to convert: qtrain.convert's default filter, or every linear but lm_head")
     p.add_argument("--time-limit", type=float, default=0.0,
                    help="seconds; rows not started by then are recorded as skipped (default 0: none)")
-    p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
-    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON/markdown results")
+    if common:
+        p.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+        p.add_argument("--out", default="benchmarks/results", help="directory for the JSON/markdown results")
 
 
 def run(args) -> int:

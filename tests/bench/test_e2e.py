@@ -126,6 +126,10 @@ def test_cli_options():
                       "--warmup", "2", "--quick", "--out", "x", "--filter", "all", "--time-limit", "500"])
     assert (a.shapes, a.recipes, a.modes, a.steps, a.warmup, a.quick, a.out, a.filter_name, a.time_limit) == \
         ("7b", "switchback", "compile", 5, 2, True, "x", "all", 500.0)
+    shared = argparse.ArgumentParser()
+    shared.add_argument("--out")
+    shared.add_argument("--quick", action="store_true")
+    e2e.add_arguments(shared, common=False)               # no clash with a parser that has --out/--quick
     d = p.parse_args([])
     assert d.recipes is None and d.steps is None and d.shapes == "7b,1b" and d.modes == "eager,compile"
 
