@@ -9,10 +9,12 @@ operands of its GEMMs — X (input, ``[tokens, in]``), W (weight, ``[out, in]``)
   features) whose absmax exceeds ``OUTLIER_RATIO`` × the median channel's;
 - the SQNR (dB, against the fp32 tensor) of INT8 round-to-nearest quantization at each granularity of
   :data:`GRANULARITIES` (scales per tensor, per row, per 1×128 or 32×32 block; W per 128×128 block instead of
-  1×128), i.e. how much each recipe family would lose on this operand.
+  1×128), i.e. how much each recipe family would lose on this operand; for X and dY also 1×128 blocks with
+  fallback quantization (``1x128+fb``: the 5 % of 128×128 tiles with the largest absmax get the INT8 residual
+  term, what the ``fallback`` recipe's default threshold converges to).
 
 Writes ``inspect.md`` (table), ``inspect.json`` and ``inspect.png`` (SQNR per layer and granularity; outlier
-share) into ``--out`` (default ``<run folder>/inspect``). Fallback statistics join when the fallback recipe does.
+share) into ``--out`` (default ``<run folder>/inspect``).
 """
 from __future__ import annotations
 
@@ -28,17 +30,31 @@ from qtrain import data as qdata
 from qtrain import models
 from qtrain.errors import UserError
 from qtrain.quant.core import fake_quantize, sqnr
-from qtrain.recipes import ROW, TENSOR, block
+from qtrain.nn.functional import Operand
+from qtrain.quant.fallback import quantize_fallback, tile_absmax
+from qtrain.recipes import ROW, TENSOR, Fallback, block
 from qtrain.train import checkpoint
 from qtrain.train.loop import resolve_device
 from qtrain.train.plots import plt
 
 OUTLIER_RATIO = 20.0
+FALLBACK = Fallback()          # the fallback recipe's default policy (target share of tiles)
 GRANULARITIES = {
-    "x": {"tensor": TENSOR, "row": ROW, "1x128": block(1, 128), "32x32": block(32, 32)},
+    "x": {"tensor": TENSOR, "row": ROW, "1x128": block(1, 128), "1x128+fb": FALLBACK, "32x32": block(32, 32)},
     "w": {"tensor": TENSOR, "row": ROW, "128x128": block(128, 128), "32x32": block(32, 32)},
-    "dy": {"tensor": TENSOR, "row": ROW, "1x128": block(1, 128), "32x32": block(32, 32)},
+    "dy": {"tensor": TENSOR, "row": ROW, "1x128": block(1, 128), "1x128+fb": FALLBACK, "32x32": block(32, 32)},
 }
+
+
+def fallback_fake_quantize(t: torch.Tensor, policy: Fallback = FALLBACK) -> torch.Tensor:
+    """fp32 ``t`` after fallback quantization in 1×128 blocks, τ at the policy's target quantile of its tiles."""
+    tau = torch.nanquantile(tile_absmax(t, 128).flatten(), 1.0 - policy.target).reshape(1)
+    q, s, q2, s2, flags, _ = quantize_fallback(t, tau.float())
+    return Operand("fallback", q, s, 1, 128, q2, s2, flags).dequantize()
+
+
+def _fake(t: torch.Tensor, g) -> torch.Tensor:
+    return fallback_fake_quantize(t, g) if isinstance(g, Fallback) else fake_quantize(t, g)
 
 
 @dataclass
@@ -58,7 +74,7 @@ def operand_stats(t: torch.Tensor, kind: str) -> OperandStats:
     if kind != "w":
         col = t.abs().amax(dim=0)
         share = (col > OUTLIER_RATIO * col.median()).float().mean().item()
-    return OperandStats(ratio, share, {name: sqnr(t, fake_quantize(t, g)) for name, g in GRANULARITIES[kind].items()})
+    return OperandStats(ratio, share, {name: sqnr(t, _fake(t, g)) for name, g in GRANULARITIES[kind].items()})
 
 
 @dataclass
