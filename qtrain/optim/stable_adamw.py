@@ -8,6 +8,12 @@ For step ``t ≥ 1``, gradient ``g``, first/second moments ``m``/``u`` (METHODS.
     θ ← θ − lr·λ·θ − η · m / (sqrt(u) + ε)
 
 Weight decay uses the unclipped ``lr``. The clipping replaces gradient-norm clipping.
+
+Sharded parameters (DTensors: FSDP2's ``fully_shard``, tensor parallelism) are updated on their local shards,
+with plain ``foreach`` ops (DTensor has no sharding strategy for some of them, e.g. ``_foreach_clamp_min`` in
+torch 2.11); the RMS stays the mean over the whole tensor: each process sums its shard, one all-reduce per group
+of parameters sharded alike adds the sums over the mesh dimensions they are sharded on, and the sum is divided by
+the global element count.
 """
 from __future__ import annotations
 
@@ -15,6 +21,11 @@ from collections import defaultdict
 
 import torch
 from torch.optim import Optimizer
+
+try:
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+except ImportError:  # a torch without torch.distributed (or older than 2.5): no sharded parameters to meet
+    DTensor = None
 
 
 class StableAdamW(Optimizer):
@@ -56,26 +67,66 @@ class StableAdamW(Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                by_step[(state["step"], p.device, p.dtype)].append(p)
-            for (t, _, _), params in by_step.items():
-                self._update(params, t, lr, beta1, beta2, eps, wd)
+                by_step[(state["step"], p.device, p.dtype, _sharding(p))].append(p)
+            for (t, _, _, sharding), params in by_step.items():
+                self._update(params, sharding, t, lr, beta1, beta2, eps, wd)
         return loss
 
-    def _update(self, params, t, lr, beta1, beta2, eps, wd):
-        grads = [p.grad for p in params]
-        ms = [self.state[p]["exp_avg"] for p in params]
-        us = [self.state[p]["exp_avg_sq"] for p in params]
+    def _update(self, params, sharding, t, lr, beta1, beta2, eps, wd):
+        """One step for ``params`` (same step, device, dtype and sharding), on plain (local) tensors."""
+        ps = [_local(p) for p in params]
+        grads = [_local_grad(p) for p in params]
+        ms = [_local(self.state[p]["exp_avg"]) for p in params]
+        us = [_local(self.state[p]["exp_avg_sq"]) for p in params]
         b1, b2 = self._beta_hat(beta1, t), self._beta_hat(beta2, t)
         torch._foreach_lerp_(ms, grads, 1 - b1)
         torch._foreach_mul_(us, b2)
         torch._foreach_addcmul_(us, grads, grads, value=1 - b2)
 
-        ratio = torch._foreach_div(torch._foreach_mul(grads, grads), torch._foreach_clamp_min(us, eps * eps))
-        mean_ratio = [r.mean() if r.dtype == torch.float64 else r.float().mean() for r in ratio]
-        denom = torch._foreach_add(torch._foreach_sqrt(us), eps)
+        # RMS² = mean(g² / max(u, ε²)) over each whole tensor: the ratio is ≥ 0, so its sum is its L1 norm
+        ratio = torch._foreach_mul(grads, grads)
+        torch._foreach_div_(ratio, torch._foreach_clamp_min(us, eps * eps))
+        acc = torch.float64 if ps[0].dtype == torch.float64 else torch.float32
+        sums = torch.stack(torch._foreach_norm(ratio, 1, dtype=acc))
+        del ratio
+        if sharding is not None and any(pl.is_shard() for pl in sharding[1]):
+            mesh, placements = sharding
+            sums = DTensor.from_local(sums, mesh, [Partial("sum") if pl.is_shard() else Replicate()
+                                                   for pl in placements], run_check=False).full_tensor()
+        numel = torch.tensor([p.numel() for p in params], dtype=acc, device=sums.device)
+        etas = lr / torch.clamp_min((sums / numel).sqrt(), 1.0)
+
+        denom = torch._foreach_sqrt(us)
+        torch._foreach_add_(denom, eps)
         updates = torch._foreach_div(ms, denom)
+        del denom
         if wd != 0:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        for p, upd, mr in zip(params, updates, mean_ratio):
-            eta = lr / torch.clamp_min(mr.sqrt(), 1.0)
-            p.sub_(upd * eta.to(upd.dtype))
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_mul_(updates, list(etas.to(updates[0].dtype).unbind()))
+        torch._foreach_sub_(ps, updates)
+
+
+def _sharding(p: torch.Tensor):
+    """``(mesh, placements)`` of a DTensor parameter, None for a plain tensor."""
+    if DTensor is None or not isinstance(p, DTensor):
+        return None
+    if any(pl.is_partial() for pl in p.placements):
+        raise RuntimeError(f"StableAdamW: a parameter with a partial placement {p.placements} (sum it first)")
+    return p.device_mesh, tuple(p.placements)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process' shard of a DTensor (its storage: in-place ops update the DTensor), a plain tensor as is."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _local_grad(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``'s local shard, laid out like ``p``'s (a gradient sharded otherwise is redistributed)."""
+    g = p.grad
+    if DTensor is None or not isinstance(p, DTensor):
+        return g
+    if not isinstance(g, DTensor):
+        raise RuntimeError("StableAdamW: a DTensor parameter with a plain-tensor gradient")
+    if g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements):
+        g = g.redistribute(p.device_mesh, p.placements)
+    return g.to_local()

@@ -33,6 +33,7 @@ def _worker(rank, world, init_file, out_dir):
         opt.step()
     if rank == 0:
         torch.save(model.module.state_dict(), os.path.join(out_dir, "ddp.pt"))
+    dist.barrier()                                  # leave together: gloo may abort a peer still saving
     dist.destroy_process_group()
 
 

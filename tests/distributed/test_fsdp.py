@@ -6,6 +6,8 @@ version: a reused INT8 weight that missed the optimizer's updates would drift fr
 the gathered weight lands at the same address again, so not on every run; tests/nn/test_linear.py checks the
 invalidation itself deterministically).
 FSDP2 must also not see a view as a layer's output (it warns: in-place ops on it would skip its hooks).
+The workers refuse DTensor foreach ops (``dtensor_strict``), as the GPU's torch 2.11 lacked some of them, which
+the default optimizer, StableAdamW, once used on the DTensor parameters.
 """
 import os
 import warnings
@@ -19,6 +21,8 @@ from torch import nn
 import qtrain
 
 fsdp = pytest.importorskip("torch.distributed.fsdp", reason="needs torch.distributed.fsdp (FSDP2, torch ≥ 2.6)")
+
+from .dtensor_strict import refuse_foreach  # noqa: E402
 
 STEPS = 4
 
@@ -47,7 +51,9 @@ def _train(model, x, y):
 
 
 def _worker(rank, world, init_file, out_dir):
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    refuse_foreach()
     model = _model()
     for layer in model:
         if isinstance(layer, qtrain.QuantLinear):
@@ -63,6 +69,7 @@ def _worker(rank, world, init_file, out_dir):
     if rank == 0:
         torch.save({"state": state, "losses": losses / world, "warnings": [str(w.message) for w in caught]},
                    os.path.join(out_dir, "fsdp.pt"))
+    dist.barrier()                                  # leave together: gloo may abort a peer still saving
     dist.destroy_process_group()
 
 
