@@ -84,6 +84,6 @@ def test_recipe_from_json_file(capsys, tmp_path):
     assert Recipe.from_dict(saved) == blocked
     assert main(["train", "--resume", str(out / "blocked"), "--steps", "3", "--no-progress"]) == 0   # from the record
     _error(capsys, ["train", "--recipe", str(tmp_path / "missing.json")], "cannot read the recipe file")
-    (tmp_path / "bad.json").write_text('{"name": "x"}')
+    (tmp_path / "bad.json").write_text('{"name": "x", "fprop": {"a": 1}}')
     _error(capsys, ["train", "--recipe", str(tmp_path / "bad.json")], "not a valid recipe file")
     _error(capsys, ["train", "--recipe", "fp4"], "'fp4'", "recipe .json file")

