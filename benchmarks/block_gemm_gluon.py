@@ -21,7 +21,7 @@ from qtrain import quant
 from qtrain.kernels import block_gemm as tri
 from qtrain.kernels import block_gemm_gluon as glu
 
-FPROP = [(16384, 4096, 4096), (16384, 4096, 11008), (16384, 11008, 4096)]            # M × K × N, rb = 128
+FPROP = [(16384, 4096, 4096), (16384, 4096, 11008), (16384, 11008, 4096), (8192, 2048, 2048)]  # M×K×N, rb 128
 WGRAD = [(4096, 16384, 4096), (4096, 16384, 11008), (11008, 16384, 4096)]             # rb = 1
 FALLBACK = [(16384, 4096, 4096), (16384, 11008, 4096)]
 RATIOS = [0.0, 0.05, 0.20, 1.0]
@@ -42,19 +42,23 @@ def operands(M, K, N, rb, seed=0):
 
 
 def variants(rb):
-    """(name, callable(a, b, sa, sb) -> out) for the Gluon kernel."""
-    out = [("gluon", lambda a, b, sa, sb: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16)),
-           ("gluon-i2f", lambda a, b, sa, sb: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, magic=False)),
-           ("gluon-s4", lambda a, b, sa, sb: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, stages=4))]
-    # a_scale stored K-major ([nk, M] storage viewed as [M, nk]): the per-K-block row scales contiguous
-    out.append(("gluon-saT", lambda a, b, sa, sb: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16)))
-    return out
+    """(name, launch keyword arguments) of the Gluon kernel; the first is the default configuration."""
+    return [("gluon", {}), ("gluon-magic", {"magic": True}), ("gluon-lockstep", {"order": False}),
+            ("gluon-s4", {"stages": 4})]
 
 
-def gemm_rows(shapes, rb, label, rows, bad):
+def save(rows, info, path):
+    """Write JSON and markdown after every row, so a run cut short keeps what it measured."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump({"info": info, "rows": rows}, fh, indent=1)
+        with open(path.rsplit(".", 1)[0] + ".md", "w") as fh:
+            fh.write(markdown(rows, info) + "\n")
+
+
+def gemm_rows(shapes, rb, label, rows, bad, done=lambda: None):
     for M, K, N in shapes:
         a, b, sa, sb = operands(M, K, N, rb)
-        sa_t = sa.t().contiguous().t()
         x16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         ops = 2 * M * N * K
@@ -65,19 +69,16 @@ def gemm_rows(shapes, rb, label, rows, bad):
         row["triton_tops"] = ops / t_tri / 1e9
         ref = quant.block_int8_gemm(a, b, sa, sb, 1, rb, 128, None, torch.float32)
         best = None
-        for name, fn in variants(rb):
+        for name, kw in variants(rb):
             if name in bad:
                 continue
-            sa_use = sa_t if name == "gluon-saT" else sa
             try:
-                err = quant.relative_error(ref, glu.launch(a, b, sa_use, sb, rb, None, torch.float32,
-                                                           magic=name != "gluon-i2f",
-                                                           stages=4 if name == "gluon-s4" else None))
+                err = quant.relative_error(ref, glu.launch(a, b, sa, sb, rb, None, torch.float32, **kw))
                 if not err <= 1e-5:
                     row[f"{name}_error"] = err
                     print(f"{M}x{K}x{N} {name}: WRONG rel err {err:.2e}", flush=True)
                     continue
-                t = bench(lambda: fn(a, b, sa_use, sb))
+                t = bench(lambda: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, **kw))
             except Exception:
                 bad.add(name)
                 traceback.print_exc(limit=4)
@@ -99,9 +100,10 @@ def gemm_rows(shapes, rb, label, rows, bad):
                 traceback.print_exc(limit=2)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        done()
 
 
-def fallback_rows(rows):
+def fallback_rows(rows, done=lambda: None):
     for M, K, N in FALLBACK:
         a, b, sa, sb = operands(M, K, N, 128, seed=1)
         a2 = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
@@ -141,32 +143,34 @@ def fallback_rows(rows):
                 traceback.print_exc(limit=4)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            done()
 
 
 def markdown(rows, info):
     lines = [f"# Gluon block-scaled INT8 GEMM — {info['gpu']}, torch {info['torch']}, triton {info['triton']}",
              "", "TOP/s by 2·M·N·K; median of triton.testing.do_bench (L2 flushed); bf16 output; all columns from "
              "the same run.", "",
-             "| M×K×N | blocks | BF16 TFLOP/s | Triton block | Gluon | Gluon / BF16 | Gluon / Triton | variants "
-             "(i2f, 4 stages, a_scale K-major) | row-scaled Gluon INT8 |",
+             "| M×K×N | blocks | BF16 TFLOP/s | Triton block | Gluon | Gluon / BF16 | Gluon / Triton "
+             "| variants: magic cvt / lockstep / 4 stages | row-scaled Gluon INT8 |",
              "|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k]:.0f}" if k in r else "—"                                          # noqa: E731
+    x = lambda r, k: f"{r.get(k, 0):.2f}×"                                                      # noqa: E731
     for r in rows:
         if "ratio" in r:
             continue
         lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['blocks']} | {f(r, 'bf16_tflops')} | {f(r, 'triton_tops')}"
-                     f" | {f(r, 'gluon_tops')} | {r.get('gluon_vs_bf16', 0):.2f}× | {r.get('gluon_vs_triton', 0):.2f}×"
-                     f" | {f(r, 'gluon-i2f_tops')} / {f(r, 'gluon-s4_tops')} / {f(r, 'gluon-saT_tops')}"
+                     f" | {f(r, 'gluon_tops')} | {x(r, 'gluon_vs_bf16')} | {x(r, 'gluon_vs_triton')}"
+                     f" | {f(r, 'gluon-magic_tops')} / {f(r, 'gluon-lockstep_tops')} / {f(r, 'gluon-s4_tops')}"
                      f" | {f(r, 'int8_gluon_rowscaled_tops')} |")
     lines += ["", "Fallback (second A operand on flagged 128-row × 128-K tiles), 1×128 · 128×128:", "",
-              "| M×K×N | flagged | Gluon no-fallback | Gluon fallback | time vs no-fallback | vs BF16 | Triton fallback "
-              "| Gluon / Triton |", "|---|---|---|---|---|---|---|---|"]
+              "| M×K×N | flagged | Gluon no-fallback | Gluon fallback | time vs no-fallback | vs BF16 "
+              "| Triton fallback | Gluon / Triton |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ratio" not in r:
             continue
         lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {100 * r['flagged']:.1f} % | {f(r, 'gluon_nofb_tops')} | "
-                     f"{f(r, 'gluon_fb_tops')} | {r.get('fb_vs_nofb_time', 0):.3f} | {r.get('gluon_fb_vs_bf16', 0):.2f}×"
-                     f" | {f(r, 'triton_fb_tops')} | {r.get('gluon_fb_vs_triton_fb', 0):.2f}× |")
+                     f"{f(r, 'gluon_fb_tops')} | {r.get('fb_vs_nofb_time', 0):.3f} | {x(r, 'gluon_fb_vs_bf16')}"
+                     f" | {f(r, 'triton_fb_tops')} | {x(r, 'gluon_fb_vs_triton_fb')} |")
     return "\n".join(lines)
 
 
@@ -180,19 +184,14 @@ def main():
     info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d")}
     rows, bad = [], set()
+    done = lambda: save(rows, info, args.out)                                               # noqa: E731
     if "fprop" not in skip:
-        gemm_rows(FPROP[:1] if args.quick else FPROP, 128, "1x128 · 128x128", rows, bad)
+        gemm_rows(FPROP[:1] if args.quick else FPROP, 128, "1x128 · 128x128", rows, bad, done)
     if "wgrad" not in skip:
-        gemm_rows(WGRAD[:1] if args.quick else WGRAD, 1, "1x128 · 1x128 (wgrad)", rows, bad)
+        gemm_rows(WGRAD[:1] if args.quick else WGRAD, 1, "1x128 · 1x128 (wgrad)", rows, bad, done)
     if "fallback" not in skip:
-        fallback_rows(rows)
-    md = markdown(rows, info)
-    print(md)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"info": info, "rows": rows}, fh, indent=1)
-        with open(args.out.rsplit(".", 1)[0] + ".md", "w") as fh:
-            fh.write(md + "\n")
+        fallback_rows(rows, done)
+    print(markdown(rows, info))
 
 
 if __name__ == "__main__":

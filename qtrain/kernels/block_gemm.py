@@ -83,10 +83,32 @@ def _block_gemm_kernel(a, b, out, sa_ptr, sb_ptr, bias_ptr, a2, sa2_ptr, flag_pt
     tl.store(out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(OUT_DTYPE), mask=mask)
 
 
+GLUON_MIN_OPS = 2 ** 36     # 2·M·N·K from which Hopper calls go to the Gluon kernel (its host cost is higher)
+
+
+def use_gluon(a: torch.Tensor, b: torch.Tensor, a_rows: int, b_rows: int, block_k: int,
+              out_dtype: torch.dtype) -> bool:
+    """Whether a call goes to the warp-specialized Gluon kernel (``kernels.block_gemm_gluon``): on a Hopper GPU
+    (capability 9.0), large enough, and a case it supports (1×128 · 128×128 or 1×128 · 1×128 blocks, TMA-aligned
+    operands); everything else stays on this Triton kernel."""
+    if interpreting() or a.device.type != "cuda" or 2 * a.shape[0] * a.shape[1] * b.shape[0] < GLUON_MIN_OPS:
+        return False
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
+        return False
+    from qtrain.kernels import block_gemm_gluon
+
+    return block_gemm_gluon.supported(a, b, a_rows, b_rows, block_k, out_dtype)
+
+
 def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                     a_rows: int, b_rows: int, block_k: int, bias: torch.Tensor | None = None,
                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     check_block_gemm_args(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
+    if use_gluon(a, b, a_rows, b_rows, block_k, out_dtype):
+        from qtrain.kernels import block_gemm_gluon
+
+        return block_gemm_gluon.launch(a, b, a_scale.contiguous(), b_scale.contiguous(), b_rows,
+                                       bias.contiguous() if bias is not None else None, out_dtype)
     return launch(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
 
 

@@ -16,10 +16,16 @@ tiles; per program three partitions (``gl.warp_specialize``):
 * two **consumer warpgroups**, each owning 64 rows of the tile: per K block one async ``warpgroup_mma`` into an
   int32 partial (exact: |partial| ≤ 128·127² < 2²²), then the promotion ``acc += f32(partial)·a_scale·b_scale``
   into the fp32 accumulator; a flagged block adds the A2 product reusing the B tile already in shared memory.
-  The two warpgroups are not synchronised with each other, so one's promotion overlaps the other's wgmma (the
-  overlap Triton's pipeliner cannot give INT8 dots, GPU.md). The int32→fp32 conversion uses the exact
-  magic-number trick (``bits(p + 0x4B400000) − 1.5·2²³``: an integer add and an fp32 add at full rate instead of
-  the 16/clk I2F). Epilogue per warpgroup: bias, output cast, shared memory, TMA store.
+
+The overlap Triton's pipeliner cannot give INT8 dots (GPU.md) comes from the two warpgroups taking turns
+(``ORDER``): warpgroup 1 issues a K block's wgmma only once warpgroup 0's has finished (a ``turn`` mbarrier per
+stage), so one warpgroup promotes while the other's wgmma runs; left alone they run in lockstep and both promote
+while the tensor cores idle (measured 880 → see benchmarks/results/2026-12-01-h200-block-gluon.md). Keeping two
+int32 partials per warpgroup instead (the next K block's wgmma in flight during the promotion) does not compile
+well: ptxas serializes every wgmma when a finished accumulator is read while another is in flight in this
+code (warnings C7514/C7512), so it was dropped. The int32→fp32 conversion is ``cvt`` (``MAGIC`` selects the
+exact magic-number add ``bits(p + 0x4B400000) − 1.5·2²³`` instead: more instructions, measured slower).
+Epilogue per warpgroup: bias, output cast, shared memory, TMA store.
 
 Scales are read with plain loads: ``a_scale`` as given ([M, nk], two values per thread per K block),
 ``b_scale`` per 128-column block (one scalar) when ``b_rows`` is 128, or — for ``b_rows`` 1 — transposed on the
@@ -49,8 +55,10 @@ HALF_M = 64                       # rows per consumer warpgroup
 SMEM_BYTES = 225 * 1024           # H100/H200: 227 KB per block, less room for barriers
 MAX_STAGES = 6
 GROUP_M = 8
-CONSUMER_REGS = gl.constexpr(232)     # setmaxnreg of the second consumer warpgroup (the first gets the rest)
-PRODUCER_REGS = gl.constexpr(40)
+MAGIC = False         # int32 → fp32 by I2F (measured faster than the magic-number add on H200)
+ORDER = True          # warpgroup 1 issues a K block's wgmma only once warpgroup 0's is done (see _consumer)
+CONSUMER_REGS = gl.constexpr(240)     # setmaxnreg of the second consumer warpgroup (the first gets the rest)
+PRODUCER_REGS = gl.constexpr(24)
 MAXNREG = 168                          # 12 warps (3 warpgroups) × 32 × 168 ≤ 64K registers
 
 
@@ -111,10 +119,66 @@ def _producer(a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, fl
 
 
 @gluon.jit
+def _scales(sa_ptr, sb_ptr, sa_offs, rmask, sb_base, sb_offs, j, stride_saj, stride_sbj, RB: gl.constexpr):
+    """K block ``j``'s row scales (this warpgroup's 64 rows) and column scale(s). For a 128-row weight block
+    the row scales come back already multiplied by the block's scale."""
+    sa = gl.load(sa_ptr + (sa_offs + j * stride_saj), mask=rmask, other=0.0)
+    if RB == 1:
+        sb = gl.load(sb_ptr + (sb_base + j * stride_sbj + sb_offs))
+    else:
+        sb = gl.load(sb_ptr + (sb_base + j * stride_sbj))
+        sa = sa * sb
+    return sa, sb
+
+
+@gluon.jit
+def _promote(acc, p, sa, sb, RB: gl.constexpr, MAGIC: gl.constexpr):
+    """``acc + p·sa·sb`` (``sa`` already times ``sb`` for a 128-row weight block)."""
+    if RB == 1:
+        return acc + _to_f32(p, MAGIC) * (gl.expand_dims(sa, 1) * gl.expand_dims(sb, 0))
+    else:
+        return acc + _to_f32(p, MAGIC) * gl.expand_dims(sa, 1)
+
+
+@gluon.jit
+def _issue(a_smem, b_smem, ready, it, regs, WG: gl.constexpr, STAGES: gl.constexpr):
+    """Wait for ring step ``it`` and start its wgmma into a fresh int32 partial (asynchronous, ``use_acc=False``
+    over the dead partial ``regs``)."""
+    s = it % STAGES
+    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+    return warpgroup_mma(a_smem.index(2 * s + WG), b_smem.index(s).permute((1, 0)), regs, use_acc=False,
+                         is_async=True)
+
+
+@gluon.jit
+def _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, flags_ptr, flag_row,
+             stride_sa2j, WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, MAGIC: gl.constexpr,
+             STAGES: gl.constexpr):
+    """After K block ``j`` (ring step ``it``, partial ``p``) was promoted: its fallback term if the tile is
+    flagged (a second wgmma on the B tile still in shared memory, into ``p``'s registers), then the stage goes
+    back to the producer. Returns the accumulator and the partial's registers."""
+    s = it % STAGES
+    if FALLBACK:
+        fv = gl.load(flags_ptr + (flag_row + j))
+        if fv != 0:
+            sa2 = gl.load(sa2_ptr + (sa2_offs + j * stride_sa2j), mask=rmask, other=0.0)
+            if RB != 1:
+                sa2 = sa2 * sb
+            p = warpgroup_mma(a2_smem.index(2 * s + WG), b_smem.index(s).permute((1, 0)), p, use_acc=False,
+                              is_async=True)
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
+            acc = _promote(acc, p, sa2, sb, RB, MAGIC)
+    # every warp of this warpgroup is past its wgmma wait before the stage is handed back
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(s), count=1)
+    return acc, p
+
+
+@gluon.jit
 def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr, bias_ptr,
               M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
               WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
-              MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr):
+              MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr, turn):
     HM: gl.constexpr = c_desc.block_type.shape[0]
     BN: gl.constexpr = c_desc.block_type.shape[1]
     BM: gl.constexpr = 2 * HM
@@ -126,55 +190,43 @@ def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_
     num_m = gl.cdiv(M, BM)
     num_n = gl.cdiv(N, BN)
     nk = gl.cdiv(K, BK)
-    zero = gl.zeros([HM, BN], gl.int32, mma)
+    p = gl.zeros([HM, BN], gl.int32, mma)        # the partial's registers, reused by every wgmma
     it = 0
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP)
         off_m = pid_m * BM + WG * HM
         off_n = pid_n * BN
         rows = off_m + gl.arange(0, HM, layout=row_l)
-        cols = off_n + gl.arange(0, BN, layout=col_l)
         rmask = rows < M
-        cmask = cols < N
-        sa_ptrs = sa_ptr + rows * stride_sam
+        # 32-bit offsets, not 64-bit pointers, held through the K loop
+        sa_offs = rows * stride_sam
+        sa2_offs = rows * stride_sa2m
+        flag_row = pid_m * stride_fm
+        sb_offs = gl.arange(0, BN, layout=col_l)
         if RB == 1:       # [nk, N padded to BN]: contiguous per K block, no mask (keeps 32 pointers out of registers)
-            sb_base = sb_ptr + off_n
-            sb_offs = gl.arange(0, BN, layout=col_l)
+            sb_base = off_n
         else:
-            sb_base = sb_ptr + (off_n // RB) * stride_sbn
+            sb_base = (off_n // RB) * stride_sbn
         acc = gl.zeros([HM, BN], gl.float32, mma)
         for j in range(nk):
+            sa, sb = _scales(sa_ptr, sb_ptr, sa_offs, rmask, sb_base, sb_offs, j, stride_saj, stride_sbj, RB)
             s = it % STAGES
-            sa = gl.load(sa_ptrs + j * stride_saj, mask=rmask, other=0.0)
-            if RB == 1:
-                sb = gl.load(sb_base + j * stride_sbj + sb_offs)
-            else:
-                sb = gl.load(sb_base + j * stride_sbj)
-            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            b_tile = b_smem.index(s).permute((1, 0))
-            p = warpgroup_mma(a_smem.index(2 * s + WG), b_tile, zero, use_acc=False, is_async=True)
+            if ORDER:
+                if WG == 1:   # start this K block's wgmma once warpgroup 0's has finished (see ORDER)
+                    mbarrier.wait(turn.index(s), (it // STAGES) & 1)
+            p = _issue(a_smem, b_smem, ready, it, p, WG, STAGES)
             p = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
-            if RB == 1:
-                acc += _to_f32(p, MAGIC) * (gl.expand_dims(sa, 1) * gl.expand_dims(sb, 0))
-            else:
-                acc += _to_f32(p, MAGIC) * gl.expand_dims(sa * sb, 1)
-            if FALLBACK:
-                fv = gl.load(flags_ptr + pid_m * stride_fm + j)
-                if fv != 0:
-                    sa2 = gl.load(sa2_ptr + rows * stride_sa2m + j * stride_sa2j, mask=rmask, other=0.0)
-                    p2 = warpgroup_mma(a2_smem.index(2 * s + WG), b_tile, zero, use_acc=False, is_async=True)
-                    p2 = warpgroup_mma_wait(num_outstanding=0, deps=(p2, ))
-                    if RB == 1:
-                        acc += _to_f32(p2, MAGIC) * (gl.expand_dims(sa2, 1) * gl.expand_dims(sb, 0))
-                    else:
-                        acc += _to_f32(p2, MAGIC) * gl.expand_dims(sa2 * sb, 1)
-            # every warp of this warpgroup is past its wgmma wait before the stage is handed back
-            gl.thread_barrier()
-            mbarrier.arrive(empty.index(s), count=1)
+            if ORDER:
+                if WG == 0:
+                    mbarrier.arrive(turn.index(s), count=1)
+            acc = _promote(acc, p, sa, sb, RB, MAGIC)
+            acc, p = _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, flags_ptr,
+                              flag_row, stride_sa2j, WG, RB, FALLBACK, MAGIC, STAGES)
             it += 1
 
-        if HAS_BIAS:
-            acc += gl.expand_dims(gl.load(bias_ptr + cols, mask=cmask, other=0.0).to(gl.float32), 0)
+        if HAS_BIAS:             # (column indices made here: 32 registers a thread not held through the K loop)
+            cols = off_n + gl.arange(0, BN, layout=col_l)
+            acc += gl.expand_dims(gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32), 0)
         tma.store_wait(pendings=0)          # the previous tile's store has read c_smem
         gl.thread_barrier()
         c_smem.store(acc.to(c_desc.dtype))
@@ -193,7 +245,7 @@ _INT_ARGS = ["M", "N", "K", "stride_sam", "stride_saj", "stride_sbn", "stride_sb
 def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, sa_ptr, sb_ptr, sa2_ptr, flags_ptr, bias_ptr, M, N, K,
                           stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
                           RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr, MAGIC: gl.constexpr,
-                          STAGES: gl.constexpr, GROUP: gl.constexpr):
+                          STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr):
     HM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     BK: gl.constexpr = b_desc.block_type.shape[1]
@@ -207,17 +259,19 @@ def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, sa_ptr, sb_ptr, sa2_p
     c1_smem = gl.allocate_shared_memory(c_desc.dtype, [HM, BN], c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)         # one arrival per consumer warpgroup
+        mbarrier.init(turn.index(i), count=1)          # warpgroup 0's wgmma of this step is done
 
     gl.warp_specialize([
         (_consumer, (c_desc, a_smem, b_smem, a2_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
                      bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j,
-                     stride_fm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP)),
+                     stride_fm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, turn)),
         (_consumer, (c_desc, a_smem, b_smem, a2_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
                      bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j,
-                     stride_fm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP)),
+                     stride_fm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, turn)),
         (_producer, (a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, flags_ptr, stride_fm, M, N, K,
                      FALLBACK, STAGES, GROUP)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -272,8 +326,8 @@ def _desc(t: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block), _layout(block, t.dtype))
 
 
-def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=None, flags=None, *, magic=True,
-           stages=None, grid_size=None) -> torch.Tensor:
+def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=None, flags=None, *, magic=None,
+           stages=None, grid_size=None, order=None) -> torch.Tensor:
     """The kernel without argument checks (callers checked the contract and :func:`supported`)."""
     (M, K), N = a.shape, b.shape[0]
     fallback = a2 is not None
@@ -302,8 +356,9 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
     _block_gemm_ws_kernel[grid](
         a_desc, b_desc, a2_desc, c_desc, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
         a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm,
-        RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=magic,
-        STAGES=stages or stages_for(out_dtype, fallback), GROUP=GROUP_M, num_warps=4, maxnreg=MAXNREG)
+        RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=MAGIC if magic is None else magic,
+        STAGES=stages or stages_for(out_dtype, fallback), GROUP=GROUP_M, ORDER=ORDER if order is None else order,
+        num_warps=4, maxnreg=MAXNREG)
     return out
 
 
@@ -326,7 +381,7 @@ def _unsupported(what, a, b, a_rows, b_rows, block_k, out_dtype):
 
 def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                     a_rows: int, b_rows: int, block_k: int, bias: torch.Tensor | None = None,
-                    out_dtype: torch.dtype = torch.bfloat16, *, magic: bool = True,
+                    out_dtype: torch.dtype = torch.bfloat16, *, magic: bool | None = None,
                     stages: int | None = None) -> torch.Tensor:
     """:func:`qtrain.quant.block_gemm.block_int8_gemm` on the Gluon kernel (raises ValueError where
     :func:`supported` is False, other than empty shapes, which are answered on the host)."""
@@ -342,7 +397,7 @@ def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
 def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor, a2_scale: torch.Tensor,
                         flags: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, b_rows: int, block_k: int = 128,
                         bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
-                        magic: bool = True, stages: int | None = None) -> torch.Tensor:
+                        magic: bool | None = None, stages: int | None = None) -> torch.Tensor:
     """Block-scaled GEMM with the fallback term: ``a2`` (residual quantization) is read only in tiles whose
     ``flags[m // 128, j]`` is set (its bytes elsewhere are unspecified); unflagged tiles cost one MMA."""
     check_fallback_gemm_args(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype)

@@ -98,9 +98,27 @@ def test_block_gemm_7b_shape_and_persistent_loop(rb):
     a, b, sa, sb = a[:m, :k], b[:n, :k].contiguous(), sa[:m, :k // 128].contiguous(), sb[:, :k // 128]
     sb = sb[:-(-n // rb)].contiguous()
     ref = quant.block_int8_gemm(a, b, sa, sb, 1, rb, 128, None, torch.float32)
-    for grid_size, stages in ((3, 2), (5, 3), (1, 4)):
-        out = glu.launch(a, b, sa, sb, rb, None, torch.float32, stages=stages, grid_size=grid_size)
-        assert quant.relative_error(ref, out) <= 1e-5, (grid_size, stages)
+    for grid_size, stages, order, magic in ((3, 2, True, False), (5, 3, True, False), (1, 4, True, False),
+                                            (7, None, False, False), (4, None, True, True), (2, 2, False, True)):
+        out = glu.launch(a, b, sa, sb, rb, None, torch.float32, stages=stages, grid_size=grid_size, order=order,
+                         magic=magic)
+        assert quant.relative_error(ref, out) <= 1e-5, (grid_size, stages, order, magic)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_triton_block_gemm_routes_to_gluon_on_hopper():
+    """qtrain.kernels.block_gemm sends supported calls above the size threshold to this kernel (same bits),
+    and everything else to the Triton kernel."""
+    from qtrain.kernels import block_gemm as kbg
+
+    M, K, N = 4096, 2048, 4096
+    _, (qa, qb, sa, sb, bb) = _operands(M, N, K, 128, True)
+    assert torch.equal(kbg.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, bb, torch.bfloat16),
+                       glu.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, bb, torch.bfloat16))
+    small = kbg.block_int8_gemm(qa[:64], qb[:128], sa[:64], sb[:1], 1, 128, 128, None, torch.float32)
+    ref = quant.block_int8_gemm(qa[:64], qb[:128], sa[:64], sb[:1], 1, 128, 128, None, torch.float32)
+    assert quant.relative_error(ref, small) <= 1e-5
 
 
 @pytest.mark.gpu
@@ -118,7 +136,7 @@ def test_block_gemm_nan_scales_non_contiguous_and_errors():
     # a row-strided A (a view into a wider buffer) goes straight to TMA
     wide = torch.zeros(200, 640, dtype=torch.int8, device="cuda")
     wide[:, :512] = qa
-    sa[7, 1] = 1e-3
+    sa[7, 1], sb[1, 2] = 1e-3, 2e-3
     ref = quant.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, None, torch.float32)
     assert quant.relative_error(ref, glu.block_int8_gemm(wide[:, :512], qb, sa, sb, 1, 128, 128, None,
                                                          torch.float32)) <= 1e-5
