@@ -55,8 +55,13 @@ def block_sum_fp64(a, b, a_scale, b_scale, a_rows, b_rows, block_k) -> torch.Ten
     (M, K), N = a.shape, b.shape[0]
     sa = a_scale.double().repeat_interleave(a_rows, 0)[:M]       # [M, nk]
     sb = b_scale.double().repeat_interleave(b_rows, 0)[:N]       # [N, nk]
+    nk = sa.shape[1]
+    pad = nk * block_k - K
+    A = torch.nn.functional.pad(a.float(), (0, pad)).view(M, nk, block_k).transpose(0, 1)    # [nk, M, c]
+    B = torch.nn.functional.pad(b.float(), (0, pad)).view(N, nk, block_k).transpose(0, 1)    # [nk, N, c]
     out = torch.zeros(M, N, dtype=torch.float64, device=a.device)
-    for j, k in enumerate(range(0, K, block_k)):
-        part = a[:, k:k + block_k].float() @ b[:, k:k + block_k].float().t()      # exact integers
-        out += part.double() * sa[:, j, None] * sb[None, :, j]
+    step = max(1, (1 << 24) // max(1, M * N))                    # K blocks per batched product (bounded memory)
+    for j in range(0, nk, step):
+        parts = torch.bmm(A[j:j + step], B[j:j + step].transpose(1, 2))                 # exact integers
+        out += (parts.double() * sa.t()[j:j + step, :, None] * sb.t()[j:j + step, None, :]).sum(0)
     return out
