@@ -98,6 +98,11 @@ def test_out_refuses_an_existing_run(finished, corpus, tmp_path, capsys):
     shutil.copytree(finished, other)
     _one_error_line(capsys, ["train", "--resume", str(run), "--steps", "6", "--out", str(other)], str(other))
     assert _snapshot(run) == before and _snapshot(other) == before
+    # a run stopped before its first checkpoint cannot be resumed: the line says so
+    for step in ("step-000002", "step-000004"):
+        shutil.rmtree(other / step)
+    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(other)], str(other),
+                    "no checkpoint to resume", "another --out")
     # a folder that is not empty but holds no run
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "notes.txt").write_text("mine")

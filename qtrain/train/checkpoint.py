@@ -95,7 +95,7 @@ def find(path: str, flag: str = "--resume") -> Path:
         missing = missing_files(p)
         if missing:
             raise UserError(f"{flag} {path!r}: checkpoint is incomplete (no {', '.join(missing)}); pass its run "
-                            f"folder to resume from the latest complete checkpoint")
+                            f"folder instead, which names its latest complete checkpoint")
         return p
     found = list_checkpoints(p)
     if not found:

@@ -141,9 +141,12 @@ def check_out(out: Path, resume_dir: Path | None = None) -> None:
                             f"empty one")
         if out.is_dir() and not (resume_dir is not None and out.resolve() == resume_dir.resolve()) \
                 and any(out.iterdir()):
-            if any((out / name).exists() for name in RUN_MARKERS) or checkpoint.list_checkpoints(out):
+            if checkpoint.list_checkpoints(out):
                 raise UserError(f"--out {out} already holds a run: pass --resume {out} to continue it, or choose "
                                 f"another --out")
+            if any((out / name).exists() for name in RUN_MARKERS):
+                raise UserError(f"--out {out} already holds a run that has no checkpoint to resume: delete the "
+                                f"folder or choose another --out")
             raise UserError(f"--out {out} is a folder that is not empty: choose a new or an empty folder")
         ancestor = out.absolute()
         while not ancestor.exists() and ancestor != ancestor.parent:
@@ -386,8 +389,9 @@ def evaluate(run: Run) -> float:
 
 def weights_finite(run: Run) -> bool:
     """Whether every weight of the model is finite, on every process (each checks its own shards)."""
-    params = [p.to_local() if hasattr(p, "to_local") else p for p in run.model.parameters()]
-    finite = bool(torch.stack([torch.isfinite(p).all() for p in params if p.numel()]).all()) if params else True
+    checks = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()     # DTensor shards under FSDP2
+              for p in run.model.parameters() if p.numel()]
+    finite = bool(torch.stack(checks).all()) if checks else True
     return distributed.all_sum([float(not finite)], run.world, run.device)[0] == 0
 
 
