@@ -55,8 +55,8 @@ HALF_M = 64                       # rows per consumer warpgroup
 SMEM_BYTES = 225 * 1024           # H100/H200: 227 KB per block, less room for barriers
 MAX_STAGES = 6
 GROUP_M = 8
-MAGIC = False         # int32 → fp32 by I2F (measured faster than the magic-number add on H200)
-ORDER = True          # warpgroup 1 issues a K block's wgmma only once warpgroup 0's is done (see _consumer)
+MAGIC = True          # int32 → fp32 by the exact magic-number add, not cvt (I2F runs at 16/clk/SM)
+ORDER = 2             # 1: warpgroup 1 starts a K block's wgmma once warpgroup 0's is done; 2: and vice versa
 CONSUMER_REGS = gl.constexpr(240)     # setmaxnreg of the second consumer warpgroup (the first gets the rest)
 PRODUCER_REGS = gl.constexpr(24)
 MAXNREG = 168                          # 12 warps (3 warpgroups) × 32 × 168 ≤ 64K registers
@@ -178,7 +178,7 @@ def _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask
 def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr, bias_ptr,
               M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
               WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
-              MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr, turn):
+              MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr, turn, turn1):
     HM: gl.constexpr = c_desc.block_type.shape[0]
     BN: gl.constexpr = c_desc.block_type.shape[1]
     BM: gl.constexpr = 2 * HM
@@ -211,14 +211,21 @@ def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_
         for j in range(nk):
             sa, sb = _scales(sa_ptr, sb_ptr, sa_offs, rmask, sb_base, sb_offs, j, stride_saj, stride_sbj, RB)
             s = it % STAGES
-            if ORDER:
+            if ORDER >= 1:
                 if WG == 1:   # start this K block's wgmma once warpgroup 0's has finished (see ORDER)
                     mbarrier.wait(turn.index(s), (it // STAGES) & 1)
+            if ORDER == 2:
+                if WG == 0:   # ... and warpgroup 0's once warpgroup 1's of the previous K block has
+                    mbarrier.wait(turn1.index((it + STAGES - 1) % STAGES), ((it + STAGES - 1) // STAGES + 1) & 1,
+                                  pred=it > 0)
             p = _issue(a_smem, b_smem, ready, it, p, WG, STAGES)
             p = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
-            if ORDER:
+            if ORDER >= 1:
                 if WG == 0:
                     mbarrier.arrive(turn.index(s), count=1)
+            if ORDER == 2:
+                if WG == 1:
+                    mbarrier.arrive(turn1.index(s), count=1)
             acc = _promote(acc, p, sa, sb, RB, MAGIC)
             acc, p = _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, flags_ptr,
                               flag_row, stride_sa2j, WG, RB, FALLBACK, MAGIC, STAGES)
@@ -260,18 +267,20 @@ def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, sa_ptr, sb_ptr, sa2_p
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)         # one arrival per consumer warpgroup
         mbarrier.init(turn.index(i), count=1)          # warpgroup 0's wgmma of this step is done
+        mbarrier.init(turn1.index(i), count=1)         # warpgroup 1's wgmma of this step is done
 
     gl.warp_specialize([
         (_consumer, (c_desc, a_smem, b_smem, a2_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
                      bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j,
-                     stride_fm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, turn)),
+                     stride_fm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, turn, turn1)),
         (_consumer, (c_desc, a_smem, b_smem, a2_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
                      bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j,
-                     stride_fm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, turn)),
+                     stride_fm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, turn, turn1)),
         (_producer, (a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, flags_ptr, stride_fm, M, N, K,
                      FALLBACK, STAGES, GROUP)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -357,7 +366,7 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
         a_desc, b_desc, a2_desc, c_desc, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
         a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm,
         RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=MAGIC if magic is None else magic,
-        STAGES=stages or stages_for(out_dtype, fallback), GROUP=GROUP_M, ORDER=ORDER if order is None else order,
+        STAGES=stages or stages_for(out_dtype, fallback), GROUP=GROUP_M, ORDER=int(ORDER if order is None else order),
         num_warps=4, maxnreg=MAXNREG)
     return out
 

@@ -98,8 +98,8 @@ def test_block_gemm_7b_shape_and_persistent_loop(rb):
     a, b, sa, sb = a[:m, :k], b[:n, :k].contiguous(), sa[:m, :k // 128].contiguous(), sb[:, :k // 128]
     sb = sb[:-(-n // rb)].contiguous()
     ref = quant.block_int8_gemm(a, b, sa, sb, 1, rb, 128, None, torch.float32)
-    for grid_size, stages, order, magic in ((3, 2, True, False), (5, 3, True, False), (1, 4, True, False),
-                                            (7, None, False, False), (4, None, True, True), (2, 2, False, True)):
+    for grid_size, stages, order, magic in ((3, 2, 2, True), (5, 3, 2, True), (1, 4, 2, True), (7, None, 0, False),
+                                            (4, None, 1, False), (2, 2, 0, True), (6, 2, 1, True)):
         out = glu.launch(a, b, sa, sb, rb, None, torch.float32, stages=stages, grid_size=grid_size, order=order,
                          magic=magic)
         assert quant.relative_error(ref, out) <= 1e-5, (grid_size, stages, order, magic)
@@ -112,7 +112,7 @@ def test_triton_block_gemm_routes_to_gluon_on_hopper():
     and everything else to the Triton kernel."""
     from qtrain.kernels import block_gemm as kbg
 
-    M, K, N = 4096, 2048, 4096
+    M, K, N = 8192, 4096, 4096                                       # 2·M·N·K = 2³⁸, the threshold
     _, (qa, qb, sa, sb, bb) = _operands(M, N, K, 128, True)
     assert torch.equal(kbg.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, bb, torch.bfloat16),
                        glu.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, bb, torch.bfloat16))
@@ -143,7 +143,11 @@ def test_block_gemm_nan_scales_non_contiguous_and_errors():
     for args in ((qa, qb, sa, sb, 32, 128, 128), (qa, qb, sa, sb[:, :2], 1, 128, 256)):
         with pytest.raises(ValueError):
             glu.block_int8_gemm(*args)
-    assert not glu.supported(qa[:, :200], qb[:, :200], 1, 128, 128)         # K % 16 != 0
+    assert not glu.supported(qa[:, :200].contiguous(), qb[:, :200].contiguous(), 1, 128, 128)  # rows not 16-B
+    out = glu.block_int8_gemm(qa[:, :200], qb[:, :200], sa[:, :2].contiguous(), sb[:, :2].contiguous(), 1, 128,
+                              128, None, torch.float32)             # K = 200 in 512-byte rows: TMA takes it
+    ref = quant.block_int8_gemm(qa[:, :200], qb[:, :200], sa[:, :2], sb[:, :2], 1, 128, 128, None, torch.float32)
+    assert quant.relative_error(ref, out) <= 1e-5
 
 
 def _fallback_case(m, n, k, rb, ratio, bias, seed=0):
