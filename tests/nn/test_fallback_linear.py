@@ -13,6 +13,8 @@ from qtrain.nn.linear import QuantLinear
 from qtrain.quant import sqnr
 from qtrain.quant.testing import PATTERNS, outlier_data
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"        # CPU: the kernels under Triton's interpreter
+
 
 def _step(layer, x, dy):
     x = x.clone().requires_grad_()
@@ -43,9 +45,9 @@ def test_fallback_sqnr_on_outlier_data(pattern):
 
 def test_kernel_path_equals_reference_path():
     torch.manual_seed(0)
-    ref = nn.Linear(256, 200)
-    x = outlier_data(300, 256, magnitude=80.0, pattern="scattered")
-    dy = torch.randn(300, 200)
+    ref = nn.Linear(256, 200).to(DEV)
+    x = outlier_data(300, 256, magnitude=80.0, pattern="scattered", device=DEV)
+    dy = torch.randn(300, 200, device=DEV)
     outs = {}
     for backend in ("reference", "triton"):
         layer = QuantLinear.from_module(ref, "fallback")
