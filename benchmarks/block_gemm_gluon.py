@@ -43,7 +43,7 @@ def operands(M, K, N, rb, seed=0):
 
 def variants(rb):
     """(name, launch keyword arguments) of the Gluon kernel; the first is the default configuration."""
-    return [("gluon", {}), ("gluon-cvt", {"magic": False}), ("gluon-order1-cvt", {"order": 1, "magic": False}),
+    return [("gluon", {}), ("gluon-magic", {"magic": True}), ("gluon-order2-magic", {"order": 2, "magic": True}),
             ("gluon-lockstep", {"order": 0}), ("gluon-s4", {"stages": 4})]
 
 
@@ -151,7 +151,7 @@ def markdown(rows, info):
              "", "TOP/s by 2·M·N·K; median of triton.testing.do_bench (L2 flushed); bf16 output; all columns from "
              "the same run.", "",
              "| M×K×N | blocks | BF16 TFLOP/s | Triton block | Gluon | Gluon / BF16 | Gluon / Triton "
-             "| variants: cvt / order 1 + cvt / lockstep / 4 stages | row-scaled Gluon INT8 |",
+             "| variants: magic / order 2 + magic / lockstep / 4 stages | row-scaled Gluon INT8 |",
              "|---|---|---|---|---|---|---|---|---|"]
     f = lambda r, k: f"{r[k]:.0f}" if k in r else "—"                                          # noqa: E731
     x = lambda r, k: f"{r.get(k, 0):.2f}×"                                                      # noqa: E731
@@ -160,7 +160,8 @@ def markdown(rows, info):
             continue
         lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['blocks']} | {f(r, 'bf16_tflops')} | {f(r, 'triton_tops')}"
                      f" | {f(r, 'gluon_tops')} | {x(r, 'gluon_vs_bf16')} | {x(r, 'gluon_vs_triton')}"
-                     f" | {f(r, 'gluon-cvt_tops')} / {f(r, 'gluon-order1-cvt_tops')} / {f(r, 'gluon-lockstep_tops')}"
+                     f" | {f(r, 'gluon-magic_tops')} / {f(r, 'gluon-order2-magic_tops')}"
+                     f" / {f(r, 'gluon-lockstep_tops')}"
                      f" / {f(r, 'gluon-s4_tops')}"
                      f" | {f(r, 'int8_gluon_rowscaled_tops')} |")
     lines += ["", "Fallback (second A operand on flagged 128-row × 128-K tiles), 1×128 · 128×128:", "",

@@ -18,13 +18,13 @@ tiles; per program three partitions (``gl.warp_specialize``):
   into the fp32 accumulator; a flagged block adds the A2 product reusing the B tile already in shared memory.
 
 The overlap Triton's pipeliner cannot give INT8 dots (GPU.md) comes from the two warpgroups taking turns
-(``ORDER``): warpgroup 1 issues a K block's wgmma only once warpgroup 0's has finished (a ``turn`` mbarrier per
-stage), so one warpgroup promotes while the other's wgmma runs; left alone they run in lockstep and both promote
-while the tensor cores idle (measured 880 → see benchmarks/results/2026-12-01-h200-block-gluon.md). Keeping two
-int32 partials per warpgroup instead (the next K block's wgmma in flight during the promotion) does not compile
-well: ptxas serializes every wgmma when a finished accumulator is read while another is in flight in this
-code (warnings C7514/C7512), so it was dropped. The int32→fp32 conversion is ``cvt`` (``MAGIC`` selects the
-exact magic-number add ``bits(p + 0x4B400000) − 1.5·2²³`` instead: more instructions, measured slower).
+(``ORDER`` 1): warpgroup 1 issues a K block's wgmma only once warpgroup 0's has finished (a ``turn`` mbarrier per
+stage), so one warpgroup promotes while the other's wgmma runs; left alone (``ORDER`` 0) they drift into lockstep
+and both promote while the tensor cores idle. ``ORDER`` 2 (strict alternation, a second barrier) and the exact
+magic-number conversion ``bits(p + 0x4B400000) − 1.5·2²³`` (``MAGIC``) instead of ``cvt`` measured slower on the
+H200 (benchmarks/results/2026-12-01-h200-block-gluon.md). Keeping two int32 partials per warpgroup (the next K
+block's wgmma in flight during the promotion) does not compile well: ptxas serializes every wgmma when a
+finished accumulator is read while another is in flight in this code (its notes C7514/C7512), so it was dropped.
 Epilogue per warpgroup: bias, output cast, shared memory, TMA store.
 
 Scales are read with plain loads: ``a_scale`` as given ([M, nk], two values per thread per K block),
@@ -55,8 +55,8 @@ HALF_M = 64                       # rows per consumer warpgroup
 SMEM_BYTES = 225 * 1024           # H100/H200: 227 KB per block, less room for barriers
 MAX_STAGES = 6
 GROUP_M = 8
-MAGIC = True          # int32 → fp32 by the exact magic-number add, not cvt (I2F runs at 16/clk/SM)
-ORDER = 2             # 1: warpgroup 1 starts a K block's wgmma once warpgroup 0's is done; 2: and vice versa
+MAGIC = False         # int32 → fp32 by cvt (I2F); True: the exact magic-number add (more instructions, slower)
+ORDER = 1             # 1: warpgroup 1 starts a K block's wgmma once warpgroup 0's is done; 2: and vice versa
 CONSUMER_REGS = gl.constexpr(240)     # setmaxnreg of the second consumer warpgroup (the first gets the rest)
 PRODUCER_REGS = gl.constexpr(24)
 MAXNREG = 168                          # 12 warps (3 warpgroups) × 32 × 168 ≤ 64K registers
