@@ -205,6 +205,42 @@ def quantize_blockwise(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, t
     return _quantize_blockwise_op(x, r, c) if torch.compiler.is_compiling() else _quantize_blockwise(x, r, c)
 
 
+# ------------------------------------------------------------------------------------- quantize_blockwise_sr
+def _quantize_blockwise_sr(x, r, c, seed):
+    k = _kernel("blockwise", "quantize_blockwise_sr", x.device)
+    return (k or quant.quantize_blockwise_sr)(x, r, c, seed)
+
+
+@torch.library.custom_op("qtrain::quantize_blockwise_sr", mutates_args=())
+def _quantize_blockwise_sr_op(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    return _quantize_blockwise_sr(x, r, c, seed)
+
+
+@_quantize_blockwise_sr_op.register_fake
+def _(x, r, c, seed):
+    check_float(x)
+    check_2d(x)
+    check_block(r, c)
+    m, k = x.shape
+    return x.new_empty((m, k), dtype=torch.int8), x.new_empty((-(-m // r), -(-k // c)), dtype=torch.float32)
+
+
+def sr_seed(generator: torch.Generator) -> torch.Tensor:
+    """A one-element int64 seed drawn from ``generator`` on its own device (no host synchronization)."""
+    return torch.randint(0, 2**62, (1,), generator=generator, device=generator.device, dtype=torch.int64)
+
+
+def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int,
+                          generator: "torch.Generator | torch.Tensor") -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_blockwise`` with stochastic rounding: the seed is drawn from ``generator`` (or given as a
+    one-element integer tensor); see :mod:`qtrain.quant.blockwise`."""
+    seed = generator if isinstance(generator, torch.Tensor) else sr_seed(generator)
+    if torch.compiler.is_compiling():
+        return _quantize_blockwise_sr_op(x, r, c, seed)
+    return _quantize_blockwise_sr(x, r, c, seed)
+
+
 # ------------------------------------------------------------------------------------------- block_int8_gemm
 def _block_int8_gemm(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype):
     k = _kernel("block_gemm", "block_int8_gemm", a.device)

@@ -182,7 +182,9 @@ class Recipe:
     """A training method: the three GEMMs of every converted linear layer and what backward keeps.
 
     ``save_int8_input``: save the fprop-quantized X (int8 + scales) for wgrad instead of the 16-bit X.
-    ``dataflow``: ops between linears pass INT8 (Jetfire); not offered by the presets of this version.
+    ``dataflow``: ops between linears pass INT8 (Jetfire): :func:`qtrain.convert` swaps the supported
+    transformer blocks for the data-flow blocks of :mod:`qtrain.nn.dataflow` (see :mod:`qtrain.nn.plan` for what
+    such a recipe must say).
     """
 
     name: str
@@ -235,7 +237,7 @@ class Recipe:
 
     def __str__(self) -> str:
         return (f"{self.name}: fprop {self.fprop}; dgrad {self.dgrad}; wgrad {self.wgrad}"
-                + ("; saves int8 X" if self.save_int8_input else ""))
+                + ("; saves int8 X" if self.save_int8_input else "") + ("; INT8 data flow" if self.dataflow else ""))
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -270,7 +272,29 @@ FALLBACK = Recipe(
                 "threshold (5 % of tiles) add an INT8 residual term inside the same GEMM.",
 )
 
-PRESETS: dict[str, Recipe] = {r.name: r for r in (BF16, SWITCHBACK, SWITCHBACK_M, FALLBACK)}
+def _jetfire(name: str, act: Granularity, weight: Granularity, description: str) -> Recipe:
+    x, g = int8(act), int8(act, "stochastic")                   # activations RTN, gradients SR
+    return Recipe(name,
+                  fprop=GemmSpec(lhs=x, rhs=int8(weight), out="int8_blocks"),
+                  dgrad=GemmSpec(lhs=g, rhs=int8(weight), out="int8_blocks"),
+                  wgrad=GemmSpec(lhs=g, rhs=x),
+                  dataflow=True, description=description)
+
+
+JETFIRE = _jetfire(
+    "jetfire", block(32, 32), block(32, 32),
+    "Xi et al. 2024: all three GEMMs INT8 in 32×32 blocks (activations and weights round-to-nearest, gradients "
+    "stochastic rounding); INT8 data flow: norms and activations take INT8 blocks in and give INT8 blocks out, "
+    "and each block saves its activations for backward in INT8 (the residual stream stays floating point, "
+    "attention's core BF16). 32×32 blocks transpose exactly, so the saved INT8 X serves wgrad as it is.")
+
+JETFIRE_WIDE = _jetfire(
+    "jetfire_wide", block(1, 128), block(128, 128),
+    "Jetfire with Hopper-friendly blocks: activations and gradients 1×128 along the reduced dim, weights "
+    "128×128 (one promotion per 128-wide K-tile instead of per 32); gradients stochastic rounding; the same INT8 "
+    "data flow. wgrad re-quantizes the saved INT8 X along tokens (1×128 blocks do not transpose).")
+
+PRESETS: dict[str, Recipe] = {r.name: r for r in (BF16, SWITCHBACK, SWITCHBACK_M, FALLBACK, JETFIRE, JETFIRE_WIDE)}
 
 
 def get(recipe: "str | Recipe") -> Recipe:

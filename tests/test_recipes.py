@@ -41,3 +41,18 @@ def test_granularity_validation():
         recipes.Granularity("block")
     with pytest.raises(ValueError):
         block(0, 4)
+
+
+@pytest.mark.parametrize("name", ["jetfire", "jetfire_wide"])
+def test_jetfire_presets_round_trip_and_describe(name):
+    import json
+    r = recipes.get(name)
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r and r.description
+    assert r.dataflow and not r.save_int8_input and r.fprop.out == "int8_blocks" and r.wgrad.out == "dequant"
+    for gemm in (r.fprop, r.dgrad, r.wgrad):                  # one c along K on both operands of every GEMM
+        assert gemm.lhs.granularity.block[1] == gemm.rhs.granularity.block[1]
+    assert r.fprop.lhs.rounding == r.fprop.rhs.rounding == r.dgrad.rhs.rounding == "nearest"
+    assert r.dgrad.lhs.rounding == r.wgrad.lhs.rounding == "stochastic"
+    assert "INT8 data flow" in str(r)
+    if name == "jetfire":
+        assert {s.granularity.block for g in (r.fprop, r.dgrad, r.wgrad) for s in (g.lhs, g.rhs)} == {(32, 32)}

@@ -5,6 +5,10 @@ scale per ``r × c`` block, RTN, bit-exact with the reference. Each program quan
 ``TM / r`` blocks stacked along M, ~4k elements or one block if larger — read once: absmax per block, then
 quantize. ``r`` and ``c`` are powers of two (``c`` ≤ 1024). Any strides (a transposed view gives the blocks of
 the transpose, e.g. ``(128, 1)`` token blocks of an activation for the weight gradient), bf16/fp16/fp32 input.
+
+``quantize_blockwise_sr(x, r, c, seed [1] int tensor)``: the same scales (bit-exact), stochastic rounding
+``floor(v + u)`` with ``u = tl.rand(seed, element index)`` — the twin of the reference's SR in distribution
+(unbiased, every code within one step of ``x / scale``), not bit for bit: the uniforms are another stream.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
-from qtrain.quant.blockwise import check_block
+from qtrain.quant.blockwise import check_block, check_seed
 from qtrain.quant.core import check_2d, check_float
 
 MAX_C = 1024
@@ -37,7 +41,45 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, n_block_r
     tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)
 
 
+@triton.jit
+def quantize_sr(x, scale, u):
+    """fp32 ``x / scale`` (IEEE) → int8 by stochastic rounding: NaN → 0, clamp to ±127, ``floor(v + u)``."""
+    v = tl.math.div_rn(x, scale)
+    v = tl.where(v != v, 0.0, v)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    v = tl.minimum(tl.maximum(tl.floor(v + u), -127.0), 127.0)
+    return v.to(tl.int8)
+
+
+@triton.jit
+def _blockwise_sr_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, M, K, stride_xm, stride_xk, n_block_rows, n_block_cols,
+                         R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * TM + tl.arange(0, TM)
+    cols = pid_k * C + tl.arange(0, C)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    bits = tl.reshape(abs_bits(x), [TM // R, R, C])
+    scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
+    row_scale = tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])
+    u = tl.rand(tl.load(seed_ptr), rows[:, None] * K + cols[None, :])                 # element index (wraps)
+    q = quantize_sr(x, tl.broadcast_to(row_scale[:, None], x.shape), u)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
+    brow = pid_m * (TM // R) + tl.arange(0, TM // R)
+    tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)
+
+
 def quantize_blockwise(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, r, c, None)
+
+
+def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_seed(seed)
+    return _launch(x, r, c, seed)
+
+
+def _launch(x, r, c, seed):
     check_float(x)
     check_2d(x)
     check_block(r, c)
@@ -54,6 +96,11 @@ def quantize_blockwise(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, t
     target = 65536 if interpreting() else 4096
     tm = max(r, min(target // c, triton.next_power_of_2(M)))
     warps = 8 if tm * c >= 8192 else 4
-    _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, M, K, x.stride(0), x.stride(1), nr, nc,
-                                                R=r, C=c, TM=tm, num_warps=warps)
+    if seed is None:
+        _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, M, K, x.stride(0), x.stride(1), nr, nc,
+                                                    R=r, C=c, TM=tm, num_warps=warps)
+    else:
+        seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
+        _blockwise_sr_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, seed, M, K, x.stride(0), x.stride(1), nr, nc,
+                                                       R=r, C=c, TM=tm, num_warps=warps)
     return q, scale

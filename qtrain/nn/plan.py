@@ -8,15 +8,23 @@ path       operands → GEMM
 ========== =====================================================================================================
 hp         both high precision → a 16/32-bit matmul
 int8       INT8 RTN, tensor or row scales → ``ops.quantize_rowwise``/``quantize_tensorwise`` → ``ops.int8_gemm``
-block      INT8 RTN, power-of-two ``(r, c)`` blocks, one ``c`` ∈ 32–256 → ``ops.quantize_blockwise`` →
-           ``ops.block_int8_gemm``
+block      INT8 RTN or SR, power-of-two ``(r, c)`` blocks, one ``c`` ∈ 32–256 → ``ops.quantize_blockwise``
+           (SR operands: ``ops.quantize_blockwise_sr``, seeded from ``sr_generator``) → ``ops.block_int8_gemm``
 fallback   lhs INT8 ``(1, c)`` blocks with a :class:`~qtrain.recipes.Fallback` policy, rhs as on ``block`` →
            ``ops.quantize_fallback`` → ``ops.fallback_block_gemm``
-emulated   other quantized specs (SR, INT4, other blocks, mixed kinds): reference quantize-dequantize, fp32 matmul
+emulated   other quantized specs (SR rows/tensors, INT4, other blocks, mixed kinds): reference quantize-dequantize,
+           fp32 matmul
 ========== =====================================================================================================
 
 and what is reused: ``reuse_wt`` — dgrad's ``Wᵀ`` is fprop's quantized ``W`` transposed (exact for tensor scales
 and square blocks), saved for backward instead of quantizing again.
+
+A ``dataflow`` recipe (Jetfire) is accepted when all three GEMMs run on the block path, fprop's ``out`` is
+``'int8_blocks'`` and wgrad's ``'dequant'``; the data-flow blocks of :mod:`qtrain.nn.dataflow` run it (fprop
+output re-quantized to INT8 blocks where an activation consumes it; dgrad output with ``'int8_blocks'``
+quantized to INT8 SR blocks before the norm/activation backward). A plain :class:`~qtrain.nn.QuantLinear` with
+such a recipe (a layer outside a data-flow block) runs the same GEMMs with dequantized outputs. ``out`` other
+than ``'dequant'`` is rejected without ``dataflow``.
 """
 from __future__ import annotations
 
@@ -26,10 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from qtrain import ops
-from qtrain.nn.functional import Operand, block_pair, emulate, fast_int8
+from qtrain.nn.functional import Operand, block_pair, emulate, fast_int8, sr_generator
 from qtrain.quant.block_gemm import BLOCK_KS
 from qtrain.quant.fallback import update_threshold
-from qtrain.recipes import GemmSpec, Recipe
+from qtrain.recipes import GemmSpec, OperandSpec, Recipe
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 
@@ -61,6 +69,8 @@ class GemmPlan:
                 if update:
                     update_threshold(tau, tmax, spec.fallback)
                 return Operand("fallback", q, s, 1, c, q2, s2, flags, tmax)
+            if spec.rounding == "stochastic":
+                return Operand("block", *ops.quantize_blockwise_sr(t, rows, c, sr_generator(t.device)), rows, c)
             return Operand("block", *ops.quantize_blockwise(t, rows, c), rows, c)
         return t
 
@@ -114,8 +124,24 @@ def _reject(recipe: Recipe, gemm: str, what: str) -> ValueError:
     return ValueError(f"recipe {recipe.name!r}: {gemm} {what}")
 
 
+def _rtn(op: OperandSpec) -> OperandSpec:
+    """``op`` with round-to-nearest: an SR INT8 block operand takes the block path as its RTN twin would."""
+    if op.rounding == "stochastic" and op.format == "int8" and op.granularity.kind == "block":
+        return OperandSpec(op.format, op.granularity, "nearest", op.transform, op.fallback)
+    return op
+
+
 def _gemm_plan(recipe: Recipe, name: str) -> GemmPlan:
     spec: GemmSpec = getattr(recipe, name)
+    if recipe.dataflow:
+        plan = _gemm_plan(Recipe(recipe.name, **{name: GemmSpec(spec.lhs, spec.rhs)}), name)
+        if plan.path != "block":
+            raise _reject(recipe, name, f"runs on the {plan.path!r} path; a dataflow recipe needs every GEMM on "
+                                        f"the 'block' path (INT8 power-of-two (r, c) blocks, one c ∈ {BLOCK_KS})")
+        if (name == "fprop") != (spec.out == "int8_blocks") and name != "dgrad":
+            raise _reject(recipe, name, f"out={spec.out!r} in a dataflow recipe; accepted: fprop 'int8_blocks', "
+                                        "dgrad either, wgrad 'dequant'")
+        return GemmPlan(name, spec, "block", plan.blocks)
     if spec.out != "dequant":
         raise _reject(recipe, name, f"out={spec.out!r} (an INT8 output for the data flow) is not implemented in "
                                     "this version; accepted: 'dequant'")
@@ -139,7 +165,7 @@ def _gemm_plan(recipe: Recipe, name: str) -> GemmPlan:
         return GemmPlan(name, spec, "fallback", blocks)
     if fast_int8(spec.lhs) and fast_int8(spec.rhs):
         return GemmPlan(name, spec, "int8")
-    blocks = block_pair(spec.lhs, spec.rhs)
+    blocks = block_pair(_rtn(spec.lhs), _rtn(spec.rhs))
     if blocks is not None:
         return GemmPlan(name, spec, "block", blocks)
     return GemmPlan(name, spec, "emulated")
@@ -159,9 +185,6 @@ def _reuses_wt(recipe: Recipe, fprop: GemmPlan, dgrad: GemmPlan) -> bool:
 @functools.lru_cache(maxsize=None)
 def build_plan(recipe: Recipe) -> LinearPlan:
     """The plan of ``recipe`` for one linear layer; raises ``ValueError`` naming the spec no path implements."""
-    if recipe.dataflow:
-        raise ValueError(f"recipe {recipe.name!r}: dataflow=True (INT8 between ops) is not implemented in this "
-                         "version; accepted: dataflow=False")
     fprop, dgrad, wgrad = (_gemm_plan(recipe, g) for g in GEMMS)
     if recipe.save_int8_input and not (fprop.path == "int8" and fast_int8(recipe.fprop.lhs)):
         raise ValueError(f"recipe {recipe.name!r} saves the INT8 input for wgrad, which needs an fprop lhs in INT8 "

@@ -3,7 +3,15 @@
 ``quantize_blockwise(x [M, K] float, r, c) -> (q [M, K] int8 contiguous, scale [⌈M/r⌉, ⌈K/c⌉] fp32)``: one
 scale per ``r × c`` block (ragged edge blocks cover what is left), RTN, with the rules of
 :mod:`qtrain.quant.core`. ``(1, 128)`` blocks are the per-token-group scales of activations and gradients,
-``(128, 128)`` those of weights, ``(32, 32)`` Jetfire's.
+``(128, 128)`` those of weights, ``(32, 32)`` Jetfire's. ``rounding='stochastic'`` with an explicit
+``generator`` gives stochastic rounding (``floor(v + u)``, ``u ~ U[0, 1)``) with the same scales.
+
+``quantize_blockwise_sr(x, r, c, seed [1] int64) -> (q, scale)``: stochastic rounding seeded by a one-element
+tensor (what the kernel twin takes, so no host synchronization is needed to draw a seed on the GPU). The
+scales are bit-exact with RTN's; the codes are each within one step of ``x / scale`` and unbiased. The kernel
+twin draws its uniforms with ``tl.rand`` — a different stream, so the twins agree in distribution, not bit for
+bit (DESIGN.md's SR gate). :func:`qtrain.ops.quantize_blockwise_sr` draws ``seed`` from the project's SR
+generator (:func:`qtrain.nn.functional.sr_generator`).
 """
 from __future__ import annotations
 
@@ -18,7 +26,21 @@ def check_block(r: int, c: int) -> None:
         raise ValueError(f"block (r, c) must be two positive ints, got ({r!r}, {c!r})")
 
 
-def quantize_blockwise(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+def check_seed(seed: torch.Tensor) -> None:
+    if not (isinstance(seed, torch.Tensor) and seed.numel() == 1 and not seed.dtype.is_floating_point
+            and seed.dtype != torch.bool):
+        raise ValueError(f"seed must be a one-element integer tensor, got {seed!r:.80}")
+
+
+def quantize_blockwise(x: torch.Tensor, r: int, c: int, rounding: str = "nearest",
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     check_block(r, c)
-    q, scale = quantize(x, block(r, c))
+    q, scale = quantize(x, block(r, c), "int8", rounding, generator)
     return q.contiguous(), scale
+
+
+def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    check_seed(seed)
+    g = torch.Generator(device=x.device)
+    g.manual_seed(int(seed.reshape(()).item()) & ((1 << 63) - 1))
+    return quantize_blockwise(x, r, c, "stochastic", g)

@@ -62,3 +62,51 @@ def test_recipe_file_round_trip_and_unknown_keys(tmp_path):
         Recipe.from_dict({"name": "x", "fprop": {"lhs": {"format": "int8", "granule": "row"}}})
     with pytest.raises(TypeError, match="transform"):
         OperandSpec("int8", ROW, transform="hadamard")
+
+
+def test_sr_block_operands_take_the_block_path():
+    sr = Recipe("srb", fprop=GemmSpec(int8(block(32, 32)), int8(block(32, 32))),
+                dgrad=GemmSpec(int8(block(1, 64), "stochastic"), int8(block(64, 64))))
+    plan = build_plan(sr)
+    assert plan.dgrad.path == "block" and plan.dgrad.blocks == (1, 64, 64)
+    dy = torch.randn(40, 70)
+    a = plan.dgrad.quantize(dy, "lhs")
+    rtn = plan.fprop.quantize(dy, "lhs")
+    assert a.path == "block" and a.scale.shape == (40, 2)
+    assert ((a.dequantize() - dy).abs() <= a.dequantize().abs().max()).all()
+    v = dy / a.scale.repeat_interleave(64, 1)[:, :70]
+    assert ((a.q.float() - v).abs() < 1).all() and rtn.rows == 32
+
+
+def test_jetfire_presets_plan():
+    for name, blocks in (("jetfire", ((32, 32, 32),) * 3), ("jetfire_wide", ((1, 128, 128), (1, 128, 128),
+                                                                             (1, 1, 128)))):
+        r = recipes.get(name)
+        plan = build_plan(r)
+        assert r.dataflow and (plan.fprop.path, plan.dgrad.path, plan.wgrad.path) == ("block",) * 3
+        assert (plan.fprop.blocks, plan.dgrad.blocks, plan.wgrad.blocks) == blocks and plan.reuse_wt
+        assert r.dgrad.lhs.rounding == r.wgrad.lhs.rounding == "stochastic" and r.fprop.lhs.rounding == "nearest"
+        QuantLinear(64, 64, recipe=r)                 # a plain layer runs the same GEMMs (dequantized outputs)
+
+
+DATAFLOW_REJECTED = {
+    "hp gemm": (Recipe("d1", fprop=recipes.get("jetfire").fprop, dgrad=recipes.get("jetfire").dgrad,
+                       dataflow=True), "wgrad runs on the 'hp' path; a dataflow recipe"),
+    "row": (Recipe("d2", fprop=GemmSpec(int8(ROW), int8(TENSOR), out="int8_blocks"), dataflow=True),
+            "fprop runs on the 'int8' path"),
+    "fprop dequant": (Recipe("d3", fprop=GemmSpec(int8(block(32, 32)), int8(block(32, 32))),
+                             dgrad=recipes.get("jetfire").dgrad, wgrad=recipes.get("jetfire").wgrad, dataflow=True),
+                      "fprop out='dequant' in a dataflow recipe"),
+    "wgrad int8 out": (Recipe("d4", fprop=recipes.get("jetfire").fprop, dgrad=recipes.get("jetfire").dgrad,
+                              wgrad=GemmSpec(int8(block(32, 32), "stochastic"), int8(block(32, 32)),
+                                             out="int8_blocks"), dataflow=True), "wgrad out='int8_blocks'"),
+    "block out without dataflow": (Recipe("d5", fprop=GemmSpec(int8(block(32, 32)), int8(block(32, 32)),
+                                                               out="int8_blocks")), "out='int8_blocks'"),
+}
+
+
+@pytest.mark.parametrize("case", DATAFLOW_REJECTED)
+def test_dataflow_recipes_need_block_gemms(case):
+    recipe, msg = DATAFLOW_REJECTED[case]
+    with pytest.raises(ValueError, match=msg):
+        build_plan(recipe)

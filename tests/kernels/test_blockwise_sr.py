@@ -1,0 +1,71 @@
+"""Stochastic rounding in the block quantizer: the reference (explicit generator) and the Triton kernel (tl.rand
+seeded from a tensor) against DESIGN.md's SR gate — the mean over many draws comes back to x, every code is
+within one step of x / scale — with the RTN quantizer's scales bit for bit."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qtrain import ops, quant  # noqa: E402
+from qtrain.kernels import blockwise as kbw  # noqa: E402
+
+from .helpers import assert_same, rows_with_distinct_scales  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = {"reference": quant.quantize_blockwise_sr, "kernel": kbw.quantize_blockwise_sr}
+
+
+@pytest.mark.parametrize("blk", [(32, 32), (1, 128)], ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sr_is_unbiased_and_within_one_step(impl, blk):
+    fn = IMPLS[impl]
+    x = rows_with_distinct_scales(40, 100, torch.bfloat16, DEV, seed=3)       # ragged in both dims
+    x[0, :4] = 0.0
+    q_rtn, s_rtn = quant.quantize_blockwise(x, *blk)
+    r, c = blk
+    step = s_rtn.repeat_interleave(r, 0)[:x.shape[0]].repeat_interleave(c, 1)[:, :x.shape[1]]
+    v = x.float() / step
+    n, acc = 40, torch.zeros_like(v, dtype=torch.float64)
+    for i in range(n):
+        q, s = fn(x, r, c, torch.tensor([1000 + i], device=DEV))
+        assert_same(s, s_rtn, f"SR scales {blk}")                            # the scales are RTN's
+        assert q.dtype == torch.int8 and q.shape == x.shape and q.is_contiguous()
+        assert ((q.float() - v).abs() < 1).all(), "a code is more than one step from x / scale"
+        acc += q.double()
+    mean = acc / n
+    # each draw has variance ≤ 1/4 step²: the mean of n draws is within 6 standard deviations of v
+    assert ((mean - v).abs() <= 6 * 0.5 / math.sqrt(n) + 1e-6).all()
+    assert abs((mean - v).mean().item()) < 0.01                               # no bias overall
+    frac = (v - v.floor()).double()
+    assert abs((mean - v.floor()).mean().item() - frac.mean().item()) < 0.01
+    assert (q[0, :4] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sr_seed_reproducible_and_transposed_input(impl):
+    fn = IMPLS[impl]
+    x = rows_with_distinct_scales(64, 96, torch.float32, DEV)
+    a = fn(x.t(), 32, 32, torch.tensor([7], device=DEV))
+    b = fn(x.t(), 32, 32, torch.tensor([7], device=DEV))
+    c = fn(x.t(), 32, 32, torch.tensor([8], device=DEV))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    assert_same(a[1], quant.quantize_blockwise(x.t().contiguous(), 32, 32)[1], "scales of x.t()")
+    with pytest.raises(ValueError, match="seed"):
+        fn(x, 32, 32, torch.tensor([0.5]))
+
+
+def test_ops_dispatch_sr_from_generator():
+    x = torch.randn(48, 80, device=DEV)
+    for backend in ("reference", "triton"):
+        with ops.use_backend(backend):
+            g1 = torch.Generator(device=DEV).manual_seed(5)
+            g2 = torch.Generator(device=DEV).manual_seed(5)
+            q1, s1 = ops.quantize_blockwise_sr(x, 32, 32, g1)
+            q2, s2 = ops.quantize_blockwise_sr(x, 32, 32, g2)
+            assert torch.equal(q1, q2) and torch.equal(s1, s2), backend
+            q3, _ = ops.quantize_blockwise_sr(x, 32, 32, g1)                   # the generator moved on
+            assert not torch.equal(q1, q3)
