@@ -78,7 +78,7 @@ def _losses(run_dir):
             map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "switchback"])
+@pytest.mark.parametrize("recipe", ["bf16", "switchback", "fallback"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, recipe):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     cfg = TrainConfig(recipe=recipe, steps=16, eval_every=4, save_every=8, warmup=3, **SMALL)
@@ -92,6 +92,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, recipe):
     assert _losses(cut) == _losses(whole)
     assert (cut / "step-000016" / "model.safetensors").read_bytes() == \
         (whole / "step-000016" / "model.safetensors").read_bytes()
+    if recipe == "fallback":            # per-layer thresholds are checkpointed; shares reach the log
+        logged = [json.loads(r) for r in (whole / "log.jsonl").read_text().splitlines()]
+        shares = [r["fallback_pct"] for r in logged if "val_loss" in r]
+        assert len(shares) == 4 and all(set(s) == {"fprop", "dgrad", "wgrad"} for s in shares)
+        assert all(0 <= v <= 100 for s in shares for v in s.values())
 
 
 def test_resume_rejects_other_model_and_corrupt_files(tmp_path):

@@ -6,8 +6,10 @@ tile — the residual's scales and codes (unflagged tiles leave ``q2`` unwritten
 Bit-exact with the reference; multiply-add contraction is off so the residual rounds like the reference's.
 Any input strides (a transposed view quantizes the transpose: ``dYᵀ`` for the weight gradient).
 
-``fallback_block_gemm``: the Triton block-scaled GEMM (:mod:`qtrain.kernels.block_gemm`) with the second MMA
-issued only for flagged tiles, reusing the rhs tile already loaded.
+``fallback_block_gemm``: the block-scaled GEMM with the second MMA issued only for flagged tiles, reusing the rhs
+tile already loaded — on Hopper, for calls :func:`qtrain.kernels.block_gemm.use_gluon` admits, the
+warp-specialized Gluon kernel (:mod:`qtrain.kernels.block_gemm_gluon`), else the Triton kernel
+(:mod:`qtrain.kernels.block_gemm`).
 """
 from __future__ import annotations
 
@@ -77,5 +79,12 @@ def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor
                         block_k: int = 128, bias: torch.Tensor | None = None,
                         out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     check_fallback_gemm_args(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype)
+    if _block_gemm.use_gluon(a, b, 1, b_rows, block_k, out_dtype):
+        from qtrain.kernels import block_gemm_gluon
+
+        if block_gemm_gluon.supported(a, b, 1, b_rows, block_k, out_dtype, a2=a2):
+            return block_gemm_gluon.launch(a, b, a_scale.contiguous(), b_scale.contiguous(), b_rows,
+                                           bias.contiguous() if bias is not None else None, out_dtype,
+                                           a2, a2_scale.contiguous(), flags.contiguous())
     return _block_gemm.launch(a, b, a_scale, b_scale, 1, b_rows, block_k, bias, out_dtype,
                               fallback=(a2, a2_scale, flags))

@@ -510,9 +510,13 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                 raise stopped(f"loss is {loss_value} at step {done}", last_good)
             entry = {"step": done, "loss": loss_value, "lr": lr, "tokens_per_s": round(rate, 1)}
             if done % cfg.eval_every == 0 or done == cfg.steps:
+                fallback = fallback_shares(run.model)                      # of this training step, before eval
+                if fallback:
+                    entry["fallback_pct"] = fallback
                 val_loss = entry["val_loss"] = evaluate(run)
                 say(f"step {done}: loss {entry['loss']:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
-                    f"{rate:,.0f} tokens/s")
+                    f"{rate:,.0f} tokens/s" + (", fallback % " + " ".join(f"{g} {v:.1f}" for g, v in
+                                                                          fallback.items()) if fallback else ""))
             log.write(json.dumps(entry) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{rate:,.0f}",
@@ -525,6 +529,17 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                 last_good = run.out / checkpoint.step_dir_name(done)
     bar.close()
     return finish(run, rates, val_loss)
+
+
+def fallback_shares(model) -> dict[str, float]:
+    """Mean share (%) of tiles that fell back in the last step, per GEMM over the fallback layers ({} if none)."""
+    per_layer = qtrain.fallback_stats(model)
+    out = {}
+    for gemm in ("fprop", "dgrad", "wgrad"):
+        vals = [v[gemm] for v in per_layer.values() if gemm in v and math.isfinite(v[gemm])]
+        if vals:
+            out[gemm] = round(100 * sum(vals) / len(vals), 2)
+    return out
 
 
 def stopped(what: str, last_good: Path | None) -> TrainingStopped:
