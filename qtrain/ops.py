@@ -324,3 +324,63 @@ def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor
     """The block-scaled GEMM plus the residual term on flagged tiles; see :mod:`qtrain.quant.fallback`."""
     args = (a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, block_k, bias, out_dtype)
     return _fallback_block_gemm_op(*args) if torch.compiler.is_compiling() else _fallback_block_gemm(*args)
+
+
+# ------------------------------------------------------------------------------------- INT4 (Hadamard, GEMM)
+def _block_hadamard(x, b):
+    k = _kernel("hadamard", "block_hadamard", x.device)
+    return (k or quant.hadamard.block_hadamard)(x, b)
+
+
+@torch.library.custom_op("qtrain::block_hadamard", mutates_args=())
+def _block_hadamard_op(x: torch.Tensor, b: int) -> torch.Tensor:
+    return _block_hadamard(x, b)
+
+
+@_block_hadamard_op.register_fake
+def _(x, b):
+    check_float(x)
+    check_2d(x)
+    quant.hadamard.check_hadamard_block(b)
+    return x.new_empty((x.shape[0], -(-x.shape[1] // b) * b), dtype=torch.float32)
+
+
+def block_hadamard(x: torch.Tensor, b: int) -> torch.Tensor:
+    """``x [M, K]`` float → fp32 ``[M, ⌈K/b⌉·b]``: times ``blockdiag(H_b, …)``; see :mod:`qtrain.quant.hadamard`."""
+    return _block_hadamard_op(x, b) if torch.compiler.is_compiling() else _block_hadamard(x, b)
+
+
+def _hadamard_quantize_int4(x, b, step):
+    k = _kernel("hadamard", "hadamard_quantize_int4", x.device)
+    return (k or quant.hadamard.hadamard_quantize_int4)(x, b, step)
+
+
+@torch.library.custom_op("qtrain::hadamard_quantize_int4", mutates_args=())
+def _hadamard_quantize_int4_op(x: torch.Tensor, b: int, step: torch.Tensor) -> torch.Tensor:
+    return _hadamard_quantize_int4(x, b, step)
+
+
+@_hadamard_quantize_int4_op.register_fake
+def _(x, b, step):
+    check_float(x)
+    check_2d(x)
+    quant.hadamard.check_hadamard_block(b)
+    quant.hadamard.check_step(step)
+    return x.new_empty((x.shape[0], -(-x.shape[1] // b) * b), dtype=torch.int8)
+
+
+def hadamard_quantize_int4(x: torch.Tensor, b: int, step: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` float → INT4 codes int8 ``[M, ⌈K/b⌉·b]`` of ``block_hadamard(x, b)`` with the per-tensor
+    ``step`` (fused in one kernel); see :mod:`qtrain.quant.hadamard`."""
+    if torch.compiler.is_compiling():
+        return _hadamard_quantize_int4_op(x, b, step)
+    return _hadamard_quantize_int4(x, b, step)
+
+
+def int4_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+              bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """INT4 codes (int8 storage, values in [-8, 7]) ``float(a @ bᵀ) · a_scale[m] · b_scale (+ bias)``, the
+    contract of :func:`int8_gemm`. The seam for a native INT4 GEMM: Hopper has no INT4 tensor cores (``mma``
+    s4 runs at ~4 % of s8 on an H100), so today INT4 values run on the INT8 GEMM; an Ampere/Ada kernel taking
+    packed operands (``quant.pack_int4``) would be dispatched here."""
+    return int8_gemm(a, b, a_scale, b_scale, bias, out_dtype)

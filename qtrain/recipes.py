@@ -64,16 +64,23 @@ def block(r: int, c: int) -> Granularity:
 @dataclass(frozen=True)
 class Hadamard:
     """Multiply the operand along its reduced dim by a block-diagonal orthonormal Hadamard matrix of ``block``
-    (a power of two, 16–256) before quantizing (METHODS.md § INT4)."""
+    (a power of two, 16–256) before quantizing (METHODS.md § INT4).
+
+    ``search=True``: each layer picks its own block among the powers of two 16 … ``block`` on its first forward,
+    the one with the least reconstruction error of the fprop product (as the paper does); the choice is module
+    state (``QuantLinear.hq_block``, in ``state_dict``). Both operands of a GEMM share the transform."""
 
     block: int = 128
+    search: bool = False
 
     def __post_init__(self):
         if not (isinstance(self.block, int) and 16 <= self.block <= 256 and self.block & (self.block - 1) == 0):
             raise ValueError(f"Hadamard block must be a power of two in [16, 256], got {self.block!r}")
+        if not isinstance(self.search, bool):
+            raise TypeError(f"Hadamard search must be a bool, got {self.search!r}")
 
     def __str__(self) -> str:
-        return f"H{self.block}"
+        return f"H≤{self.block}" if self.search else f"H{self.block}"
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,44 @@ class Fallback:
 
 
 @dataclass(frozen=True)
+class LearnedStep:
+    """A per-tensor step size learned with LSQ (METHODS.md § INT4): initialized from the first batch to
+    ``2·mean|x|/√qmax``, gradient scaled by ``1/√(numel·qmax)``, straight-through estimator masked outside the
+    clip range. ``learn=False`` keeps the initial step (no gradient). The steps are per-layer Parameters
+    (``QuantLinear.int4_step``): an optimizer built after :func:`qtrain.convert` trains them."""
+
+    learn: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.learn, bool):
+            raise TypeError(f"LearnedStep learn must be a bool, got {self.learn!r}")
+
+    def __str__(self) -> str:
+        return "LSQ" if self.learn else "LSQ(fixed)"
+
+
+@dataclass(frozen=True)
+class BitSplit:
+    """Bit splitting of the output gradient into two INT4 parts, ``dY ≈ (14·hi + lo)/s`` (~8 bits), with
+    leverage-score sampling of the stacked ``[hi; lo]`` rows (METHODS.md § INT4): ``sampling=True`` keeps row
+    ``i`` with probability ``p_i`` (``Σp = budget·M`` of the ``2M`` rows, capped at 1), scaled by ``1/p_i``
+    (unbiased); ``budget`` 1.0 costs about one GEMM, 2.0 keeps every row (no sampling error)."""
+
+    sampling: bool = True
+    budget: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.sampling, bool):
+            raise TypeError(f"BitSplit sampling must be a bool, got {self.sampling!r}")
+        if not (isinstance(self.budget, (int, float)) and not isinstance(self.budget, bool)
+                and 0.0 < self.budget <= 2.0):
+            raise ValueError(f"BitSplit budget must be a fraction of M in (0, 2], got {self.budget!r}")
+
+    def __str__(self) -> str:
+        return f"bitsplit/LSS({self.budget:g}M)" if self.sampling else "bitsplit"
+
+
+@dataclass(frozen=True)
 class OperandSpec:
     """How one GEMM operand is quantized. ``format='hp'`` means kept in high (16/32-bit) precision."""
 
@@ -117,6 +162,8 @@ class OperandSpec:
     rounding: str = "nearest"
     transform: Hadamard | None = None
     fallback: Fallback | None = None
+    step: LearnedStep | None = None
+    split: BitSplit | None = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -131,6 +178,16 @@ class OperandSpec:
             raise TypeError(f"fallback must be None or qtrain.recipes.Fallback, got {self.fallback!r}")
         if (self.transform is not None or self.fallback is not None) and not self.quantized:
             raise ValueError("a high-precision ('hp') operand takes no transform or fallback")
+        if self.step is not None and not isinstance(self.step, LearnedStep):
+            raise TypeError(f"step must be None or qtrain.recipes.LearnedStep, got {self.step!r}")
+        if self.split is not None and not isinstance(self.split, BitSplit):
+            raise TypeError(f"split must be None or qtrain.recipes.BitSplit, got {self.split!r}")
+        if (self.step is not None or self.split is not None) and (self.format != "int4"
+                                                                   or self.granularity.kind != "tensor"):
+            raise ValueError("a learned step or bit splitting needs an INT4 per-tensor operand, got "
+                             f"{self.format}/{self.granularity}")
+        if self.step is not None and self.split is not None:
+            raise ValueError("an operand takes a learned step (forward) or bit splitting (gradient), not both")
 
     @property
     def quantized(self) -> bool:
@@ -140,7 +197,7 @@ class OperandSpec:
         if not self.quantized:
             return "hp"
         rnd = "RTN" if self.rounding == "nearest" else "SR"
-        extras = "".join(f"/{e}" for e in (self.transform, self.fallback) if e is not None)
+        extras = "".join(f"/{e}" for e in (self.transform, self.fallback, self.step, self.split) if e is not None)
         return f"{self.format}/{self.granularity}/{rnd}{extras}"
 
 
@@ -207,7 +264,7 @@ class Recipe:
         """The inverse of :meth:`to_dict`. Strict: an unknown key anywhere is an error naming its place and the
         accepted keys; omitted keys take their defaults."""
         def build(cls, value, where, **nested):
-            if value is None and cls in (Hadamard, Fallback):
+            if value is None and cls in (Hadamard, Fallback, LearnedStep, BitSplit):
                 return None
             if not isinstance(value, dict):
                 raise ValueError(f"recipe {where}: expected an object, got {value!r}")
@@ -226,7 +283,9 @@ class Recipe:
         def op(v, where):
             return build(OperandSpec, v, where, granularity=gran,
                          transform=lambda t, w: build(Hadamard, t, w),
-                         fallback=lambda f, w: build(Fallback, f, w))
+                         fallback=lambda f, w: build(Fallback, f, w),
+                         step=lambda t, w: build(LearnedStep, t, w),
+                         split=lambda t, w: build(BitSplit, t, w))
 
         def gemm(v, where):
             return build(GemmSpec, v, where, lhs=op, rhs=op)
@@ -295,6 +354,21 @@ JETFIRE_WIDE = _jetfire(
     "data flow. wgrad re-quantizes the saved INT8 X along tokens (1×128 blocks do not transpose).")
 
 PRESETS: dict[str, Recipe] = {r.name: r for r in (BF16, SWITCHBACK, SWITCHBACK_M, FALLBACK, JETFIRE, JETFIRE_WIDE)}
+
+_HQ = OperandSpec("int4", TENSOR, transform=Hadamard(256, search=True), step=LearnedStep())
+_BS = OperandSpec("int4", TENSOR, "stochastic", split=BitSplit())
+INT4 = Recipe(
+    "int4",
+    fprop=GemmSpec(lhs=_HQ, rhs=_HQ),
+    dgrad=GemmSpec(lhs=_BS, rhs=_HQ),
+    wgrad=GemmSpec(lhs=_BS, rhs=_HQ),
+    description="Xi et al. 2023: fprop X and W times a block-diagonal Hadamard matrix along K (block 16–256 "
+                "picked per layer on the first forward), then INT4 per tensor with learned steps (LSQ); dgrad "
+                "and wgrad split dY into two INT4 parts (~8 bits) and keep M of the 2M stacked rows by "
+                "leverage-score sampling (unbiased), against fprop's INT4 W and X (reused). INT4 values run on "
+                "the INT8 GEMM.",
+)
+PRESETS[INT4.name] = INT4
 
 
 def get(recipe: "str | Recipe") -> Recipe:

@@ -111,7 +111,8 @@ def emulate(t: torch.Tensor, spec: OperandSpec) -> torch.Tensor:
     fallback run on their own paths, never emulated."""
     if not spec.quantized:
         return t.float()
-    if spec.transform is not None or spec.fallback is not None:
+    if (spec.transform is not None or spec.fallback is not None or getattr(spec, "step", None) is not None
+            or getattr(spec, "split", None) is not None):
         raise ValueError(f"operand {spec} has no emulated path (its plan runs it: qtrain.nn.plan)")
     gen = sr_generator(t.device) if spec.rounding == "stochastic" else None
     return quant.fake_quantize(t, spec.granularity, spec.format, spec.rounding, gen)

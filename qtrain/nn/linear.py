@@ -9,7 +9,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qtrain import ops, recipes
-from qtrain.nn.functional import Operand, emulate
+from qtrain.nn.functional import Operand, emulate, sr_generator
+from qtrain.quant import hadamard as _hadamard, lsq as _lsq, lss as _lss
 from qtrain.nn.plan import GEMMS, build_plan
 from qtrain.quant.fallback import fallback_ratio
 from qtrain.quant.core import FLOAT_DTYPES, relative_error, sqnr
@@ -99,6 +100,92 @@ def _record_ratio(ratio: torch.Tensor | None, gemm: str, op) -> None:
         _slot(ratio, gemm).copy_(fallback_ratio(op.flags))
 
 
+class Int4LinearFunction(torch.autograd.Function):
+    """``y = x·Wᵀ + b`` on the INT4 paths (``plan.int4``; METHODS.md § INT4 training) for 2-D ``x [M, K]``.
+
+    fprop (``hq_int4``): ``Q(XH)``, ``Q(WH)`` with the block-diagonal Hadamard ``H`` of order ``block`` and the
+    per-tensor steps ``step = [s_X, s_W]`` (LSQ) → ``ops.int4_gemm``. Saves ``x`` itself (no copy; what
+    ``F.linear`` keeps): the backward recomputes ``XH`` (LSQ's step gradient needs the unrounded ``XH/s``, which
+    INT4 codes cannot give back) and the codes, bit for bit.
+
+    dgrad/wgrad (``bitsplit_lss``): ``dY`` split into INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.bit_split`), the
+    ``2M`` stacked rows sampled by leverage score (each GEMM draws its own sample) from the stochastic-rounding
+    generator; ``∂L/∂X̂h = dY·Ŵh`` on ``ops.int4_gemm`` over the kept rows, ``∂L/∂Ŵh = dYᵀ·X̂h`` in fp32 over
+    the kept codes. Then the quantizer's backward (:func:`qtrain.quant.lsq.lsq_backward`: the clip-masked
+    straight-through estimator and the step gradient) and the inverse transform ``·Hᵀ`` (``H`` is symmetric).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, step, plan, w_kn, out_dtype, block):
+        w = weight.t() if w_kn else weight
+        steps = step.detach().float()
+        sx, sw = steps[0:1], steps[1:2]
+        qx = ops.hadamard_quantize_int4(x, block, sx)
+        qw = ops.hadamard_quantize_int4(w, block, sw)
+        y = ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]).contiguous(), sw.reshape(()), bias, out_dtype)
+        ctx.save_for_backward(x, weight, bias, step)
+        ctx.plan, ctx.w_kn, ctx.block = plan, w_kn, block
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, step = ctx.saved_tensors
+        plan, b = ctx.plan, ctx.block
+        w = weight.t() if ctx.w_kn else weight
+        steps = step.detach().float()
+        sx, sw = steps[0:1], steps[1:2]
+        M, K = x.shape
+        N = w.shape[0]
+        need_dx, need_dw, need_step = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        gather = not torch.compiler.is_compiling()
+        gen = sr_generator(dy.device)
+        hi, lo, s = _lss.bit_split(dy.contiguous(), gen)
+        dx = dw = db = dstep = None
+        dsx = dsw = torch.zeros((), device=x.device)
+        if need_dx or need_step:
+            wh = ops.block_hadamard(w, b)
+            qw = _hadamard.quantize_step(wh, sw)
+            split = plan.dgrad.spec.lhs.split
+            p, keep = _sample(_lss.stacked_norms(hi, lo), split, M, gen)
+            gx = _lss.lss_dgrad(hi, lo, s, qw.t().contiguous(), sw.reshape(()), keep, p, ops.int4_gemm, gather)
+            xh = ops.block_hadamard(x, b)
+            dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K)
+            if need_dx:
+                dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
+        if need_dw or need_step:
+            if not (need_dx or need_step):
+                xh = ops.block_hadamard(x, b)
+            else:
+                xh = xh if "xh" in locals() else ops.block_hadamard(x, b)
+            if "wh" not in locals():
+                wh = ops.block_hadamard(w, b)
+            qx = _hadamard.quantize_step(xh, sx)
+            split = plan.wgrad.spec.lhs.split
+            xn = qx.float().norm(dim=1)
+            p, keep = _sample(_lss.stacked_norms(hi, lo) * torch.cat((xn, xn)), split, M, gen)
+            gw = _lss.lss_wgrad(hi, lo, s, qx, sx.reshape(()), keep, p, gather)
+            dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K)
+            if need_dw:
+                dw = ops.block_hadamard(dwh, b)[:, :K].to(weight.dtype)
+                if ctx.w_kn:
+                    dw = dw.t()
+        if need_step:
+            fp = plan.fprop.spec
+            dstep = torch.stack((dsx * fp.lhs.step.learn, dsw * fp.rhs.step.learn)).to(step.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            db = dy.float().sum(0).to(bias.dtype)
+        return dx, dw, db, dstep, None, None, None, None
+
+
+def _sample(c: torch.Tensor, split, M: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p, keep)`` over the ``2M`` stacked rows: leverage-score sampling with ``split.budget·M`` rows, or every
+    row kept (``p = 1``) without sampling."""
+    if not split.sampling:
+        return torch.ones_like(c), torch.ones(c.shape, dtype=torch.bool, device=c.device)
+    p = _lss.leverage_probabilities(c, split.budget * M)
+    return p, _lss.sample_rows(p, gen)
+
+
 class QuantLinear(nn.Module):
     """A linear layer ``y = x·Wᵀ + b`` whose GEMMs run as ``recipe`` says.
 
@@ -116,6 +203,15 @@ class QuantLinear(nn.Module):
     A recipe with fallback adds per-layer state: the buffer ``fallback_tau`` ``[3]`` (the threshold of fprop,
     dgrad, wgrad; −1 until the first training step sets it) is in ``state_dict`` (a checkpoint without it
     loads, and τ starts afresh); ``fallback_ratio`` ``[3]`` holds each GEMM's last share of fallen-back tiles.
+
+    The ``int4`` recipe (``plan.int4``) adds per-layer state, in ``state_dict`` (a plain checkpoint without it
+    loads and keeps the layer's current state): the Parameter ``int4_step`` ``[2]`` fp32 — the LSQ steps of X
+    and W, learned by an optimizer built after :func:`qtrain.convert` (one built before does not hold them:
+    they stay at their data init) — and the buffer ``hq_block`` (the Hadamard block in use). Both are set on
+    the layer's first forward (training or not) from that batch: ``hq_block`` the block of least fprop
+    reconstruction error among 16 … ``Hadamard.block`` (``Hadamard.search``; else the recipe's block), the steps
+    ``2·mean|·|/√7`` of XH and WH. Under DDP run that first forward before wrapping (or load a checkpoint), so
+    that every rank starts from the same steps.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe="switchback",
@@ -145,6 +241,16 @@ class QuantLinear(nn.Module):
                                  persistent=False)
         else:
             self.fallback_tau = self.fallback_ratio = None
+        self._int4_ready, self._hq_b = False, 0
+        if self.plan.int4:
+            fp = self.recipe.fprop
+            buf_device = None if device == "meta" else device
+            self.int4_step = nn.Parameter(torch.full((2,), -1.0, device=buf_device),
+                                          requires_grad=fp.lhs.step.learn or fp.rhs.step.learn)
+            self._hq_b = 0 if fp.lhs.transform.search else fp.lhs.transform.block
+            self.register_buffer("hq_block", torch.tensor(self._hq_b, dtype=torch.int64, device=buf_device))
+        else:
+            self.int4_step = self.hq_block = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -168,6 +274,10 @@ class QuantLinear(nn.Module):
         if q.fallback_tau is not None:
             q.fallback_tau = q.fallback_tau.to(module.weight.device)
             q.fallback_ratio = q.fallback_ratio.to(module.weight.device)
+        if q.int4_step is not None:
+            q.int4_step = nn.Parameter(q.int4_step.detach().to(module.weight.device),
+                                       requires_grad=q.int4_step.requires_grad)
+            q.hq_block = q.hq_block.to(module.weight.device)
         q.train(module.training)
         return q
 
@@ -182,6 +292,13 @@ class QuantLinear(nn.Module):
                                       error_msgs)
         if prefix + "fallback_tau" in missing_keys:                    # a plain model's checkpoint: τ afresh
             missing_keys.remove(prefix + "fallback_tau")
+        if self.int4_step is not None:
+            if prefix + "int4_step" in state_dict and prefix + "hq_block" in state_dict:
+                self._hq_b = int(self.hq_block)
+                self._int4_ready = bool((self.int4_step > 0).all()) and self._hq_b > 0
+            for key in ("int4_step", "hq_block"):                       # a plain checkpoint: state kept
+                if prefix + key in missing_keys:
+                    missing_keys.remove(prefix + key)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() == 0:
@@ -216,6 +333,15 @@ class QuantLinear(nn.Module):
         dev = x.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         x2 = x.reshape(-1, self.in_features)
+        if self.plan.int4:
+            with torch.autocast(dev, enabled=False):
+                if not self._int4_ready:
+                    self._int4_calibrate(x2)
+                y = Int4LinearFunction.apply(x2, self.weight, self.bias, self.int4_step, self.plan,
+                                             self.weight_layout == "kn", out_dtype, self._hq_b)
+                if self.track_errors:
+                    self._record_errors(x2.detach(), y.detach())
+            return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))
         with torch.autocast(dev, enabled=False):
             update = self.training and torch.is_grad_enabled()
             y = QuantLinearFunction.apply(x2, self.weight, self.bias, self.plan, self.weight_layout == "kn",
@@ -229,11 +355,50 @@ class QuantLinear(nn.Module):
         # FSDP2 cannot hook in-place ops on a view output (it warns), and nn.Linear's output is no view either.
         return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))
 
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _int4_calibrate(self, x: torch.Tensor) -> None:
+        """The INT4 layer's first forward: choose the Hadamard block (``Hadamard.search``: least relative error
+        of the fprop product over the first 4096 rows, among 16 … ``block`` up to K's power of two) and set the
+        LSQ steps to ``2·mean|·|/√7`` of XH and WH."""
+        w = self._weight()
+        t = self.recipe.fprop.lhs.transform
+        if t.search:
+            top = min(t.block, max(16, 1 << max(0, (self.in_features - 1).bit_length())))
+            blocks = [b for b in _hadamard.HADAMARD_BLOCKS if b <= top]
+        else:
+            blocks = [t.block]
+        best = None
+        xs = x[:4096].float()
+        ref = xs @ w.float().t() if len(blocks) > 1 else None
+        for b in blocks:
+            sx, sw = _lsq.lsq_init(ops.block_hadamard(x, b)), _lsq.lsq_init(ops.block_hadamard(w, b))
+            if ref is not None:
+                out = ops.int4_gemm(ops.hadamard_quantize_int4(xs, b, sx.reshape(1)),
+                                    ops.hadamard_quantize_int4(w, b, sw.reshape(1)),
+                                    sx.expand(xs.shape[0]).contiguous(), sw, None, torch.float32)
+                err = relative_error(ref, out)
+            else:
+                err = 0.0
+            if best is None or err < best[0]:
+                best = (err, b, sx, sw)
+        _, b, sx, sw = best
+        self.int4_step.data.copy_(torch.stack((sx, sw)).to(self.int4_step.device))
+        self.hq_block.fill_(b)
+        self._hq_b, self._int4_ready = b, True
+
     @torch.no_grad()
     def _record_errors(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Quantization error of the forward: relative error of X̂ and Ŵ, SQNR of Y against fp32."""
         w = self._weight()
         ref = F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float())
+        if self.plan.int4:                      # errors in the transformed domain (H is orthonormal: the same)
+            errs = []
+            for t, st in ((x, self.int4_step[0:1]), (w, self.int4_step[1:2])):
+                th = ops.block_hadamard(t, self._hq_b)
+                errs.append(relative_error(th, _hadamard.quantize_step(th, st.float()).float() * st.float()))
+            self.stats = {"x_rel_err": errs[0], "w_rel_err": errs[1], "y_sqnr_db": sqnr(ref, y.float())}
+            return
         fp = self.plan.fprop
         self.stats = {"x_rel_err": relative_error(x, _fake_quantized(fp, x, "lhs", _slot(self.fallback_tau, "fprop"))),
                       "w_rel_err": relative_error(w, _fake_quantized(fp, w, "rhs")),

@@ -12,6 +12,13 @@ block      INT8 RTN or SR, power-of-two ``(r, c)`` blocks, one ``c`` ∈ 32–25
            (SR operands: ``ops.quantize_blockwise_sr``, seeded from ``sr_generator``) → ``ops.block_int8_gemm``
 fallback   lhs INT8 ``(1, c)`` blocks with a :class:`~qtrain.recipes.Fallback` policy, rhs as on ``block`` →
            ``ops.quantize_fallback`` → ``ops.fallback_block_gemm``
+hq_int4    fprop only (the ``int4`` preset): X and W INT4 per tensor, both with the same
+           :class:`~qtrain.recipes.Hadamard` transform and a :class:`~qtrain.recipes.LearnedStep` →
+           ``ops.hadamard_quantize_int4`` → ``ops.int4_gemm`` (today the INT8 GEMM); run by
+           :class:`qtrain.nn.linear.Int4LinearFunction`
+bitsplit_lss dgrad/wgrad with an hq_int4 fprop: lhs dY with :class:`~qtrain.recipes.BitSplit` (INT4 per tensor,
+           SR), rhs fprop's quantized W (dgrad) or X (wgrad) reused (``rhs == fprop.rhs`` / ``fprop.lhs``) →
+           :mod:`qtrain.quant.lss` (dgrad on ``ops.int4_gemm``, wgrad in fp32 over the sampled codes)
 emulated   other quantized specs (SR rows/tensors, INT4, other blocks, mixed kinds): reference quantize-dequantize,
            fp32 matmul
 ========== =====================================================================================================
@@ -103,6 +110,11 @@ class LinearPlan:
     reuse_wt: bool
 
     @property
+    def int4(self) -> bool:
+        """The INT4 recipe's paths (``hq_int4`` fprop): :class:`qtrain.nn.linear.Int4LinearFunction` runs them."""
+        return self.fprop.path == "hq_int4"
+
+    @property
     def fallback_gemms(self) -> tuple[str, ...]:
         return tuple(g for g in GEMMS if getattr(self, g).path == "fallback")
 
@@ -145,6 +157,9 @@ def _gemm_plan(recipe: Recipe, name: str) -> GemmPlan:
     if spec.out != "dequant":
         raise _reject(recipe, name, f"out={spec.out!r} (an INT8 output for the data flow) is not implemented in "
                                     "this version; accepted: 'dequant'")
+    int4 = _int4_gemm_plan(recipe, name, spec)
+    if int4 is not None:
+        return int4
     for side in ("lhs", "rhs"):
         op = getattr(spec, side)
         if op.transform is not None:
@@ -171,6 +186,52 @@ def _gemm_plan(recipe: Recipe, name: str) -> GemmPlan:
     return GemmPlan(name, spec, "emulated")
 
 
+def _hq(op: OperandSpec) -> bool:
+    return (op.format == "int4" and op.granularity.kind == "tensor" and op.rounding == "nearest"
+            and op.transform is not None and op.step is not None and op.fallback is None)
+
+
+def _int4_gemm_plan(recipe: Recipe, name: str, spec: GemmSpec) -> GemmPlan | None:
+    """The ``hq_int4``/``bitsplit_lss`` plan of a GEMM whose operands carry a transform, a learned step or bit
+    splitting; None when none does; an error naming what is accepted when they do not fit those paths."""
+    if not any(op.transform is not None or op.step is not None or op.split is not None
+               for op in (spec.lhs, spec.rhs)):
+        return None
+    if name == "fprop":
+        if not (_hq(spec.lhs) and _hq(spec.rhs) and spec.lhs.transform == spec.rhs.transform):
+            raise _reject(recipe, name, "with a Hadamard transform, learned step or bit splitting runs on the "
+                                        "'hq_int4' path only, which needs lhs and rhs both INT4 per tensor, "
+                                        "round-to-nearest, with the same Hadamard(b) and a LearnedStep (no "
+                                        f"split); got {spec}")
+        return GemmPlan(name, spec, "hq_int4")
+    reused = "lhs" if name == "wgrad" else "rhs"
+    lhs = spec.lhs
+    if not (lhs.split is not None and lhs.rounding == "stochastic" and lhs.transform is None
+            and lhs.fallback is None and _hq(recipe.fprop.lhs) and _hq(recipe.fprop.rhs)
+            and recipe.fprop.lhs.transform == recipe.fprop.rhs.transform
+            and spec.rhs == getattr(recipe.fprop, reused)):
+        raise _reject(recipe, name, "with a Hadamard transform, learned step or bit splitting runs on the "
+                                    "'bitsplit_lss' path only, which needs an lhs INT4 per tensor with BitSplit "
+                                    "and stochastic rounding (the low part), an fprop on the 'hq_int4' path, "
+                                    f"and as rhs fprop's quantized {'X' if name == 'wgrad' else 'W'} reused "
+                                    f"(rhs == fprop.{reused}); got {spec}")
+    return GemmPlan(name, spec, "bitsplit_lss")
+
+
+def _check_int4(recipe: Recipe, fprop: GemmPlan, dgrad: GemmPlan, wgrad: GemmPlan) -> None:
+    """An ``hq_int4`` fprop comes with ``bitsplit_lss`` dgrad and wgrad (its backward runs the straight-through
+    estimator of the quantizer and the LSQ step gradients) and keeps X in floating point."""
+    paths = (fprop.path, dgrad.path, wgrad.path)
+    if "hq_int4" not in paths and "bitsplit_lss" not in paths:
+        return
+    if paths != ("hq_int4", "bitsplit_lss", "bitsplit_lss"):
+        raise ValueError(f"recipe {recipe.name!r}: the INT4 paths go together; accepted: fprop 'hq_int4' with "
+                         f"dgrad and wgrad 'bitsplit_lss' (see qtrain.nn.plan); got {'/'.join(paths)}")
+    if recipe.save_int8_input:
+        raise ValueError(f"recipe {recipe.name!r}: save_int8_input with the INT4 paths is not implemented (the "
+                         "backward recomputes the INT4 X from the saved X); accepted: save_int8_input=False")
+
+
 def _reuses_wt(recipe: Recipe, fprop: GemmPlan, dgrad: GemmPlan) -> bool:
     if recipe.dgrad.rhs != recipe.fprop.rhs:
         return False
@@ -186,6 +247,7 @@ def _reuses_wt(recipe: Recipe, fprop: GemmPlan, dgrad: GemmPlan) -> bool:
 def build_plan(recipe: Recipe) -> LinearPlan:
     """The plan of ``recipe`` for one linear layer; raises ``ValueError`` naming the spec no path implements."""
     fprop, dgrad, wgrad = (_gemm_plan(recipe, g) for g in GEMMS)
+    _check_int4(recipe, fprop, dgrad, wgrad)
     if recipe.save_int8_input and not (fprop.path == "int8" and fast_int8(recipe.fprop.lhs)):
         raise ValueError(f"recipe {recipe.name!r} saves the INT8 input for wgrad, which needs an fprop lhs in INT8 "
                          f"with tensor or row scales; got {recipe.fprop.lhs}")

@@ -11,7 +11,8 @@ import qtrain
 from qtrain import recipes
 from qtrain.nn.linear import QuantLinear
 from qtrain.nn.plan import build_plan
-from qtrain.recipes import ROW, TENSOR, Fallback, GemmSpec, Hadamard, OperandSpec, Recipe, block, int8
+from qtrain.recipes import (ROW, TENSOR, BitSplit, Fallback, GemmSpec, Hadamard, LearnedStep, OperandSpec, Recipe,
+                            block, int8)
 
 
 def test_preset_paths_and_reuse():
@@ -20,6 +21,7 @@ def test_preset_paths_and_reuse():
     assert paths["bf16"] == ("hp", "hp", "hp")
     assert paths["switchback"] == ("int8", "int8", "hp")
     assert paths["fallback"] == ("fallback", "fallback", "fallback")
+    assert paths["int4"] == ("hq_int4", "bitsplit_lss", "bitsplit_lss")
     assert build_plan(recipes.get("switchback")).reuse_wt
     assert build_plan(recipes.get("fallback")).reuse_wt                   # 128×128 blocks transpose exactly
     assert build_plan(recipes.get("fallback")).fallback_gemms == ("fprop", "dgrad", "wgrad")
@@ -29,7 +31,7 @@ def test_preset_paths_and_reuse():
 
 UNSUPPORTED = {
     "transform": (Recipe("t", fprop=GemmSpec(OperandSpec("int4", TENSOR, transform=Hadamard(64)), int8(TENSOR))),
-                  "transform H64 is not implemented"),
+                  "'hq_int4' path only"),
     "int8 out": (Recipe("o", fprop=GemmSpec(int8(ROW), int8(TENSOR), out="int8_blocks")), "out='int8_blocks'"),
     "dataflow": (Recipe("d", dataflow=True), "dataflow"),
     "fallback rhs": (Recipe("f", fprop=GemmSpec(int8(block(1, 128)), int8(block(128, 128), fallback=Fallback()))),
@@ -110,3 +112,57 @@ def test_dataflow_recipes_need_block_gemms(case):
     recipe, msg = DATAFLOW_REJECTED[case]
     with pytest.raises(ValueError, match=msg):
         build_plan(recipe)
+
+
+_HQ = recipes.get("int4").fprop.lhs
+_BS = recipes.get("int4").dgrad.lhs
+INT4_REJECTED = {
+    "hq lhs only": (Recipe("a", fprop=GemmSpec(_HQ, int8(TENSOR))), "'hq_int4' path only"),
+    "different blocks": (Recipe("b", fprop=GemmSpec(_HQ, OperandSpec("int4", TENSOR, transform=Hadamard(64),
+                                                                   step=LearnedStep()))), "same Hadamard"),
+    "hq fprop, 16-bit backward": (Recipe("c", fprop=GemmSpec(_HQ, _HQ)), "INT4 paths go together"),
+    "bitsplit without hq": (Recipe("d", dgrad=GemmSpec(_BS, int8(TENSOR))), "'bitsplit_lss' path only"),
+    "wgrad rhs not reused": (Recipe("e", fprop=GemmSpec(_HQ, _HQ), dgrad=GemmSpec(_BS, _HQ),
+                                    wgrad=GemmSpec(_BS, int8(TENSOR))), r"rhs == fprop\.lhs"),
+    "bitsplit RTN": (Recipe("f", fprop=GemmSpec(_HQ, _HQ), dgrad=GemmSpec(OperandSpec("int4", TENSOR,
+                                                                                     split=BitSplit()), _HQ),
+                            wgrad=GemmSpec(_BS, _HQ)), "stochastic"),
+    "save int8": (Recipe("g", fprop=GemmSpec(_HQ, _HQ), dgrad=GemmSpec(_BS, _HQ), wgrad=GemmSpec(_BS, _HQ),
+                         save_int8_input=True), "save_int8_input"),
+}
+
+
+def test_int4_preset_paths():
+    plan = build_plan(recipes.get("int4"))
+    assert (plan.fprop.path, plan.dgrad.path, plan.wgrad.path) == ("hq_int4", "bitsplit_lss", "bitsplit_lss")
+    assert plan.int4 and not plan.reuse_wt and not plan.weight_quantized
+
+
+@pytest.mark.parametrize("case", INT4_REJECTED)
+def test_int4_rejections_name_what_is_accepted(case):
+    recipe, msg = INT4_REJECTED[case]
+    with pytest.raises(ValueError, match=msg):
+        QuantLinear(8, 8, recipe=recipe)
+
+
+def test_int4_schema_validation_and_round_trip():
+    r = recipes.get("int4")
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    assert "H≤256/LSQ" in str(r) and "bitsplit/LSS(1M)" in str(r) and r.description
+    with pytest.raises(ValueError, match="INT4 per-tensor"):
+        OperandSpec("int8", TENSOR, step=LearnedStep())
+    with pytest.raises(ValueError, match="INT4 per-tensor"):
+        OperandSpec("int4", ROW, split=BitSplit())
+    with pytest.raises(ValueError, match="budget"):
+        BitSplit(budget=0.0)
+    with pytest.raises(ValueError, match="budget"):
+        BitSplit(budget=3)
+    with pytest.raises(TypeError, match="search"):
+        Hadamard(64, search="yes")
+    with pytest.raises(TypeError, match="step"):
+        OperandSpec("int4", TENSOR, step=True)
+    d = json.loads(json.dumps(r.to_dict()))
+    d["dgrad"]["lhs"]["split"]["budgett"] = 1
+    with pytest.raises(ValueError, match=r"int4\.dgrad\.lhs\.split: unknown key\(s\) budgett; accepted: sampling, "
+                                         "budget"):
+        Recipe.from_dict(d)
