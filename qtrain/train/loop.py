@@ -363,6 +363,8 @@ def full_copy(run: Run) -> tuple[nn.Module, torch.optim.Optimizer] | None:
         return None
     with torch.random.fork_rng(devices=[]):          # its throw-away initialization must not move the RNG
         twin = models.build_from_config(run.model_config)
+    if run.recipe.quantized:                          # the same keys as the run's model (per-layer state too)
+        qtrain.convert(twin, run.recipe, filter_fn=quantize_all_but_head)
     twin_opt = make_optimizer(run.cfg.optimizer, twin, run.peak_lr, run.cfg.weight_decay)
     set_state_dict(twin, twin_opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
                    options=StateDictOptions(full_state_dict=True))
