@@ -27,6 +27,7 @@ from qtrain.errors import UserError
 from qtrain.quant.core import check_2d, check_float
 from qtrain.quant.block_gemm import check_block_gemm_args
 from qtrain.quant.blockwise import check_block
+from qtrain.quant.dataflow import check_int8_blocks
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 from qtrain.quant.int8_gemm import check_int8_gemm_args
 
@@ -384,3 +385,87 @@ def int4_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: 
     s4 runs at ~4 % of s8 on an H100), so today INT4 values run on the INT8 GEMM; an Ampere/Ada kernel taking
     packed operands (``quant.pack_int4``) would be dispatched here."""
     return int8_gemm(a, b, a_scale, b_scale, bias, out_dtype)
+
+
+# ---------------------------------------------------------------------------- INT8 data flow (Jetfire) ops
+def _dataflow(fn, q, *args):
+    k = _kernel("dataflow", fn, q.device)
+    return (k or getattr(quant.dataflow, fn))(q, *args)
+
+
+def _fake_same_blocks(q, s, r, c, k_out=None):
+    check_int8_blocks(q, s, r, c)
+    m, k = q.shape[0], q.shape[1] if k_out is None else k_out
+    return q.new_empty((m, k), dtype=torch.int8), s.new_empty((-(-m // r), -(-k // c)), dtype=torch.float32)
+
+
+@torch.library.custom_op("qtrain::rmsnorm_quantize", mutates_args=())
+def _rmsnorm_quantize_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, eps: float, r: int,
+                         c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dataflow("rmsnorm_quantize", xq, xs, weight, eps, r, c)
+
+
+@_rmsnorm_quantize_op.register_fake
+def _(xq, xs, weight, eps, r, c):
+    return _fake_same_blocks(xq, xs, r, c)
+
+
+def rmsnorm_quantize(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, eps: float, r: int,
+                     c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 ``(r, c)`` blocks in → RMSNorm → INT8 blocks out; see :mod:`qtrain.quant.dataflow`."""
+    if torch.compiler.is_compiling():
+        return _rmsnorm_quantize_op(xq, xs, weight, eps, r, c)
+    return _dataflow("rmsnorm_quantize", xq, xs, weight, eps, r, c)
+
+
+@torch.library.custom_op("qtrain::layernorm_quantize", mutates_args=())
+def _layernorm_quantize_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dataflow("layernorm_quantize", xq, xs, weight, bias, eps, r, c)
+
+
+@_layernorm_quantize_op.register_fake
+def _(xq, xs, weight, bias, eps, r, c):
+    return _fake_same_blocks(xq, xs, r, c)
+
+
+def layernorm_quantize(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 ``(r, c)`` blocks in → LayerNorm → INT8 blocks out; see :mod:`qtrain.quant.dataflow`."""
+    if torch.compiler.is_compiling():
+        return _layernorm_quantize_op(xq, xs, weight, bias, eps, r, c)
+    return _dataflow("layernorm_quantize", xq, xs, weight, bias, eps, r, c)
+
+
+@torch.library.custom_op("qtrain::swiglu_quantize", mutates_args=())
+def _swiglu_quantize_op(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dataflow("swiglu_quantize", hq, hs, r, c)
+
+
+@_swiglu_quantize_op.register_fake
+def _(hq, hs, r, c):
+    return _fake_same_blocks(hq, hs, r, c, hq.shape[1] // 2)
+
+
+def swiglu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 ``[M, 2F]`` (gate | up) blocks in → ``silu(gate)·up`` → INT8 ``[M, F]`` blocks out."""
+    if torch.compiler.is_compiling():
+        return _swiglu_quantize_op(hq, hs, r, c)
+    return _dataflow("swiglu_quantize", hq, hs, r, c)
+
+
+@torch.library.custom_op("qtrain::gelu_quantize", mutates_args=())
+def _gelu_quantize_op(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dataflow("gelu_quantize", hq, hs, r, c)
+
+
+@_gelu_quantize_op.register_fake
+def _(hq, hs, r, c):
+    return _fake_same_blocks(hq, hs, r, c)
+
+
+def gelu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 blocks in → tanh-approximate GELU → INT8 blocks out; see :mod:`qtrain.quant.dataflow`."""
+    if torch.compiler.is_compiling():
+        return _gelu_quantize_op(hq, hs, r, c)
+    return _dataflow("gelu_quantize", hq, hs, r, c)

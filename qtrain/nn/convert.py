@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qtrain import recipes
+from qtrain.nn import dataflow
 from qtrain.nn.linear import QuantLinear, is_hf_conv1d
 from qtrain.nn.plan import GEMMS, build_plan
 from qtrain.quant.core import FLOAT_DTYPES
@@ -56,6 +57,14 @@ def convert(model: nn.Module, recipe="switchback",
     alone (a small model on CUDA), it logs a warning saying why and returns the model unchanged; a
     ``filter_fn`` that selects nothing, a model without linear layers, or one already converted is an error.
     A recipe with a spec no path runs is rejected before any layer is touched.
+
+    A recipe with ``dataflow=True`` (``"jetfire"``, ``"jetfire_wide"``) first swaps every transformer block of
+    qtrain's reference models (:class:`qtrain.models.llama.Block`, :class:`qtrain.models.gpt2.Block`) whose four
+    linear layers the filter accepts for its data-flow version (:mod:`qtrain.nn.dataflow`: same submodules,
+    Parameters and ``state_dict`` keys); the linear layers outside such blocks (or in blocks the filter or an
+    unsupported norm leaves out) become plain :class:`QuantLinear` layers running the recipe's GEMMs, which save
+    their input in 16-bit. A model with no such block (any other architecture, Hugging Face models) is converted
+    that way entirely, with a warning that no data flow applies.
     """
     recipe = recipes.get(recipe)
     build_plan(recipe)
@@ -63,11 +72,15 @@ def convert(model: nn.Module, recipe="switchback",
         raise TypeError(f"convert takes an nn.Module, got {type(model).__name__}")
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     converted, skipped = [], []
+    n_blocks = _convert_dataflow_blocks(model, recipe, filter_fn, tied, converted) if recipe.dataflow else 0
+    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, dataflow.DATAFLOW_BLOCKS))
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not is_linear(child) or isinstance(child, QuantLinear):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if name.startswith(inside):                      # runs inside a data-flow block
+                continue
             if filter_fn is not None:
                 reason = None if filter_fn(child, name) else "filter_fn"
             else:
@@ -84,10 +97,14 @@ def convert(model: nn.Module, recipe="switchback",
             converted.append(name)
     if not converted:
         done = quant_layers(model)
-        if done:
-            raise ValueError(f"convert({recipe.name!r}): the model is already converted ({len(done)} QuantLinear "
-                             f"layers, recipe {done[0][1].recipe.name!r}; {len(skipped)} linear layers left "
-                             "alone); convert a model built fresh instead")
+        blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, dataflow.DATAFLOW_BLOCKS)]
+        if done or blocks:
+            what = ", ".join(w for w in (f"{len(done)} QuantLinear layers" if done else "",
+                                         f"{len(blocks)} data-flow blocks" if blocks else "") if w)
+            done = done or blocks
+            raise ValueError(f"convert({recipe.name!r}): the model is already converted ({what}, recipe "
+                             f"{done[0][1].recipe.name!r}; {len(skipped)} linear layers left alone); convert a "
+                             "model built fresh instead")
         listing = ", ".join(f"{n} ({r})" for n, r in skipped)
         if filter_fn is None and skipped:
             log.warning("qtrain.convert(%s): no layer converted, the default filter skipped all %d: %s — pass "
@@ -95,9 +112,39 @@ def convert(model: nn.Module, recipe="switchback",
             return model
         raise ValueError(f"convert({recipe.name!r}) found no linear layer to convert "
                          f"({len(skipped)} skipped: {listing or 'none seen'})")
-    log.info("qtrain.convert(%s): converted %d linear layers, skipped %d%s", recipe.name, len(converted),
-             len(skipped), "".join(f"\n  skipped {n}: {r}" for n, r in skipped))
+    if recipe.dataflow and not n_blocks:
+        log.warning("qtrain.convert(%s): no supported transformer block (qtrain.models LLaMA/GPT-2) found, so no "
+                    "INT8 data flow: %d linear layers converted to QuantLinear with the recipe's GEMMs (their inputs "
+                    "are saved in 16-bit)", recipe.name, len(converted))
+    log.info("qtrain.convert(%s): converted %d linear layers%s, skipped %d%s", recipe.name, len(converted),
+             f" ({n_blocks} data-flow blocks)" if recipe.dataflow else "", len(skipped),
+             "".join(f"\n  skipped {n}: {r}" for n, r in skipped))
     return model
+
+
+def _convert_dataflow_blocks(model: nn.Module, recipe, filter_fn, tied: set[int], converted: list) -> int:
+    """Swap the supported blocks whose linear layers are all selected for their data-flow versions."""
+    n = 0
+    for parent_name, parent in list(model.named_modules()):
+        if isinstance(parent, dataflow.DATAFLOW_BLOCKS):
+            continue
+        for child_name, child in list(parent.named_children()):
+            linears = dataflow.block_linears(child)
+            if not linears or dataflow.unsupported_reason(child) is not None:
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            names = [f"{name}.{ln}" for ln, _ in linears]
+            if filter_fn is not None:
+                ok = all(filter_fn(m, fq) for (_, m), fq in zip(linears, names))
+            else:
+                ok = all(skip_reason(m, fq, tied) is None for (_, m), fq in zip(linears, names))
+            ok = ok and all(m.weight.dtype in FLOAT_DTYPES and m.weight.device.type in ("cpu", "cuda", "meta")
+                            for _, m in linears)
+            if ok:
+                setattr(parent, child_name, dataflow.to_dataflow(child, recipe))
+                converted.extend(names)
+                n += 1
+    return n
 
 
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:

@@ -1,0 +1,172 @@
+"""INT8 data-flow kernels: norm + quantize and activation + quantize, INT8 blocks in and out (twin of
+:mod:`qtrain.quant.dataflow`: same names, same contracts).
+
+Norms: each program owns ``TM`` rows (a multiple of ``r``) and walks the features in ``c``-wide chunks — one
+pass for ``Σx²`` (RMSNorm) or two for the mean and the centred ``Σ(x − mean)²`` (LayerNorm), then one that
+normalizes, takes each ``r × c`` block's absmax and writes the INT8 codes and scales; the INT8 input is read
+2–3 times, nothing 16-bit is written. Activations: each program owns a ``[TM, c]`` output tile (SwiGLU reads
+the gate at column ``j`` and the up projection at ``F + j`` of the ``[M, 2F]`` input, each with its block's
+scale). ``r`` and ``c`` are powers of two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
+from qtrain.quant.dataflow import check_int8_blocks, check_vector
+
+
+@triton.jit
+def _deq_chunk(q_ptr, s_ptr, rows, cols, rmask, K, nkb, kb, R: tl.constexpr):
+    mask = rmask[:, None] & (cols[None, :] < K)
+    q = tl.load(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + (rows // R) * nkb + kb, mask=rmask, other=0.0)
+    return q * s[:, None], mask
+
+
+@triton.jit
+def _store_blocks(y, yq_ptr, ys_ptr, rows, cols, mask, K, n_block_rows, nkb, pid_m, kb,
+                  R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr):
+    """Quantize the fp32 ``[TM, C]`` tile ``y`` in ``R × C`` blocks (RTN) and store codes and scales."""
+    y = tl.where(mask, y, 0.0)
+    bits = tl.reshape(abs_bits(y), [TM // R, R, C])
+    scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))
+    row_scale = tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])
+    q = quantize_rtn(y, tl.broadcast_to(row_scale[:, None], y.shape))
+    tl.store(yq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
+    brow = pid_m * (TM // R) + tl.arange(0, TM // R)
+    tl.store(ys_ptr + brow * nkb + kb, scale, mask=brow < n_block_rows)
+
+
+@triton.jit
+def _norm_kernel(xq_ptr, xs_ptr, w_ptr, b_ptr, yq_ptr, ys_ptr, M, K, nkb, n_block_rows, eps,
+                 R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, LAYERNORM: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * TM + tl.arange(0, TM)
+    rmask = rows < M
+    acc = tl.zeros([TM], dtype=tl.float32)
+    for kb in range(0, nkb):
+        cols = kb * C + tl.arange(0, C)
+        x, mask = _deq_chunk(xq_ptr, xs_ptr, rows, cols, rmask, K, nkb, kb, R)
+        if LAYERNORM:
+            acc += tl.sum(x, axis=1)
+        else:
+            acc += tl.sum(x * x, axis=1)
+    if LAYERNORM:
+        mean = tl.math.div_rn(acc, tl.full([TM], K, tl.float32).to(tl.float32))
+        acc2 = tl.zeros([TM], dtype=tl.float32)
+        for kb in range(0, nkb):
+            cols = kb * C + tl.arange(0, C)
+            x, mask = _deq_chunk(xq_ptr, xs_ptr, rows, cols, rmask, K, nkb, kb, R)
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            acc2 += tl.sum(d * d, axis=1)
+        var = tl.math.div_rn(acc2, tl.full([TM], K, tl.float32))
+    else:
+        mean = tl.zeros([TM], dtype=tl.float32)
+        var = tl.math.div_rn(acc, tl.full([TM], K, tl.float32))
+    rstd = tl.math.div_rn(tl.full([TM], 1.0, tl.float32), tl.sqrt_rn(var + eps))
+    for kb in range(0, nkb):
+        cols = kb * C + tl.arange(0, C)
+        x, mask = _deq_chunk(xq_ptr, xs_ptr, rows, cols, rmask, K, nkb, kb, R)
+        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        y = (x - mean[:, None]) * rstd[:, None] * w[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        _store_blocks(y, yq_ptr, ys_ptr, rows, cols, mask, K, n_block_rows, nkb, pid, kb, R, C, TM)
+
+
+@triton.jit
+def _act_kernel(hq_ptr, hs_ptr, aq_ptr, as_ptr, M, F, K_in, nkb_in, nkb_out, n_block_rows,
+                R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr):
+    pid_m, kb = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * TM + tl.arange(0, TM)
+    cols = kb * C + tl.arange(0, C)
+    mask = (rows[:, None] < M) & (cols[None, :] < F)
+    brow = (rows // R)[:, None] * nkb_in
+    rows64 = rows[:, None].to(tl.int64) * K_in
+    g = tl.load(hq_ptr + rows64 + cols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
+        hs_ptr + brow + (cols // C)[None, :], mask=mask, other=0.0)
+    if SWIGLU:
+        ucols = cols + F
+        u = tl.load(hq_ptr + rows64 + ucols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
+            hs_ptr + brow + (ucols // C)[None, :], mask=mask, other=0.0)
+        e = tl.exp(-tl.abs(g))                                       # no overflow: sigmoid from exp(-|g|)
+        a = g * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e)) * u
+    else:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        e = tl.exp(-2.0 * tl.abs(inner))
+        t = (1.0 - e) / (1.0 + e)
+        a = 0.5 * g * (1.0 + tl.where(inner >= 0, t, -t))
+    _store_blocks(a, aq_ptr, as_ptr, rows, cols, mask, F, n_block_rows, nkb_out, pid_m, kb, R, C, TM)
+
+
+def _check_pow2(r, c):
+    if r & (r - 1) or c & (c - 1) or c > 1024:
+        raise ValueError(f"the data-flow kernels take power-of-two blocks with c ≤ 1024, got ({r}, {c}); use the "
+                         "reference (qtrain.ops backend 'reference') for others")
+
+
+def _tile_rows(r: int, c: int, M: int) -> int:
+    target = 65536 if interpreting() else 4096
+    return max(r, min(max(1, target // c), triton.next_power_of_2(max(M, 1))))
+
+
+def _norm(xq, xs, weight, bias, eps, r, c, layernorm):
+    check_int8_blocks(xq, xs, r, c)
+    check_vector(weight, xq.shape[1], "weight")
+    check_vector(bias, xq.shape[1], "bias")
+    check_device(xq)
+    _check_pow2(r, c)
+    M, K = xq.shape
+    xq, xs = xq.contiguous(), xs.contiguous()
+    yq = torch.empty((M, K), dtype=torch.int8, device=xq.device)
+    ys = torch.empty(xs.shape, dtype=torch.float32, device=xq.device)
+    if M == 0 or K == 0:
+        return yq, ys.fill_(1.0)
+    target = 16384 if interpreting() else 4096
+    tm = max(r, min(max(1, target // c), triton.next_power_of_2(M)))
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else w
+    _norm_kernel[(triton.cdiv(M, tm),)](xq, xs, w, b, yq, ys, M, K, xs.shape[1], xs.shape[0], float(eps),
+                                        R=r, C=c, TM=tm, LAYERNORM=layernorm, HAS_BIAS=bias is not None,
+                                        num_warps=8 if tm * c >= 8192 else 4)
+    return yq, ys
+
+
+def rmsnorm_quantize(xq, xs, weight, eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm(xq, xs, weight, None, eps, r, c, False)
+
+
+def layernorm_quantize(xq, xs, weight, bias, eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm(xq, xs, weight, bias, eps, r, c, True)
+
+
+def _act(hq, hs, r, c, swiglu):
+    check_int8_blocks(hq, hs, r, c)
+    check_device(hq)
+    _check_pow2(r, c)
+    M, K_in = hq.shape
+    if swiglu and K_in % 2:
+        raise ValueError(f"swiglu_quantize wants [M, 2F] (gate | up), got {tuple(hq.shape)}")
+    F = K_in // 2 if swiglu else K_in
+    hq, hs = hq.contiguous(), hs.contiguous()
+    nr, nkb = -(-M // r), -(-F // c)
+    aq = torch.empty((M, F), dtype=torch.int8, device=hq.device)
+    a_s = torch.empty((nr, nkb), dtype=torch.float32, device=hq.device)
+    if M == 0 or F == 0:
+        return aq, a_s.fill_(1.0)
+    tm = _tile_rows(r, c, M)
+    _act_kernel[(triton.cdiv(M, tm), nkb)](hq, hs, aq, a_s, M, F, K_in, hs.shape[1], nkb, nr,
+                                           R=r, C=c, TM=tm, SWIGLU=swiglu, num_warps=8 if tm * c >= 8192 else 4)
+    return aq, a_s
+
+
+def swiglu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _act(hq, hs, r, c, True)
+
+
+def gelu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _act(hq, hs, r, c, False)

@@ -1,0 +1,162 @@
+"""Jetfire's INT8 data flow (qtrain.nn.dataflow): the data-flow LLaMA and GPT-2 blocks against the original
+block in fp32 (SQNR of the block's output and of every gradient), the activation memory they save for backward
+against the BF16 block, the kernel path against the reference path, and what convert does with them."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import qtrain
+from qtrain import models, ops
+from qtrain.nn.dataflow import GPT2DataflowBlock, LlamaDataflowBlock, to_dataflow
+from qtrain.quant.core import sqnr
+
+T = 64
+
+
+def _block(family: str, d=128, seed=0):
+    torch.manual_seed(seed)
+    cfg = models.ModelConfig(family, d_model=d, n_layer=2, n_head=4, ffn_hidden=256 if family == "llama" else 4 * d,
+                             max_seq_len=T)
+    m = models.build_from_config(cfg)
+    args = (m.rope_cos[:T], m.rope_sin[:T]) if family == "llama" else ()
+    return m.blocks()[0], args
+
+
+def _run(block, x, args, dy):
+    x = x.clone().requires_grad_()
+    block.zero_grad()
+    y = block(x, *args)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in block.named_parameters()}
+
+
+def _sqnrs(block, recipe, backend="reference"):
+    ref_block, args = block
+    df = to_dataflow(copy.deepcopy(ref_block), recipe)
+    d = ref_block.attn.wo.in_features if hasattr(ref_block.attn, "wo") else ref_block.attn.c_proj.in_features
+    x = torch.randn(2, T, d, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    y0, dx0, g0 = _run(ref_block, x, args, dy)
+    with ops.use_backend(backend):
+        y1, dx1, g1 = _run(df, x, args, dy)
+    # the residual passes x and dy through unchanged: score what the block adds
+    out = {"out": sqnr(y0 - x, y1 - x), "dx": sqnr(dx0 - dy, dx1 - dy)}
+    out.update({n: sqnr(g0[n], g1[n]) for n in g0 if g0[n].abs().sum() > 0})
+    return out, y1
+
+
+@pytest.mark.parametrize("recipe", ["jetfire", "jetfire_wide"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dataflow_block_sqnr_against_fp32(family, recipe):
+    s, _ = _sqnrs(_block(family), recipe)
+    print(family, recipe, {k: round(v, 1) for k, v in s.items()})
+    assert s["out"] >= 25, s
+    assert min(v for k, v in s.items() if k != "out") >= 20, s
+
+
+def test_kernel_path_matches_reference_path():
+    blk = _block("llama", d=64)
+    ref, y_ref = _sqnrs(blk, "jetfire", "reference")
+    ker, y_ker = _sqnrs(blk, "jetfire", "triton")
+    assert sqnr(y_ref, y_ker) > 45                      # forward is RTN: the twins differ by ≤ 1 code, rarely
+    assert ker["out"] >= 25 and min(ker.values()) >= 20, ker
+
+
+def _saved_bytes(block, x, args) -> int:
+    """Bytes of the distinct storages saved for backward, parameters and buffers excluded."""
+    skip = {t.untyped_storage().data_ptr() for t in list(block.parameters()) + list(args)}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(x, *args)
+    y.sum().backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_activation_memory_saved_for_backward(family):
+    blk, args = _block(family)
+    bf16 = copy.deepcopy(blk).to(torch.bfloat16)
+    args16 = tuple(a.to(torch.bfloat16) for a in args) if family == "gpt2" else args
+    x = torch.randn(2, T, 128, dtype=torch.bfloat16, requires_grad=True)
+    ref = _saved_bytes(bf16, x, args16)
+    ratios = {}
+    for recipe in ("jetfire", "jetfire_wide"):
+        ratios[recipe] = _saved_bytes(to_dataflow(copy.deepcopy(bf16), recipe), x, args16) / ref
+    print(family, "bf16 block saves", ref, "bytes; ratios", ratios)
+    assert max(ratios.values()) <= 0.6, ratios
+
+
+def test_functions_save_only_int8_and_scales():
+    blk, args = _block("gpt2")
+    df = to_dataflow(copy.deepcopy(blk), "jetfire")
+    params = {p.untyped_storage().data_ptr() for p in df.parameters()}
+    kinds = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kinds.append((t.dtype, tuple(t.shape)))
+        return t
+
+    x = torch.randn(2, T, 128, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        from qtrain.nn.dataflow import LinearFunction, NormLinearFunction, NormMLPFunction
+        for fn, a in ((NormLinearFunction, (df.ln_1.weight, df.ln_1.bias, df.attn.c_attn.weight, df.attn.c_attn.bias,
+                                            df.plan, "ln", 1e-5, torch.float32)),
+                      (LinearFunction, (df.attn.c_proj.weight, df.attn.c_proj.bias, df.plan, torch.float32)),
+                      (NormMLPFunction, (df.ln_2.weight, df.ln_2.bias, df.mlp.c_fc.weight, df.mlp.c_fc.bias,
+                                         df.mlp.c_proj.weight, df.mlp.c_proj.bias, df.plan, "ln", "gelu", 1e-5,
+                                         torch.float32))):
+            fn.apply(x.reshape(-1, 128), *a)
+    assert kinds and all(d == torch.int8 or (d == torch.float32 and s[0] == 128 // 32) for d, s in kinds), kinds
+    assert sum(d == torch.int8 for d, _ in kinds) == 4          # x (twice: QKV and MLP), attention out, h
+
+
+def test_convert_swaps_blocks_keeping_parameters_and_state_dict(caplog):
+    for name, cls in (("llama-tiny", LlamaDataflowBlock), ("gpt2-tiny", GPT2DataflowBlock)):
+        torch.manual_seed(0)
+        model = models.build(name, n_layer=2, max_seq_len=32)
+        plain = copy.deepcopy(model)
+        params = {n: p for n, p in model.named_parameters()}
+        keys = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+        with caplog.at_level(logging.INFO, logger="qtrain"):
+            qtrain.convert(model, "jetfire")
+        assert "2 data-flow blocks" in caplog.text
+        assert all(isinstance(b, cls) for b in model.blocks())
+        assert {k: (v.shape, v.dtype) for k, v in model.state_dict().items()} == keys
+        assert all(p is params[n] for n, p in model.named_parameters())
+        assert not qtrain.nn.quant_layers(model)                 # the head stays plain, the blocks hold the rest
+        plain.load_state_dict(model.state_dict())
+        model.load_state_dict(plain.state_dict())
+        idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+        ref, got = plain(idx)[0], model(idx)[0]
+        assert sqnr(ref, got) > 20
+        with pytest.raises(ValueError, match="already converted.*2 data-flow blocks.*'jetfire'"):
+            qtrain.convert(model, "jetfire")
+
+
+def test_convert_filter_and_models_without_blocks(caplog):
+    model = models.build("llama-tiny", n_layer=2, max_seq_len=32)
+    qtrain.convert(model, "jetfire_wide", filter_fn=lambda m, n: "layers.1.mlp" not in n and "lm_head" not in n)
+    assert isinstance(model.layers[0], LlamaDataflowBlock)
+    assert isinstance(model.layers[1], models.llama.Block)                          # a linear was filtered out
+    assert [n for n, _ in qtrain.nn.quant_layers(model)] == ["layers.1.attn.wqkv", "layers.1.attn.wo"]
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    with caplog.at_level(logging.WARNING, logger="qtrain"):
+        qtrain.convert(mlp, "jetfire")
+    assert "no supported transformer block" in caplog.text
+    assert isinstance(mlp[0], qtrain.QuantLinear) and mlp[0].recipe.name == "jetfire"
+    mlp(torch.randn(40, 64)).sum().backward()
+    with pytest.raises(ValueError, match="dataflow=False"):
+        LlamaDataflowBlock(models.build("llama-tiny", n_layer=1).layers[0], "fallback")
