@@ -1,5 +1,5 @@
 """A tiny model trained 100 steps with each quantized preset ends within 2 % of the unquantized loss (same
-seed/data)."""
+seed/data); the int4 preset within 3 % (its METHODS.md/issue target)."""
 import sysconfig
 from pathlib import Path
 
@@ -51,8 +51,10 @@ def _train(recipe: str, steps=100, ctx=16, batch=128) -> float:
     return sum(losses[-10:]) / 10
 
 
-@pytest.mark.parametrize("recipe", ["switchback", "switchback_m", "fallback"])
+@pytest.mark.parametrize("recipe", ["switchback", "switchback_m", "fallback", "int4"])
 def test_preset_trains_like_bf16(recipe):
     ref, quantized = _train("bf16"), _train(recipe)
     assert ref < 3.5  # it learned something (uniform over bytes is 5.5)
-    assert abs(quantized - ref) / ref < 0.02, (recipe, quantized, ref)
+    # int4: METHODS.md/issue 9 target 3 % (measured +1.4 % here: 2.018 vs 1.991; INT4 GEMMs with LSS gradients)
+    tol = 0.03 if recipe == "int4" else 0.02
+    assert abs(quantized - ref) / ref < tol, (recipe, quantized, ref)
