@@ -469,3 +469,52 @@ def gelu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[t
     if torch.compiler.is_compiling():
         return _gelu_quantize_op(hq, hs, r, c)
     return _dataflow("gelu_quantize", hq, hs, r, c)
+
+
+# ------------------------------------------------------------------ INT4 backward: bit splitting, LSS draws
+def _sr_generator(device: torch.device) -> torch.Generator:
+    from qtrain.nn.functional import sr_generator          # qtrain.nn imports this module
+    return sr_generator(device)
+
+
+@torch.library.custom_op("qtrain::bit_split", mutates_args=())
+def _bit_split_op(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return quant.lss.bit_split(dy, _sr_generator(dy.device))
+
+
+@_bit_split_op.register_fake
+def _(dy):
+    check_float(dy)
+    check_2d(dy)
+    return (dy.new_empty(dy.shape, dtype=torch.int8), dy.new_empty(dy.shape, dtype=torch.int8),
+            dy.new_empty((), dtype=torch.float32))
+
+
+def bit_split(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dy [M, N]`` → ``(hi, lo int8 [M, N], s [] fp32)``, the low part's SR drawn from the stochastic-rounding
+    generator of ``dy``'s device (an op opaque to ``torch.compile``); see :mod:`qtrain.quant.lss`."""
+    return _bit_split_op(dy) if torch.compiler.is_compiling() else quant.lss.bit_split(dy, _sr_generator(dy.device))
+
+
+@torch.library.custom_op("qtrain::lss_sample", mutates_args=())
+def _lss_sample_op(c: torch.Tensor, budget: float, sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _lss_sample(c, budget, sampling)
+
+
+def _lss_sample(c, budget, sampling):
+    if not sampling:
+        return torch.ones_like(c, dtype=torch.float32), torch.ones(c.shape, dtype=torch.bool, device=c.device)
+    p = quant.lss.leverage_probabilities(c, budget)
+    return p, quant.lss.sample_rows(p, _sr_generator(c.device))
+
+
+@_lss_sample_op.register_fake
+def _(c, budget, sampling):
+    return c.new_empty(c.shape, dtype=torch.float32), c.new_empty(c.shape, dtype=torch.bool)
+
+
+def lss_sample(c: torch.Tensor, budget: float, sampling: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p fp32 [n], keep bool [n])`` for row scores ``c [n]``: leverage-score probabilities with ``Σp = budget``
+    and one draw from the stochastic-rounding generator (or every row, ``p = 1``, without ``sampling``);
+    see :mod:`qtrain.quant.lss`."""
+    return _lss_sample_op(c, budget, sampling) if torch.compiler.is_compiling() else _lss_sample(c, budget, sampling)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from qtrain import ops, recipes
-from qtrain.nn.functional import Operand, emulate, sr_generator
+from qtrain.nn.functional import Operand, emulate
 from qtrain.quant import hadamard as _hadamard, lsq as _lsq, lss as _lss
 from qtrain.nn.plan import GEMMS, build_plan
 from qtrain.quant.fallback import fallback_ratio
@@ -138,31 +138,27 @@ class Int4LinearFunction(torch.autograd.Function):
         N = w.shape[0]
         need_dx, need_dw, need_step = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
         gather = not torch.compiler.is_compiling()
-        gen = sr_generator(dy.device)
-        hi, lo, s = _lss.bit_split(dy.contiguous(), gen)
-        dx = dw = db = dstep = None
+        hi, lo, s = ops.bit_split(dy.contiguous())
+        dx = dw = db = dstep = xh = wh = None
         dsx = dsw = torch.zeros((), device=x.device)
         if need_dx or need_step:
             wh = ops.block_hadamard(w, b)
             qw = _hadamard.quantize_step(wh, sw)
             split = plan.dgrad.spec.lhs.split
-            p, keep = _sample(_lss.stacked_norms(hi, lo), split, M, gen)
+            p, keep = ops.lss_sample(_lss.stacked_norms(hi, lo), split.budget * M, split.sampling)
             gx = _lss.lss_dgrad(hi, lo, s, qw.t().contiguous(), sw.reshape(()), keep, p, ops.int4_gemm, gather)
             xh = ops.block_hadamard(x, b)
             dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K)
             if need_dx:
                 dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
         if need_dw or need_step:
-            if not (need_dx or need_step):
-                xh = ops.block_hadamard(x, b)
-            else:
-                xh = xh if "xh" in locals() else ops.block_hadamard(x, b)
-            if "wh" not in locals():
-                wh = ops.block_hadamard(w, b)
+            if xh is None:
+                xh, wh = ops.block_hadamard(x, b), ops.block_hadamard(w, b)
             qx = _hadamard.quantize_step(xh, sx)
             split = plan.wgrad.spec.lhs.split
             xn = qx.float().norm(dim=1)
-            p, keep = _sample(_lss.stacked_norms(hi, lo) * torch.cat((xn, xn)), split, M, gen)
+            p, keep = ops.lss_sample(_lss.stacked_norms(hi, lo) * torch.cat((xn, xn)), split.budget * M,
+                                     split.sampling)
             gw = _lss.lss_wgrad(hi, lo, s, qx, sx.reshape(()), keep, p, gather)
             dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K)
             if need_dw:
@@ -175,15 +171,6 @@ class Int4LinearFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(bias.dtype)
         return dx, dw, db, dstep, None, None, None, None
-
-
-def _sample(c: torch.Tensor, split, M: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(p, keep)`` over the ``2M`` stacked rows: leverage-score sampling with ``split.budget·M`` rows, or every
-    row kept (``p = 1``) without sampling."""
-    if not split.sampling:
-        return torch.ones_like(c), torch.ones(c.shape, dtype=torch.bool, device=c.device)
-    p = _lss.leverage_probabilities(c, split.budget * M)
-    return p, _lss.sample_rows(p, gen)
 
 
 class QuantLinear(nn.Module):
