@@ -15,8 +15,10 @@ relative to that orientation: ``row`` is one scale per outer index (per token fo
 channel for W), ``block(r, c)`` has ``r`` along the outer dim and ``c`` along the reduced one.
 
 An operand may carry extras: a ``transform`` (:class:`Hadamard`, applied along the reduced dim before
-quantizing) and a ``fallback`` policy (:class:`Fallback`: tiles holding outliers add a second INT8 term on the
-residual). A GEMM's ``out`` says how its result leaves the kernel: ``dequant`` (16/32-bit) or ``int8_blocks``
+quantizing), a ``fallback`` policy (:class:`Fallback`: tiles holding outliers add a second INT8 term on the
+residual) and, for the ``int4`` recipe a ``step`` (:class:`LearnedStep`: LSQ) or a ``split``
+(:class:`BitSplit`: bit splitting + leverage-score sampling of the gradient). A GEMM's ``out`` says how its result
+leaves the kernel: ``dequant`` (16/32-bit) or ``int8_blocks``
 (quantized for the next op, Jetfire's data flow). Which combinations run is decided once per layer by
 :mod:`qtrain.nn.plan`, which rejects the rest when the layer is built.
 
