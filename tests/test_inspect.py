@@ -44,14 +44,15 @@ def test_collect_every_linear_and_leaves_no_hooks():
 
 def test_inspect_command_writes_table_json_and_plot(tmp_path, capsys):
     run = tmp_path / "run"
-    train(TrainConfig(model="gpt2-tiny", steps=2, batch_size=2, seq_len=32, eval_batches=1, sample_tokens=0,
-                      progress=False, out=str(run)))
+    train(TrainConfig(model="gpt2-tiny", recipe="fallback", steps=2, batch_size=2, seq_len=32, eval_batches=1,
+                      sample_tokens=0, progress=False, out=str(run)))    # its per-layer thresholds load too
     assert main(["inspect", str(run), "--batches", "1"]) == 0
     out = run / "inspect"
     rows = json.loads((out / "inspect.json").read_text())
     model = build("gpt2-tiny")
     assert [r["name"] for r in rows] == [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     assert all(r["dy"]["sqnr_db"]["1x128"] > 0 for r in rows)
+    assert all(r["x"]["sqnr_db"]["1x128+fb"] >= r["x"]["sqnr_db"]["1x128"] - 0.01 for r in rows)
     assert "| lm_head |" in (out / "inspect.md").read_text() and "| lm_head |" in capsys.readouterr().out
     assert (out / "inspect.png").read_bytes()[:4] == b"\x89PNG"
 

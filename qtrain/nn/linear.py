@@ -173,6 +173,11 @@ class Int4LinearFunction(torch.autograd.Function):
         return dx, dw, db, dstep, None, None, None, None
 
 
+# Per-layer quantizer state a QuantLinear may add to ``state_dict`` (a plain model loading such a checkpoint
+# drops it: qtrain.train.checkpoint.load).
+STATE_KEYS = ("fallback_tau", "int4_step", "hq_block")
+
+
 class QuantLinear(nn.Module):
     """A linear layer ``y = x·Wᵀ + b`` whose GEMMs run as ``recipe`` says.
 

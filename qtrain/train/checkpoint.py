@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from qtrain.errors import UserError
+from qtrain.nn.linear import STATE_KEYS
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 FILES = ("model.safetensors", "state.pt", "config.json")
@@ -113,7 +114,8 @@ def read_config(ckpt: Path) -> dict:
 
 
 def load(ckpt: Path, model: torch.nn.Module) -> dict:
-    """Load the weights of ``ckpt`` into ``model`` (strict: same keys and shapes) and return its ``state.pt``.
+    """Load the weights of ``ckpt`` into ``model`` (strict: same keys and shapes, except that a plain model drops
+    a quantized run's per-layer state, ``qtrain.nn.linear.STATE_KEYS``) and return its ``state.pt``.
     A corrupt file or a checkpoint of another architecture raises :class:`UserError`."""
     try:
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
@@ -122,6 +124,8 @@ def load(ckpt: Path, model: torch.nn.Module) -> dict:
     except RuntimeError as e:   # shape mismatch
         first = str(e).strip().splitlines()[-1].strip()
         raise UserError(f"checkpoint {ckpt} is from another model: {first}") from None
+    # a quantized run's per-layer state (thresholds, learned steps) means nothing to a plain model: dropped
+    unexpected = [k for k in unexpected if k.rsplit(".", 1)[-1] not in STATE_KEYS]
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt} is from another model: missing weights {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}")
