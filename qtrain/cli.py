@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        from qtrain import ops
+        ops.get_backend()                  # a bad QTRAIN_BACKEND is reported now, before any run folder exists
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"qtrain {args.command}: error: {e}", file=sys.stderr)

@@ -22,6 +22,9 @@ def test_cli_train_one_line(tmp_path):
     err = r.stderr.strip()
     assert r.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("qtrain train: error: QTRAIN_BACKEND='bogus'") and ACCEPTED in err, err
+    assert not (tmp_path / "run").exists()                # reported before the run starts, for any recipe
+    r = _run(["-m", "qtrain", "train", "--recipe", "bf16", "--steps", "1", "--out", str(tmp_path / "bf")], tmp_path)
+    assert r.returncode == 2 and "QTRAIN_BACKEND" in r.stderr and not (tmp_path / "bf").exists(), r.stderr
 
 
 @pytest.mark.parametrize("backend", ["Triton"])
