@@ -14,6 +14,8 @@ from qtrain.cli import main
 from qtrain.errors import UserError
 from qtrain.train import checkpoint, loop
 
+from .cli_checks import one_error_line
+
 # a tiny run: 4 steps of 2 × 32 byte tokens on a small text file, checkpoints at steps 2 and 4
 FLAGS = ["--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1",
          "--save-every", "2", "--sample-tokens", "0", "--no-progress"]
@@ -45,15 +47,6 @@ def _snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _one_error_line(capsys, argv, *expected) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"qtrain {argv[0]}: error: "), lines[0]
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
 
 
 # ----------------------------------------------------------------------- 1a: resuming a finished run
@@ -89,24 +82,24 @@ def test_out_refuses_an_existing_run(finished, corpus, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(finished, run)
     before = _snapshot(run)
-    line = _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(run)],
+    line = one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(run)],
                            str(run), f"--resume {run}", "--out")
     assert "already holds a run" in line
     assert _snapshot(run) == before
     # resuming one run into another run's folder is refused too
     other = tmp_path / "other"
     shutil.copytree(finished, other)
-    _one_error_line(capsys, ["train", "--resume", str(run), "--steps", "6", "--out", str(other)], str(other))
+    one_error_line(capsys, ["train", "--resume", str(run), "--steps", "6", "--out", str(other)], str(other))
     assert _snapshot(run) == before and _snapshot(other) == before
     # a run stopped before its first checkpoint cannot be resumed: the line says so
     for step in ("step-000002", "step-000004"):
         shutil.rmtree(other / step)
-    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(other)], str(other),
+    one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(other)], str(other),
                     "no checkpoint to resume", "another --out")
     # a folder that is not empty but holds no run
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "notes.txt").write_text("mine")
-    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(tmp_path / "stuff")],
+    one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(tmp_path / "stuff")],
                     str(tmp_path / "stuff"), "not empty")
     assert [p.name for p in (tmp_path / "stuff").iterdir()] == ["notes.txt"]
 
@@ -121,16 +114,16 @@ def test_out_may_be_an_empty_folder(corpus, tmp_path):
 def test_out_file_or_unusable_path_is_one_line(corpus, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me")
-    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(a_file)], str(a_file), "file")
-    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(a_file / "run")], str(a_file))
+    one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(a_file)], str(a_file), "file")
+    one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(a_file / "run")], str(a_file))
     assert a_file.read_text() == "keep me"
-    _one_error_line(capsys, ["compare", "--recipes", "bf16", "--data", corpus, *FLAGS, "--out", str(a_file)],
+    one_error_line(capsys, ["compare", "--recipes", "bf16", "--data", corpus, *FLAGS, "--out", str(a_file)],
                     str(a_file))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc, where no folder can be created")
 def test_out_unwritable_is_one_line(corpus, capsys):
-    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", "/proc/qtrain-run"], "/proc/qtrain-run")
+    one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", "/proc/qtrain-run"], "/proc/qtrain-run")
 
 
 # -------------------------------------------------------- 1d, 1e: interrupted checkpoint writes and pruning
@@ -236,7 +229,7 @@ def _finite(ckpt: Path) -> bool:
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     _poison_after(monkeypatch, 3)                  # step 4's loss is NaN
-    line = _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--steps", "6", "--out", str(out)],
+    line = one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--steps", "6", "--out", str(out)],
                            "loss is nan at step 4", "stopped", f"last good checkpoint: {out / 'step-000002'}")
     assert line
     assert [p.name for p in out.glob("step-*")] == ["step-000002"] and _finite(out / "step-000002")
@@ -247,20 +240,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, capsys,
 def test_non_finite_weights_are_never_saved(corpus, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     _poison_after(monkeypatch, 4)                  # step 4's loss is finite, the weights after it are not
-    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--steps", "6", "--out", str(out)],
+    one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--steps", "6", "--out", str(out)],
                     "not finite after step 4", f"last good checkpoint: {out / 'step-000002'}")
     assert [p.name for p in out.glob("step-*")] == ["step-000002"] and _finite(out / "step-000002")
     # no good checkpoint at all
     monkeypatch.undo()
     _poison_after(monkeypatch, 1)
-    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(tmp_path / "early")],
+    one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--out", str(tmp_path / "early")],
                     "loss is nan at step 2", "no checkpoint")
     assert not list((tmp_path / "early").glob("step-*"))
 
 
 def test_huge_lr_stops_with_a_clear_message(corpus, tmp_path, capsys):
     out = tmp_path / "run"
-    _one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--steps", "8", "--warmup", "0",
+    one_error_line(capsys, ["train", "--data", corpus, *FLAGS, "--steps", "8", "--warmup", "0",
                              "--optimizer", "adamw", "--grad-clip", "0", "--lr", "1e30", "--out", str(out)],
                     "step", "stopped")
     assert all(_finite(p) for p in out.glob("step-*"))

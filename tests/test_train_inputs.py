@@ -8,6 +8,8 @@ import qtrain
 from qtrain.cli import main
 from qtrain.train import loop
 
+from .cli_checks import one_error_line
+
 FLAGS = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--sample-tokens", "0",
          "--no-progress"]
 
@@ -24,13 +26,7 @@ def corpus(tmp_path_factory):
 
 def _refused(capsys, out, argv, *expected):
     """``argv`` fails with one ``qtrain <command>: error:`` line holding ``expected``, and ``out`` is not created."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"qtrain {argv[0]}: error: "), lines[0]
-    for text in expected:
-        assert text in lines[0], lines[0]
+    one_error_line(capsys, argv, *expected)
     assert not out.exists(), f"{out} was created"
 
 

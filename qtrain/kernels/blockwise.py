@@ -24,24 +24,6 @@ MAX_C = 1024
 
 
 @triton.jit
-def _blockwise_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk, n_block_rows, n_block_cols,
-                      R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr):
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * TM + tl.arange(0, TM)
-    cols = pid_k * C + tl.arange(0, C)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
-                other=0.0).to(tl.float32)
-    bits = tl.reshape(abs_bits(x), [TM // R, R, C])
-    scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
-    row_scale = tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])
-    q = quantize_rtn(x, tl.broadcast_to(row_scale[:, None], x.shape))
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
-    brow = pid_m * (TM // R) + tl.arange(0, TM // R)
-    tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)
-
-
-@triton.jit
 def quantize_sr(x, scale, u):
     """fp32 ``x / scale`` (IEEE) → int8 by stochastic rounding: NaN → 0, clamp to ±127, ``floor(v + u)``."""
     v = tl.math.div_rn(x, scale)
@@ -52,8 +34,9 @@ def quantize_sr(x, scale, u):
 
 
 @triton.jit
-def _blockwise_sr_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, M, K, stride_xm, stride_xk, n_block_rows, n_block_cols,
-                         R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr):
+def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, M, K, stride_xm, stride_xk, n_block_rows, n_block_cols,
+                      R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SR: tl.constexpr):
+    """``SR``: stochastic rounding with ``tl.rand(seed, element index)``; else round to nearest."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * TM + tl.arange(0, TM)
     cols = pid_k * C + tl.arange(0, C)
@@ -62,9 +45,12 @@ def _blockwise_sr_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, M, K, stride_xm, stride_
                 other=0.0).to(tl.float32)
     bits = tl.reshape(abs_bits(x), [TM // R, R, C])
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
-    row_scale = tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])
-    u = tl.rand(tl.load(seed_ptr), rows[:, None] * K + cols[None, :])                 # element index (wraps)
-    q = quantize_sr(x, tl.broadcast_to(row_scale[:, None], x.shape), u)
+    row_scale = tl.broadcast_to(tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])[:, None], x.shape)
+    if SR:
+        u = tl.rand(tl.load(seed_ptr), rows[:, None] * K + cols[None, :])             # element index (wraps)
+        q = quantize_sr(x, row_scale, u)
+    else:
+        q = quantize_rtn(x, row_scale)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
     brow = pid_m * (TM // R) + tl.arange(0, TM // R)
     tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)
@@ -96,11 +82,9 @@ def _launch(x, r, c, seed):
     target = 65536 if interpreting() else 4096
     tm = max(r, min(target // c, triton.next_power_of_2(M)))
     warps = 8 if tm * c >= 8192 else 4
-    if seed is None:
-        _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, M, K, x.stride(0), x.stride(1), nr, nc,
-                                                    R=r, C=c, TM=tm, num_warps=warps)
-    else:
+    if seed is not None:
         seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
-        _blockwise_sr_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, seed, M, K, x.stride(0), x.stride(1), nr, nc,
-                                                       R=r, C=c, TM=tm, num_warps=warps)
+    _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, seed if seed is not None else scale, M, K,
+                                                x.stride(0), x.stride(1), nr, nc, R=r, C=c, TM=tm,
+                                                SR=seed is not None, num_warps=warps)
     return q, scale
