@@ -232,13 +232,35 @@ def sr_seed(generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), generator=generator, device=generator.device, dtype=torch.int64)
 
 
+@torch.library.custom_op("qtrain::sr_seed", mutates_args=())
+def _sr_seed_op(like: torch.Tensor) -> torch.Tensor:
+    return sr_seed(_sr_generator(like.device))
+
+
+@_sr_seed_op.register_fake
+def _(like):
+    return like.new_empty((1,), dtype=torch.int64)
+
+
 def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int,
-                          generator: "torch.Generator | torch.Tensor") -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_blockwise`` with stochastic rounding: the seed is drawn from ``generator`` (or given as a
-    one-element integer tensor); see :mod:`qtrain.quant.blockwise`."""
-    seed = generator if isinstance(generator, torch.Tensor) else sr_seed(generator)
+                          generator: "torch.Generator | torch.Tensor | None" = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_blockwise`` with stochastic rounding: the seed is drawn from ``generator`` (None: the project's
+    stochastic-rounding generator of ``x``'s device, ``qtrain.nn.functional.sr_generator``) or given as a
+    one-element integer tensor; see :mod:`qtrain.quant.blockwise`. Under ``torch.compile`` the project's
+    generator is drawn inside an opaque op; other generators cannot be traced (pass a seed tensor)."""
     if torch.compiler.is_compiling():
+        if generator is None:
+            seed = _sr_seed_op(x)
+        elif isinstance(generator, torch.Tensor):
+            seed = generator
+        else:
+            raise ValueError("under torch.compile quantize_blockwise_sr takes generator=None (the project's) or a "
+                             "seed tensor, not a torch.Generator")
         return _quantize_blockwise_sr_op(x, r, c, seed)
+    if generator is None:
+        generator = _sr_generator(x.device)
+    seed = generator if isinstance(generator, torch.Tensor) else sr_seed(generator)
     return _quantize_blockwise_sr(x, r, c, seed)
 
 

@@ -42,7 +42,7 @@ from torch import nn
 from qtrain import ops, recipes
 from qtrain.models import gpt2 as _gpt2
 from qtrain.models import llama as _llama
-from qtrain.nn.functional import Operand, sr_generator
+from qtrain.nn.functional import Operand
 from qtrain.nn.plan import LinearPlan, build_plan
 from qtrain.quant.core import FLOAT_DTYPES
 
@@ -100,7 +100,7 @@ def _int8_grad(plan: LinearPlan, g: torch.Tensor) -> torch.Tensor:
     if plan.dgrad.spec.out != "int8_blocks":
         return g
     r, c = plan.dgrad.blocks[0], plan.dgrad.blocks[2]
-    return Operand("block", *ops.quantize_blockwise_sr(g, r, c, sr_generator(g.device)), r, c).dequantize()
+    return Operand("block", *ops.quantize_blockwise_sr(g, r, c), r, c).dequantize()
 
 
 def _linear_backward(plan: LinearPlan, dy, x_op: Operand, w, b, needs: tuple[bool, bool, bool]):

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from qtrain import ops
-from qtrain.nn.functional import Operand, block_pair, emulate, fast_int8, sr_generator
+from qtrain.nn.functional import Operand, block_pair, emulate, fast_int8
 from qtrain.quant.block_gemm import BLOCK_KS
 from qtrain.quant.fallback import update_threshold
 from qtrain.recipes import GemmSpec, OperandSpec, Recipe
@@ -77,7 +77,7 @@ class GemmPlan:
                     update_threshold(tau, tmax, spec.fallback)
                 return Operand("fallback", q, s, 1, c, q2, s2, flags, tmax)
             if spec.rounding == "stochastic":
-                return Operand("block", *ops.quantize_blockwise_sr(t, rows, c, sr_generator(t.device)), rows, c)
+                return Operand("block", *ops.quantize_blockwise_sr(t, rows, c), rows, c)
             return Operand("block", *ops.quantize_blockwise(t, rows, c), rows, c)
         return t
 
