@@ -35,6 +35,8 @@ keys) and run their forward through these Functions; :func:`qtrain.convert` swap
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,14 +86,34 @@ def _act_fp32(kind: str, h):
     return F.gelu(h, approximate="tanh")
 
 
-def _vjp(fn, inputs: tuple, grad: torch.Tensor) -> tuple:
-    """fp32 vector-Jacobian product of ``fn(*inputs)`` (None inputs pass through, get None)."""
-    leaves = [t.detach().float().requires_grad_() if t is not None else None for t in inputs]
-    with torch.enable_grad():
-        out = fn(*leaves)
-        wanted = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(out, wanted, grad))
-    return tuple(next(grads) if t is not None else None for t in leaves)
+def _norm_vjp(kind: str, x, w, b, eps: float, g) -> tuple:
+    """fp32 ``(dx, dw, db)`` of :func:`_norm_fp32` for the output gradient ``g`` (explicit, so torch.compile traces
+    it; ``db`` None for RMSNorm or without a bias)."""
+    x, g, w = x.float(), g.float(), w.float()
+    gw = g * w
+    if kind == "rms":
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        xhat = x * r
+        dx = r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
+        return dx, (g * xhat).sum(0), None
+    mu = x.mean(-1, keepdim=True)
+    r = torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + eps)
+    xhat = (x - mu) * r
+    dx = r * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
+    return dx, (g * xhat).sum(0), (g.sum(0) if b is not None else None)
+
+
+def _act_vjp(kind: str, h, g) -> torch.Tensor:
+    """fp32 ``dh`` of :func:`_act_fp32` for the output gradient ``g`` (explicit, as :func:`_norm_vjp`)."""
+    h, g = h.float(), g.float()
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        return torch.cat((g * up * sig * (1 + gate * (1 - sig)), g * silu), dim=-1)
+    c = math.sqrt(2.0 / math.pi)
+    t = torch.tanh(c * (h + 0.044715 * h.pow(3)))
+    return g * (0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h * h))
 
 
 def _int8_grad(plan: LinearPlan, g: torch.Tensor) -> torch.Tensor:
@@ -155,8 +177,7 @@ class NormLinearFunction(torch.autograd.Function):
         dy, dw, db = _linear_backward(plan, dout, y_op, w, b, (any(need[:3]), need[3], need[4]))
         dx = dnw = dnb = None
         if dy is not None:
-            dx, dnw, dnb = _vjp(lambda x, nw, nb: _norm_fp32(kind, x, nw, nb, eps),
-                                (x_op.dequantize(), norm_w, norm_b), _int8_grad(plan, dy))
+            dx, dnw, dnb = _norm_vjp(kind, x_op.dequantize(), norm_w, norm_b, eps, _int8_grad(plan, dy))
         return (_cast(dx, ctx.x_dtype), _cast(dnw, norm_w), _cast(dnb, norm_b), dw, db,
                 None, None, None, None)
 
@@ -209,14 +230,13 @@ class NormMLPFunction(torch.autograd.Function):
         del a_op
         dx = dnw = dnb = dw1 = db1 = None
         if up:
-            (dh,) = _vjp(lambda h: _act_fp32(act, h), (h_op.dequantize(),), _int8_grad(plan, da))
+            dh = _act_vjp(act, h_op.dequantize(), _int8_grad(plan, da))
             del da
             x_op = Operand("block", xq, xs, *ctx.blocks)
             y_op = _norm(kind, x_op, norm_w, norm_b, eps)
             dy, dw1, db1 = _linear_backward(plan, dh, y_op, w1, b1, (any(need[:3]), need[3], need[4]))
             if dy is not None:
-                dx, dnw, dnb = _vjp(lambda x, nw, nb: _norm_fp32(kind, x, nw, nb, eps),
-                                    (x_op.dequantize(), norm_w, norm_b), _int8_grad(plan, dy))
+                dx, dnw, dnb = _norm_vjp(kind, x_op.dequantize(), norm_w, norm_b, eps, _int8_grad(plan, dy))
         return (_cast(dx, ctx.x_dtype), _cast(dnw, norm_w), _cast(dnb, norm_b), dw1, db1, dw2, db2,
                 None, None, None, None, None)
 

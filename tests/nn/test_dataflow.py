@@ -163,9 +163,8 @@ def test_convert_filter_and_models_without_blocks(caplog):
 
 
 def test_torch_compile_matches_eager_with_stochastic_rounding():
-    """SR seeds come from an opaque op under torch.compile, so compiled runs draw what eager ones draw. The
-    data-flow Functions' backward uses torch.autograd.grad (norm/activation VJPs), which Dynamo does not trace:
-    the model compiles with graph breaks there; a plain jetfire QuantLinear compiles as one graph."""
+    """SR seeds come from an opaque op under torch.compile, so compiled runs draw what eager ones draw; the
+    data-flow model and a plain jetfire QuantLinear each compile as one graph."""
     import qtrain
     from qtrain.models import build
     from qtrain.nn.functional import reseed
@@ -177,7 +176,7 @@ def test_torch_compile_matches_eager_with_stochastic_rounding():
     twin.load_state_dict(eager.state_dict())
     idx = torch.randint(0, 256, (2, 32))
     losses = []
-    for model in (eager, torch.compile(twin, backend="aot_eager")):
+    for model in (eager, torch.compile(twin, backend="aot_eager", fullgraph=True)):
         reseed(1)
         _, loss = model(idx, idx.roll(-1, 1))
         loss.backward()
@@ -195,3 +194,21 @@ def test_torch_compile_matches_eager_with_stochastic_rounding():
         y.sum().backward()
         outs.append(y.detach())
     assert torch.equal(*outs) and torch.equal(lin.weight.grad, lin2.weight.grad)
+
+
+@pytest.mark.parametrize("kind", ["rms", "ln", "swiglu", "gelu"])
+def test_explicit_vjps_match_autograd(kind):
+    from qtrain.nn import dataflow as df
+    torch.manual_seed(0)
+    x, w, b = (torch.randn(*s, dtype=torch.float64) * f for s, f in (((64, 96), 3), ((96,), 1), ((96,), 1)))
+    g = torch.randn(64, 96 // 2 if kind == "swiglu" else 96, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    if kind in ("rms", "ln"):
+        out = df._norm_fp32(kind, *leaves[:2], leaves[2] if kind == "ln" else None, 1e-5)
+        want = torch.autograd.grad(out, leaves[:3] if kind == "ln" else leaves[:2], g)
+        got = df._norm_vjp(kind, x, w, b if kind == "ln" else None, 1e-5, g)
+    else:
+        want = torch.autograd.grad(df._act_fp32(kind, leaves[0]), leaves[0], g)
+        got = (df._act_vjp(kind, x, g),)
+    for a, e in zip(got, want):
+        assert torch.allclose(a.double(), e, rtol=1e-5, atol=1e-5)
