@@ -50,8 +50,7 @@ class QuantLinearFunction(torch.autograd.Function):
         w = weight.t() if w_kn else weight
         fp = plan.fprop
         x_op = fp.quantize(x, "lhs", _slot(tau, "fprop"), update)
-        w_op, wt_op = wquant if wquant is not None else (
-            plan.quantize_weight(w) if plan.weight_quantized else (fp.quantize(w, "rhs"), None))
+        w_op, wt_op = wquant if wquant is not None else plan.quantize_weight(w)
         y = fp(x_op, w_op, out_dtype, bias)
         _record_ratio(ratio, "fprop", x_op)
 

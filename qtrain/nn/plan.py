@@ -124,7 +124,7 @@ class LinearPlan:
         return self.fprop.path in ("int8", "block", "fallback")
 
     def quantize_weight(self, w: torch.Tensor) -> tuple[Operand | torch.Tensor, Operand | None]:
-        """fprop's ``W`` operand and, if dgrad reuses it, the ``Wᵀ`` operand."""
+        """fprop's ``W`` operand (``w`` itself where fprop takes floats) and, if dgrad reuses it, ``Wᵀ``'s."""
         if self.fprop.path == "int8" and self.fprop.spec.rhs.granularity.kind == "tensor":
             q, qt, s = ops.quantize_tensorwise(w)                       # W and Wᵀ from one pass
             return Operand("int8", q, s), (Operand("int8", qt, s) if self.reuse_wt else None)
