@@ -12,7 +12,8 @@ import torch
 from qtrain import ops, quant
 from qtrain.quant.block_gemm import BLOCK_KS
 from qtrain.quant.fallback import expand_tiles
-from qtrain.recipes import OperandSpec
+from qtrain.quant.core import expand_scale
+from qtrain.recipes import OperandSpec, block
 
 _SR_GENERATORS: dict[torch.device, torch.Generator] = {}
 
@@ -82,10 +83,10 @@ class Operand:
         if self.path == "int8":
             s = self.scale[:, None] if self.scale.dim() == 1 else self.scale
             return (self.q.float() * s).to(dtype)
-        out = self.q.float() * _expand_blocks(self.scale, self.rows, self.block_k, M, K)
+        out = self.q.float() * expand_scale(self.scale, block(self.rows, self.block_k), (M, K))
         if self.path == "fallback":
             mask = expand_tiles(self.flags, M).repeat_interleave(self.block_k, 1)[:, :K]
-            s2 = _expand_blocks(self.scale2, 1, self.block_k, M, K)
+            s2 = expand_scale(self.scale2, block(1, self.block_k), (M, K))
             out = out + torch.where(mask, self.q2.float(), 0.0) * s2
         return out.to(dtype)
 
@@ -100,10 +101,6 @@ class Operand:
         if self.path == "block" and self.rows == self.block_k:
             return Operand("block", self.q.t().contiguous(), self.scale.t().contiguous(), self.rows, self.block_k)
         raise ValueError(f"a {self.path} operand with {self.rows}-row blocks has no exact transpose")
-
-
-def _expand_blocks(scale: torch.Tensor, rows: int, block_k: int, M: int, K: int) -> torch.Tensor:
-    return scale.repeat_interleave(rows, 0)[:M].repeat_interleave(block_k, 1)[:, :K]
 
 
 def emulate(t: torch.Tensor, spec: OperandSpec) -> torch.Tensor:
