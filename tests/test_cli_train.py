@@ -66,6 +66,12 @@ def test_compare_cli(capsys, tmp_path):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| switchback |" in printed and (out / "compare.png").exists() and (out / "compare.md").exists()
+    assert main([*argv[:-1], str(tmp_path / "side-by-side"), "--jobs", "2"]) == 0     # one process per recipe
+    together = json.loads((tmp_path / "side-by-side" / "compare.json").read_text())
+    alone = json.loads((out / "compare.json").read_text())
+    assert [s["final_val_loss"] for s in together] == [s["final_val_loss"] for s in alone]
+    assert "2 runs trained at a time" in (tmp_path / "side-by-side" / "compare.md").read_text()
+    _error(capsys, ["compare", "--jobs", "0"], "--jobs 0")
 
 
 def test_recipe_from_json_file(capsys, tmp_path):

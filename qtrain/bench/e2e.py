@@ -85,6 +85,9 @@ class Timer:
     def peak_bytes(self) -> int | None:
         return None
 
+    def allocated_bytes(self) -> int | None:
+        return None
+
     def free(self) -> None:
         gc.collect()
 
@@ -113,6 +116,9 @@ class CudaTimer(Timer):
 
     def peak_bytes(self) -> int | None:
         return torch.cuda.max_memory_allocated(self.device)
+
+    def allocated_bytes(self) -> int | None:
+        return torch.cuda.memory_allocated(self.device)
 
     def free(self) -> None:
         gc.collect()
@@ -146,14 +152,15 @@ def _convert(model, recipe, filter_name: str) -> int:
     from qtrain.train.loop import quantize_all_but_head
 
     qtrain.convert(model, recipe, filter_fn=quantize_all_but_head if filter_name == "all" else None)
-    return len(qtrain.nn.quant_layers(model))
+    return len(qtrain.nn.quantized_linear_names(model))
 
 
 def build_step(shape: Shape, recipe, mode: str, device, filter_name: str = "default",
                compile_fn: Callable | None = None):
     """A closure running one training step of ``shape`` with ``recipe`` (None: the plain BF16 model, a Recipe,
     or :data:`TORCHAO`), and ``'converted/linear layers'``. Each call of the closure trains on the next of two
-    fixed random batches."""
+    fixed random batches; ``step(probe)`` also calls ``probe()`` before the forward and after it (the loss
+    computed, backward not yet run)."""
     from torch import nn
 
     from qtrain import models
@@ -178,11 +185,15 @@ def build_step(shape: Shape, recipe, mode: str, device, filter_name: str = "defa
     batches = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in batches]
     calls = [0]
 
-    def step():
+    def step(probe: Callable[[], None] | None = None):
         x, y = batches[calls[0] % len(batches)]
         calls[0] += 1
+        if probe is not None:
+            probe()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             _, loss = step_model(x, y)
+        if probe is not None:
+            probe()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -206,7 +217,8 @@ def _error_text(e: BaseException) -> str:
 def empty_row(shape: Shape, mode: str, recipe) -> dict:
     """A row's fields, all None but what identifies it (every row has the same keys, in this order)."""
     return {"shape": shape.name, "mode": mode, "recipe": _label(recipe), "converted": None, "step_ms": None,
-            "tokens_per_s": None, "vs_bf16": None, "peak_gib": None, "mem_vs_bf16": None, "steps": None,
+            "tokens_per_s": None, "vs_bf16": None, "peak_gib": None, "mem_vs_bf16": None, "saved_gib": None,
+            "saved_vs_bf16": None, "steps": None,
             "first_step_s": None, "graphs": None, "error": None}
 
 
@@ -245,8 +257,11 @@ def _run_row(row, shape, recipe, mode, device, timer, steps, warmup, filter_name
     times = [timer.time_ms(step) for _ in range(steps)]
     peak = timer.peak_bytes()
     ms = statistics.median(times)
+    allocated = []
+    step(lambda: (timer.sync(), allocated.append(timer.allocated_bytes())))
+    saved = None if None in allocated else allocated[1] - allocated[0]
     row.update(step_ms=ms, tokens_per_s=shape.tokens / (ms / 1e3), steps=steps,
-               peak_gib=None if peak is None else peak / 2**30)
+               peak_gib=None if peak is None else peak / 2**30, saved_gib=None if saved is None else saved / 2**30)
     if mode == "compile":           # Dynamo graphs compiled for the row: 1 is the whole model in one graph,
         row["graphs"] = counters["stats"]["unique_graphs"]      # more means graph breaks or recompiles
 
@@ -262,6 +277,8 @@ def add_ratios(rows: list[dict]) -> None:
         r["vs_bf16"] = b["step_ms"] / r["step_ms"]
         if b["peak_gib"] and r["peak_gib"] is not None:
             r["mem_vs_bf16"] = r["peak_gib"] / b["peak_gib"]
+        if b["saved_gib"] and r["saved_gib"] is not None:
+            r["saved_vs_bf16"] = r["saved_gib"] / b["saved_gib"]
 
 
 def run_rows(shapes: list[Shape], recipes: list, modes: list[str], *, device, timer: Timer, steps: int,
@@ -289,6 +306,8 @@ def run_rows(shapes: list[Shape], recipes: list, modes: list[str], *, device, ti
         print(row["error"] or (f"{row['step_ms']:.1f} ms/step, {row['tokens_per_s']:,.0f} tokens/s"
                                + (f", {row['vs_bf16']:.2f}× bf16" if row["vs_bf16"] is not None else "")
                                + (f", peak {row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else "")
+                               + (f", saved for backward {row['saved_gib']:.2f} GiB" if row["saved_gib"] is not None
+                                  else "")
                                + f", {row['converted']} layers converted, first step {row['first_step_s']:.1f} s"),
               flush=True)
         if on_row is not None:
@@ -313,7 +332,9 @@ def notes_for(shapes: list[Shape], steps: int, warmup: int, filter_name: str, to
              f"{ROW_SECONDS:.0f} s.",
              "vs_bf16: BF16 step time / the row's step time (> 1 is faster), against BF16 of the same shape and "
              "mode in the same process; mem_vs_bf16 likewise for peak_gib, torch.cuda.max_memory_allocated over "
-             "the timed steps (reset after warm-up: weights, gradients, optimizer state and activations).",
+             "the timed steps (reset after warm-up: weights, gradients, optimizer state and activations); saved_gib: "
+             "torch.cuda.memory_allocated after the forward (loss computed) minus before it, in one more step: "
+             "what the forward keeps for backward (activations, quantized copies), saved_vs_bf16 its ratio.",
              "compile: torch.compile(model) of the whole model (default mode, as `qtrain train --compile`), the "
              "optimizer step eager; torch._dynamo.reset() before each row; graphs: Dynamo graphs compiled in the row "
              "(1: the whole forward in one graph; more: graph breaks or recompiles).",

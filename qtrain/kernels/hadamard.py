@@ -27,8 +27,7 @@ def _hadamard_kernel(x_ptr, step_ptr, out_ptr, M, K, KP, stride_m, stride_k, inv
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_k, mask=mask,
                 other=0.0).to(tl.float32)
     for s in tl.static_range(LOG_B):
-        H: tl.constexpr = 1 << s
-        v = tl.permute(tl.reshape(x, [BM, B // (2 * H), 2, H]), [0, 1, 3, 2])
+        v = tl.permute(tl.reshape(x, [BM, B >> (s + 1), 2, 1 << s]), [0, 1, 3, 2])
         u, w = tl.split(v)
         v = tl.permute(tl.join(u + w, u - w), [0, 1, 3, 2])
         x = tl.reshape(v, [BM, B])

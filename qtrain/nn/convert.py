@@ -151,6 +151,15 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
+def quantized_linear_names(model: nn.Module) -> list[str]:
+    """Every linear layer that runs quantized: the QuantLinear layers and the linears inside data-flow blocks."""
+    names = [n for n, _ in quant_layers(model)]
+    for bn, block in model.named_modules():
+        if isinstance(block, dataflow.DATAFLOW_BLOCKS):
+            names += [f"{bn}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    return sorted(names)
+
+
 @contextlib.contextmanager
 def track_errors(model: nn.Module):
     """Within the block, every QuantLinear records its forward's quantization error (costs an fp32 GEMM)."""

@@ -83,7 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     with distributed.session():
-        summaries = compare(TrainConfig.from_namespace(args), parse_recipes(args.recipes))
+        summaries = compare(TrainConfig.from_namespace(args), parse_recipes(args.recipes), args.jobs)
     if "rank" not in summaries[0]:
         folder = Path(summaries[0]["out"]).parent
         print((folder / "compare.md").read_text(), end="")
@@ -116,5 +116,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--recipes", default="bf16,switchback",
                    help=f"comma-separated, from {', '.join(recipes.PRESETS)} or recipe .json files (default "
                         "bf16,switchback)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="recipes trained at once, one process each on the same device (default 1); the losses "
+                        "do not change, tokens/s then measure shared hardware and are not compared")
     _add_run_flags(p)
     p.set_defaults(func=_cmd_compare)

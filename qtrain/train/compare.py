@@ -4,10 +4,15 @@ Every recipe's run uses the same seed, so the same initial weights, the same bat
 validation set and the same optimizer; only the recipe differs. Each run gets a sub-folder named after its
 recipe; the comparison writes ``compare.png`` (train and validation loss, one line per recipe) and
 ``compare.md`` (final validation loss, Δ % vs ``bf16``, tokens/s, peak memory).
+
+``jobs > 1`` trains that many recipes at once, each in its own process on the same device: the losses are the
+same as one after another (same seed, same data), but tokens/s and peak memory then measure runs sharing the
+device, and ``compare.md`` says so.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 from datetime import datetime
 from pathlib import Path
 
@@ -29,8 +34,9 @@ def parse_recipes(text: str) -> list[str]:
     return names
 
 
-def table(summaries: list[dict]) -> str:
-    """The markdown comparison table (Δ % is relative to the ``bf16`` run when there is one)."""
+def table(summaries: list[dict], shared: bool = False) -> str:
+    """The markdown comparison table (Δ % is relative to the ``bf16`` run when there is one). ``shared``: the
+    runs ran at the same time on one device, so their speeds are not compared."""
     base = next((s["final_val_loss"] for s in summaries if s["recipe"] == "bf16"), None)
     base_rate = next((s["tokens_per_s"] for s in summaries if s["recipe"] == "bf16"), None)
     lines = ["| recipe | final val loss | Δ % vs bf16 | tokens/s | speed vs bf16 | peak memory |",
@@ -38,14 +44,24 @@ def table(summaries: list[dict]) -> str:
     for s in summaries:
         val = s["final_val_loss"]
         delta = f"{100 * (val - base) / base:+.2f} %" if base else "—"
-        speed = f"{s['tokens_per_s'] / base_rate:.2f}×" if base_rate and s["tokens_per_s"] else "—"
+        speed = f"{s['tokens_per_s'] / base_rate:.2f}×" if base_rate and s["tokens_per_s"] and not shared else "—"
         mem = f"{s['peak_memory_bytes'] / 2**30:.2f} GiB" if s["peak_memory_bytes"] is not None else "n/a (CPU)"
         lines.append(f"| {s['recipe']} | {val:.4f} | {delta} | {s['tokens_per_s']:,.0f} | {speed} | {mem} |")
     return "\n".join(lines) + "\n"
 
 
-def compare(cfg: TrainConfig, recipe_names: list[str]) -> list[dict]:
-    """Train one run per recipe under ``cfg.out`` and write the comparison; return the runs' summaries."""
+def _train_one(cfg: TrainConfig) -> dict:
+    """One recipe's run in a worker process (``jobs > 1``)."""
+    return train(cfg)
+
+
+def compare(cfg: TrainConfig, recipe_names: list[str], jobs: int = 1) -> list[dict]:
+    """Train one run per recipe under ``cfg.out`` and write the comparison; return the runs' summaries.
+    ``jobs``: how many runs train at once (each in a process of its own, on the same device)."""
+    if jobs < 1:
+        raise UserError(f"--jobs {jobs}: must be at least 1")
+    if jobs > 1 and distributed.launched():
+        raise UserError("--jobs runs recipes side by side in one process each; under torchrun use --jobs 1")
     if cfg.resume:
         raise UserError("compare does not resume: run it again (each recipe's folder holds its checkpoints, "
                         "which `qtrain train --resume` can continue)")
@@ -55,7 +71,13 @@ def compare(cfg: TrainConfig, recipe_names: list[str]) -> list[dict]:
     out = Path(distributed.broadcast(cfg.out or str(unique_path(
         Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-compare-{cfg.model}")), world))
     # no folder yet: each run makes its own (and ``out`` with the first) once its model is built
-    summaries = [train(cfg.replace(recipe=name, out=str(out / resolve_recipe(name).name))) for name in recipe_names]
+    configs = [cfg.replace(recipe=name, out=str(out / resolve_recipe(name).name)) for name in recipe_names]
+    jobs = min(jobs, len(configs))
+    if jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            summaries = pool.map(_train_one, configs, chunksize=1)
+    else:
+        summaries = [train(c) for c in configs]
     if "rank" in summaries[0]:     # under torchrun, rank 0 writes the comparison
         return summaries
     runs = {s["recipe"]: read_log(out / s["recipe"] / "log.jsonl") for s in summaries}
@@ -64,7 +86,9 @@ def compare(cfg: TrainConfig, recipe_names: list[str]) -> list[dict]:
     plot_runs(runs, out / "compare.png", title)
     header = (f"# qtrain compare: {cfg.model} on {cfg.data} ({cfg.tokenizer} tokens)\n\n"
               f"{cfg.steps} steps × {cfg.batch_size * cfg.grad_accum} × {cfg.seq_len} tokens, {cfg.optimizer}, "
-              f"seed {cfg.seed}, {first['device']}, {first['precision']}.\n\n")
-    (out / "compare.md").write_text(header + table(summaries) + "\n![loss curves](compare.png)\n")
+              f"seed {cfg.seed}, {first['device']}, {first['precision']}.\n\n"
+              + (f"{jobs} runs trained at a time on one device: tokens/s and peak memory are those of runs sharing "
+                 "it, not comparable between recipes.\n\n" if jobs > 1 else ""))
+    (out / "compare.md").write_text(header + table(summaries, shared=jobs > 1) + "\n![loss curves](compare.png)\n")
     (out / "compare.json").write_text(json.dumps(summaries, indent=1))
     return summaries

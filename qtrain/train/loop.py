@@ -441,7 +441,7 @@ def warn(text: str) -> None:
 
 def describe(run: Run) -> str:
     """One line saying what is trained, how, on what, and where it goes."""
-    n_quant = len(qtrain.nn.quant_layers(run.model))
+    n_quant = len(qtrain.nn.quantized_linear_names(run.model))
     layers = f"{n_quant} linear layers quantized, lm_head kept" if n_quant else "no layer quantized"
     data, cfg = run.tokens.meta, run.cfg
     return (f"{cfg.model} ({run.record['parameters'] / 1e6:.1f}M parameters), recipe {run.recipe.name} ({layers}), "

@@ -16,10 +16,16 @@ TINY = e2e.Shape("tiny", d_model=64, ffn_hidden=128, n_layer=2, n_head=2, batch=
 
 
 class CountingTimer(e2e.Timer):
-    """Wall-clock times; counts the timed calls; reports a fixed peak (1 GiB), as the CUDA timer would."""
+    """Wall-clock times; counts the timed calls; reports a fixed peak (1 GiB), as the CUDA timer would, and
+    0 then 0.5 GiB allocated around each probed forward."""
 
     def __init__(self):
         self.calls = 0
+        self.probes = 0
+
+    def allocated_bytes(self):
+        self.probes += 1
+        return 0 if self.probes % 2 else 2**29
 
     def time_ms(self, fn):
         self.calls += 1
@@ -40,17 +46,21 @@ def test_rows_bf16_switchback_and_a_failing_recipe(monkeypatch):
 
     monkeypatch.setattr(e2e, "_convert", convert)
     timer, seen = CountingTimer(), []
-    rows = e2e.run_rows([TINY], [recipes.get("bf16"), boom, recipes.get("switchback")], ["eager"], device="cpu",
-                        timer=timer, steps=2, warmup=1, on_row=lambda rows: seen.append(len(rows)))
-    assert [r["recipe"] for r in rows] == ["bf16", "boom", "switchback"] and seen == [1, 2, 3]
+    rows = e2e.run_rows([TINY], [recipes.get("bf16"), boom, recipes.get("switchback"), recipes.get("jetfire_wide")],
+                        ["eager"], device="cpu", timer=timer, steps=2, warmup=1,
+                        on_row=lambda rows: seen.append(len(rows)))
+    assert [r["recipe"] for r in rows] == ["bf16", "boom", "switchback", "jetfire_wide"] and seen == [1, 2, 3, 4]
     assert all(list(r) == list(e2e.empty_row(TINY, "eager", None)) for r in rows)   # same fields, same order
-    bf16, failed, sb = rows
-    assert timer.calls == 2 * (1 + 2)            # two rows ran: a warm-up step and 2 timed steps each
-    for r in (bf16, sb):
+    bf16, failed, sb, jw = rows
+    assert timer.calls == 3 * (1 + 2)            # three rows ran: a warm-up step and 2 timed steps each
+    assert timer.probes == 3 * 2                 # one probed step per row: before and after the forward
+    for r in (bf16, sb, jw):
         assert r["error"] is None and r["steps"] == 2 and r["step_ms"] > 0 and r["first_step_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(TINY.tokens / (r["step_ms"] / 1e3))
         assert r["peak_gib"] == 1.0 and r["mem_vs_bf16"] == 1.0 and r["graphs"] is None
+        assert r["saved_gib"] == 0.5 and r["saved_vs_bf16"] == 1.0
     assert bf16["converted"] == "0/9" and sb["converted"] == "8/9"        # 2 × (wqkv, wo, gate_up, down), not lm_head
+    assert jw["converted"] == "8/9"                                       # the same 8, inside data-flow blocks
     assert bf16["vs_bf16"] == 1.0 and sb["vs_bf16"] == pytest.approx(bf16["step_ms"] / sb["step_ms"])
     assert failed["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB more / details"
     assert failed["step_ms"] is None and failed["vs_bf16"] is None and failed["mem_vs_bf16"] is None
@@ -66,6 +76,7 @@ def test_compile_mode_and_a_recipe_that_cannot_run():
                         compile_fn=functools.partial(torch.compile, backend="eager"))
     assert rows[0]["recipe"] == "bf16" and rows[0]["error"] is None and rows[0]["graphs"] >= 1
     assert rows[0]["vs_bf16"] == 1.0 and rows[0]["mem_vs_bf16"] is None       # no peak memory on the CPU timer
+    assert rows[0]["saved_gib"] is None and rows[0]["saved_vs_bf16"] is None
     assert rows[1]["recipe"] == "bad" and rows[1]["error"] and rows[1]["vs_bf16"] is None
 
 

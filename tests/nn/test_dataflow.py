@@ -137,6 +137,8 @@ def test_convert_swaps_blocks_keeping_parameters_and_state_dict(caplog):
         assert {k: (v.shape, v.dtype) for k, v in model.state_dict().items()} == keys
         assert all(p is params[n] for n, p in model.named_parameters())
         assert not qtrain.nn.quant_layers(model)                 # the head stays plain, the blocks hold the rest
+        assert len(qtrain.nn.quantized_linear_names(model)) == 8 and "lm_head" not in str(
+            qtrain.nn.quantized_linear_names(model))
         plain.load_state_dict(model.state_dict())
         model.load_state_dict(plain.state_dict())
         idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -152,6 +154,7 @@ def test_convert_filter_and_models_without_blocks(caplog):
     assert isinstance(model.layers[0], LlamaDataflowBlock)
     assert isinstance(model.layers[1], models.llama.Block)                          # a linear was filtered out
     assert [n for n, _ in qtrain.nn.quant_layers(model)] == ["layers.1.attn.wqkv", "layers.1.attn.wo"]
+    assert len(qtrain.nn.quantized_linear_names(model)) == 6                         # + layer 0's four
     mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     with caplog.at_level(logging.WARNING, logger="qtrain"):
         qtrain.convert(mlp, "jetfire")
