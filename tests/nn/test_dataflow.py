@@ -59,6 +59,8 @@ def test_dataflow_block_sqnr_against_fp32(family, recipe):
     assert min(v for k, v in s.items() if k != "out") >= 20, s
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels on CPU tensors under the interpreter "
+                    "(set only without CUDA); on a GPU the kernels meet their twins in tests/kernels on CUDA tensors")
 def test_kernel_path_matches_reference_path():
     blk = _block("llama", d=64)
     ref, y_ref = _sqnrs(blk, "jetfire", "reference")

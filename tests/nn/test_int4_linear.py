@@ -137,6 +137,8 @@ def test_int4_state_in_state_dict_and_plain_checkpoints():
     assert "int4" in qtrain.report(model) and model[0].stats["y_sqnr_db"] > 10
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels on CPU tensors under the interpreter "
+                    "(set only without CUDA); on a GPU the kernels meet their twins in tests/kernels on CUDA tensors")
 def test_kernel_path_equals_reference_path():
     torch.manual_seed(0)
     ref = nn.Linear(200, 96)
