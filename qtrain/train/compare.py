@@ -11,10 +11,14 @@ device, and ``compare.md`` says so.
 """
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
+import os
 from datetime import datetime
 from pathlib import Path
+
+import torch
 
 from qtrain.errors import UserError
 from qtrain.train import distributed
@@ -50,8 +54,9 @@ def table(summaries: list[dict], shared: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _train_one(cfg: TrainConfig) -> dict:
-    """One recipe's run in a worker process (``jobs > 1``)."""
+def _train_one(cfg: TrainConfig, threads: int) -> dict:
+    """One recipe's run in a worker process (``jobs > 1``), with its share of the CPU threads."""
+    torch.set_num_threads(threads)
     return train(cfg)
 
 
@@ -75,7 +80,8 @@ def compare(cfg: TrainConfig, recipe_names: list[str], jobs: int = 1) -> list[di
     jobs = min(jobs, len(configs))
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            summaries = pool.map(_train_one, configs, chunksize=1)
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            summaries = pool.map(functools.partial(_train_one, threads=threads), configs, chunksize=1)
     else:
         summaries = [train(c) for c in configs]
     if "rank" in summaries[0]:     # under torchrun, rank 0 writes the comparison
