@@ -55,8 +55,10 @@ def table(summaries: list[dict], shared: bool = False) -> str:
 
 
 def _train_one(cfg: TrainConfig, threads: int) -> dict:
-    """One recipe's run in a worker process (``jobs > 1``), with its share of the CPU threads."""
-    torch.set_num_threads(threads)
+    """One recipe's run in a worker process (``jobs > 1``). On a GPU it gets its share of the CPU threads (the
+    host work is launches); on the CPU the thread count stays, as it decides the order of CPU float sums."""
+    if resolve_device(cfg.device).type != "cpu":
+        torch.set_num_threads(threads)
     return train(cfg)
 
 
