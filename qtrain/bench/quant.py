@@ -7,6 +7,18 @@ from qtrain.bench.common import bench
 
 ROWWISE = [(16384, 4096), (16384, 11008), (8192, 2048)]
 TENSORWISE = [(4096, 4096), (11008, 4096), (4096, 11008)]
+# The block quantize calls of a 7B-width layer step (8192 tokens): (what, shape, dtype, (r, c), transposed, SR).
+# transposed: the kernel reads the transpose of a contiguous [shape] tensor (blocks along tokens for wgrad, Wᵀ).
+BLOCKWISE = [
+    ("x 1x128", (8192, 4096), torch.bfloat16, (1, 128), False, False),
+    ("x 1x128 fp32", (8192, 4096), torch.float32, (1, 128), False, False),
+    ("h 1x128 fp32", (8192, 22016), torch.float32, (1, 128), False, False),
+    ("dY 1x128 SR", (8192, 4096), torch.bfloat16, (1, 128), False, True),
+    ("dYT tokens SR", (8192, 4096), torch.bfloat16, (1, 128), True, True),
+    ("XT tokens fp32", (8192, 11008), torch.float32, (1, 128), True, False),
+    ("W 128x128 fp32", (11008, 4096), torch.float32, (128, 128), False, False),
+    ("WT 128x128 fp32", (11008, 4096), torch.float32, (128, 128), True, False),
+]
 
 
 def run_suite(quick: bool = False):
@@ -39,8 +51,45 @@ def run_suite(quick: bool = False):
                      "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw, "torch_ref_us": t_ref * 1e3,
                      "speedup_vs_torch_ref": t_ref / t_kern})
         print(rows[-1], flush=True)
+    rows += _blockwise_rows(quick)
     notes = ["Input bf16. Minimum bytes: one read of the input, one write of each output (rowwise: q + scales; "
              "tensorwise: q and qᵀ). Copy bandwidth = bytes read + written by `dst.copy_(x)` on the same tensor.",
              "tensorwise reads the input twice (absmax pass, then quantize pass), so its ceiling by this count "
-             "is ~4/6 of copy bandwidth."]
+             "is ~4/6 of copy bandwidth.",
+             "blockwise rows: the block quantize calls of a 7B-width training step (input dtype as named; "
+             "'transposed' rows read a transposed view, blocks along tokens); minimum bytes: one read of the input, "
+             "one write of q and the scales; torch_ref_us: the reference on the GPU. SR rows check the scales "
+             "against the reference, RTN rows q and scales bit for bit."]
     return rows, notes
+
+
+def _blockwise_rows(quick: bool, cases=BLOCKWISE, device: str = "cuda") -> list[dict]:
+    from qtrain import quant
+    from qtrain.kernels.blockwise import quantize_blockwise, quantize_blockwise_sr
+
+    rows = []
+    seed = torch.tensor([7], device=device)
+    for what, (R, C), dtype, (r, c), transposed, sr in cases[::3] if quick else cases:
+        base = torch.randn(R, C, device=device, dtype=dtype) * torch.rand(R, 1, device=device, dtype=dtype)
+        x = base.t() if transposed else base
+        n = x.numel()
+
+        def kern():
+            return quantize_blockwise_sr(x, r, c, seed) if sr else quantize_blockwise(x, r, c)
+
+        def ref():
+            return quant.quantize_blockwise_sr(x, r, c, seed) if sr else quant.quantize_blockwise(x, r, c)
+
+        got, want = kern(), quant.quantize_blockwise(x.cpu(), r, c)
+        same = (torch.equal(got[1].cpu(), want[1]) and (sr or torch.equal(got[0].cpu(), want[0])))
+        if not same:
+            raise RuntimeError(f"blockwise kernel differs from the reference for {what}")
+        dst = torch.empty_like(base)
+        t_copy, t_kern, t_ref = bench(lambda: dst.copy_(base), quick), bench(kern, quick), bench(ref, quick)
+        copy_bw = 2 * n * base.element_size() / t_copy / 1e9
+        bw = (n * base.element_size() + n + 4 * n // (r * c)) / t_kern / 1e9
+        rows.append({"kernel": f"blockwise {what}", "shape": f"{R}x{C}" + ("ᵀ" if transposed else ""),
+                     "time_us": t_kern * 1e3, "TB_s": bw, "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw,
+                     "torch_ref_us": t_ref * 1e3, "speedup_vs_torch_ref": t_ref / t_kern})
+        print(rows[-1], flush=True)
+    return rows

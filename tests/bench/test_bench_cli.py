@@ -40,3 +40,23 @@ def test_write_results(tmp_path, monkeypatch):
     data = json.loads(paths[0].read_text())
     assert data["meta"]["gpu"].startswith("NVIDIA") and data["rows"][0]["tops"] == 1234.5
     assert "| 1 | 1234.5 |" in paths[1].read_text() and "a note" in paths[1].read_text()
+
+
+def test_blockwise_quant_rows_check_the_kernel(monkeypatch):
+    """The blockwise rows of the quant suite on tiny shapes (CPU, interpreter; a wall-clock ``bench``)."""
+    import time
+
+    from qtrain.bench import quant as suite
+
+    def wall_ms(fn, quick):
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    monkeypatch.setattr(suite, "bench", wall_ms)
+    cases = [("x", (64, 256), torch.bfloat16, (1, 128), False, False),
+             ("dYT SR", (256, 64), torch.bfloat16, (1, 128), True, True),
+             ("WT", (128, 256), torch.float32, (128, 128), True, False)]
+    rows = suite._blockwise_rows(False, cases, device="cpu")
+    assert [r["kernel"] for r in rows] == ["blockwise x", "blockwise dYT SR", "blockwise WT"]
+    assert rows[1]["shape"] == "256x64ᵀ" and all(r["time_us"] > 0 for r in rows)
