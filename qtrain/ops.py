@@ -30,6 +30,7 @@ from qtrain.quant.blockwise import check_block
 from qtrain.quant.dataflow import check_int8_blocks
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 from qtrain.quant.int8_gemm import check_int8_gemm_args
+from qtrain.quant.transpose import check_int8_2d
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -153,6 +154,28 @@ def _(w):
 def quantize_tensorwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w [N, K]`` float → ``(q [N, K], qt [K, N] int8, scale [] fp32)``; see :mod:`qtrain.quant.tensorwise`."""
     return _quantize_tensorwise_op(w) if torch.compiler.is_compiling() else _quantize_tensorwise(w)
+
+
+# -------------------------------------------------------------------------------------------- transpose_int8
+def _transpose_int8(q):
+    k = _kernel("transpose", "transpose_int8", q.device)
+    return (k or quant.transpose_int8)(q)
+
+
+@torch.library.custom_op("qtrain::transpose_int8", mutates_args=())
+def _transpose_int8_op(q: torch.Tensor) -> torch.Tensor:
+    return _transpose_int8(q)
+
+
+@_transpose_int8_op.register_fake
+def _(q):
+    check_int8_2d(q)
+    return q.new_empty((q.shape[1], q.shape[0]))
+
+
+def transpose_int8(q: torch.Tensor) -> torch.Tensor:
+    """``q [M, N]`` int8 → ``qᵀ [N, M]`` contiguous; see :mod:`qtrain.quant.transpose`."""
+    return _transpose_int8_op(q) if torch.compiler.is_compiling() else _transpose_int8(q)
 
 
 # ------------------------------------------------------------------------------------------------- int8_gemm

@@ -52,6 +52,7 @@ def run_suite(quick: bool = False):
                      "speedup_vs_torch_ref": t_ref / t_kern})
         print(rows[-1], flush=True)
     rows += _blockwise_rows(quick)
+    rows += _transpose_rows(quick)
     notes = ["Input bf16. Minimum bytes: one read of the input, one write of each output (rowwise: q + scales; "
              "tensorwise: q and qᵀ). Copy bandwidth = bytes read + written by `dst.copy_(x)` on the same tensor.",
              "tensorwise reads the input twice (absmax pass, then quantize pass), so its ceiling by this count "
@@ -59,7 +60,9 @@ def run_suite(quick: bool = False):
              "blockwise rows: the block quantize calls of a 7B-width training step (input dtype as named; "
              "'transposed' rows read a transposed view, blocks along tokens); minimum bytes: one read of the input, "
              "one write of q and the scales; torch_ref_us: the reference on the GPU. SR rows check the scales "
-             "against the reference, RTN rows q and scales bit for bit."]
+             "against the reference, RTN rows q and scales bit for bit.",
+             "transpose rows: int8 q → qᵀ contiguous (the transposed GEMM operands of square blocks); torch_ref_us: "
+             "`q.t().contiguous()`; minimum bytes: one read and one write."]
     return rows, notes
 
 
@@ -91,5 +94,25 @@ def _blockwise_rows(quick: bool, cases=BLOCKWISE, device: str = "cuda") -> list[
         rows.append({"kernel": f"blockwise {what}", "shape": f"{R}x{C}" + ("ᵀ" if transposed else ""),
                      "time_us": t_kern * 1e3, "TB_s": bw, "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw,
                      "torch_ref_us": t_ref * 1e3, "speedup_vs_torch_ref": t_ref / t_kern})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _transpose_rows(quick: bool, shapes=((11008, 4096), (8192, 11008)), device: str = "cuda") -> list[dict]:
+    from qtrain.kernels.transpose import transpose_int8
+
+    rows = []
+    for R, C in shapes[:1] if quick else shapes:
+        q = torch.randint(-127, 128, (R, C), device=device, dtype=torch.int8)
+        if not torch.equal(transpose_int8(q), q.t().contiguous()):
+            raise RuntimeError(f"transpose kernel differs from q.t().contiguous() at {R}x{C}")
+        dst = torch.empty_like(q)
+        t_copy, t_kern = bench(lambda: dst.copy_(q), quick), bench(lambda: transpose_int8(q), quick)
+        t_ref = bench(lambda: q.t().contiguous(), quick)
+        n = q.numel()
+        rows.append({"kernel": "transpose int8", "shape": f"{R}x{C}", "time_us": t_kern * 1e3,
+                     "TB_s": 2 * n / t_kern / 1e9, "copy_TB_s": 2 * n / t_copy / 1e9,
+                     "pct_of_copy": 100 * t_copy / t_kern, "torch_ref_us": t_ref * 1e3,
+                     "speedup_vs_torch_ref": t_ref / t_kern})
         print(rows[-1], flush=True)
     return rows

@@ -97,9 +97,10 @@ class Operand:
     def transposed(self) -> "Operand":
         """The operand of ``tᵀ``: exact for tensor scales and square blocks (the same blocks, transposed)."""
         if self.path == "int8" and self.scale.dim() == 0:
-            return Operand("int8", self.q.t().contiguous(), self.scale)
+            return Operand("int8", ops.transpose_int8(self.q), self.scale)
         if self.path == "block" and self.rows == self.block_k:
-            return Operand("block", self.q.t().contiguous(), self.scale.t().contiguous(), self.rows, self.block_k)
+            return Operand("block", ops.transpose_int8(self.q), self.scale.t().contiguous(), self.rows,
+                           self.block_k)
         raise ValueError(f"a {self.path} operand with {self.rows}-row blocks has no exact transpose")
 
 

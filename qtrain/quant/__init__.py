@@ -9,9 +9,10 @@ from qtrain.quant.fallback import fallback_block_gemm, quantize_fallback
 from qtrain.quant.int8_gemm import int8_gemm, int_mm_exact
 from qtrain.quant.rowwise import quantize_rowwise
 from qtrain.quant.tensorwise import quantize_tensorwise
+from qtrain.quant.transpose import transpose_int8
 from qtrain.quant import hadamard, lsq, lss  # noqa: F401  (the INT4 recipe's numerics)
 
 __all__ = ["quantize", "dequantize", "fake_quantize", "expand_scale", "pack_int4", "unpack_int4", "sqnr",
            "relative_error", "quantize_rowwise", "quantize_tensorwise", "quantize_blockwise", "quantize_blockwise_sr",
            "int8_gemm", "int_mm_exact", "block_int8_gemm", "quantize_fallback", "fallback_block_gemm",
-           "rmsnorm_quantize", "layernorm_quantize", "swiglu_quantize", "gelu_quantize"]
+           "rmsnorm_quantize", "layernorm_quantize", "swiglu_quantize", "gelu_quantize", "transpose_int8"]
