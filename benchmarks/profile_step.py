@@ -2,7 +2,8 @@
 
 Usage (on the GPU, PYTHONPATH=.): python benchmarks/profile_step.py [SHAPE] RECIPE...   (SHAPE: 7b or 1b, default
 7b; RECIPE: bf16 or a preset / recipe file). Per recipe: the step time, then the kernels by total GPU time
-(2 profiled steps after 2 warm-up steps), the top 25, and the share of GEMM kernels, quantize kernels and the rest.
+(2 profiled steps after 2 warm-up steps), the top 25, and the share of GEMM kernels, quantize kernels and the rest;
+then the aten ops with the most GPU time of their own, by input shapes (where copies and casts come from).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def profile_recipe(shape: e2e.Shape, name: str) -> None:
     for _ in range(2):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(STEPS):
             step()
         torch.cuda.synchronize()
@@ -48,6 +49,13 @@ def profile_recipe(shape: e2e.Shape, name: str) -> None:
     print("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(shares.items())))
     for e in events[:25]:
         print(f"  {e.device_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  {kind(e.key):8s} {e.key[:110]}")
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.key.startswith("aten::") and e.self_device_time_total > 0]
+    ops.sort(key=lambda e: -e.self_device_time_total)
+    print("  aten ops by own GPU time:")
+    for e in ops[:15]:
+        print(f"  {e.self_device_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  {e.key} "
+              f"{str(e.input_shapes)[:100]}")
     del step
     torch.cuda.empty_cache()
 
