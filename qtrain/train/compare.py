@@ -49,7 +49,8 @@ def table(summaries: list[dict], shared: bool = False) -> str:
         val = s["final_val_loss"]
         delta = f"{100 * (val - base) / base:+.2f} %" if base else "—"
         speed = f"{s['tokens_per_s'] / base_rate:.2f}×" if base_rate and s["tokens_per_s"] and not shared else "—"
-        mem = f"{s['peak_memory_bytes'] / 2**30:.2f} GiB" if s["peak_memory_bytes"] is not None else "n/a (CPU)"
+        mem = (f"{s['peak_memory_bytes'] / 2**30:.2f} GiB" if s["peak_memory_bytes"] is not None
+               else "n/a (CPU)" if s.get("device") == "cpu" else "n/a")
         lines.append(f"| {s['recipe']} | {val:.4f} | {delta} | {s['tokens_per_s']:,.0f} | {speed} | {mem} |")
     return "\n".join(lines) + "\n"
 
