@@ -98,9 +98,12 @@ def _gluon_int8_gemm_kernel(a_desc, b_desc, c_desc, a_scale_ptr, b_scale_ptr, bi
 
 
 def supported(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, config=None) -> bool:
-    """Whether :func:`int8_gemm` can run this call (CUDA, TMA alignment, K long enough to fill the ring)."""
+    """Whether :func:`int8_gemm` can run this call (a Hopper GPU — wgmma and TMA are sm_90 instructions —, TMA
+    alignment, K long enough to fill the ring)."""
     bm, bn, bk, stages, _ = config or CONFIG
     if a.device.type != "cuda" or a.dim() != 2 or b.dim() != 2:
+        return False
+    if torch.cuda.get_device_capability(a.device) != (9, 0):
         return False
     M, K = a.shape
     N = b.shape[0]

@@ -189,3 +189,26 @@ def test_int8_gemm_k0_applies_the_scales(b_row, bias, out_dtype):
     for backend in ("triton", "reference"):
         with ops.use_backend(backend):
             assert_same(ops.int8_gemm(a, b, sa, sb, bb, out_dtype), ref, f"ops ({backend}), K = 0")
+
+
+def test_int8_gluon_gemm_declines_gpus_other_than_hopper(monkeypatch):
+    """wgmma/TMA are sm_90 instructions: on an A100 (8.0) or a Blackwell (10.0) the Triton kernel runs instead."""
+    glu = pytest.importorskip("qtrain.kernels.int8_gemm_gluon")
+
+    class FakeCuda:                  # a TMA-aligned CUDA operand, as far as supported() looks
+        def __init__(self, m, k):
+            self.shape, self.device = (m, k), torch.device("cuda", 0)
+
+        def dim(self):
+            return 2
+
+        def stride(self, i):
+            return (self.shape[1], 1)[i]
+
+        def data_ptr(self):
+            return 1 << 20
+
+    a, b = FakeCuda(8192, 4096), FakeCuda(4096, 4096)
+    for cap, expected in (((8, 0), False), ((10, 0), False), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        assert glu.supported(a, b, torch.bfloat16) is expected, cap
