@@ -351,32 +351,19 @@ class QuantLinear(nn.Module):
     def _int4_calibrate(self, x: torch.Tensor) -> None:
         """The INT4 layer's first forward: choose the Hadamard block (``Hadamard.search``: least relative error
         of the fprop product over the first 4096 rows, among 16 … ``block`` up to K's power of two) and set the
-        LSQ steps to ``2·mean|·|/√7`` of XH and WH."""
-        w = self._weight()
+        LSQ steps to ``2·mean|·|/√7`` of XH and WH (:func:`qtrain.quant.lsq.hq_search`: every candidate from one
+        shared transform, in PyTorch, so no kernel is compiled for a block not chosen; one host read-back)."""
         t = self.recipe.fprop.lhs.transform
         if t.search:
             top = min(t.block, max(16, 1 << max(0, (self.in_features - 1).bit_length())))
             blocks = [b for b in _hadamard.HADAMARD_BLOCKS if b <= top]
         else:
             blocks = [t.block]
-        best = None
-        xs = x[:4096].float()
-        ref = xs @ w.float().t() if len(blocks) > 1 else None
-        for b in blocks:
-            sx, sw = _lsq.lsq_init(ops.block_hadamard(x, b)), _lsq.lsq_init(ops.block_hadamard(w, b))
-            if ref is not None:
-                out = ops.int4_gemm(ops.hadamard_quantize_int4(xs, b, sx.reshape(1)),
-                                    ops.hadamard_quantize_int4(w, b, sw.reshape(1)),
-                                    sx.expand(xs.shape[0]).contiguous(), sw, None, torch.float32)
-                err = relative_error(ref, out)
-            else:
-                err = 0.0
-            if best is None or err < best[0]:
-                best = (err, b, sx, sw)
-        _, b, sx, sw = best
-        self.int4_step.data.copy_(torch.stack((sx, sw)).to(self.int4_step.device))
-        self.hq_block.fill_(b)
-        self._hq_b, self._int4_ready = b, True
+        steps, errors = _lsq.hq_search(x, self._weight(), blocks)
+        i = int(torch.argmin(errors)) if errors is not None else 0
+        self.int4_step.data.copy_(steps[i].to(self.int4_step.device))
+        self.hq_block.fill_(blocks[i])
+        self._hq_b, self._int4_ready = blocks[i], True
 
     @torch.no_grad()
     def _record_errors(self, x: torch.Tensor, y: torch.Tensor) -> None:

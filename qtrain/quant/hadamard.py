@@ -15,12 +15,15 @@ Functions (2-D ``[outer, reduced]`` float inputs, any float dtype; outputs fp32 
 
 * :func:`hadamard_matrix` ``(b) -> [b, b]`` — the dense ``H_b`` (tests, documentation);
 * :func:`block_hadamard` ``(x [M, K], b) -> [M, Kp]``, ``Kp = ⌈K/b⌉·b``;
+* :func:`fwht_stage` ``(x, h)`` — one butterfly stage: block ``2b``'s transform is block ``b``'s unnormalized
+  one plus the stage at distance ``b`` (what a search over the blocks shares);
 * :func:`hadamard_quantize_int4` ``(x [M, K], b, step [] or [1] fp32) -> q [M, Kp] int8`` in ``[-7, 7]``:
   ``q = round_half_even(clamp(block_hadamard(x, b) / step, −7, 7))`` (IEEE division; NaN → 0) — the forward of
   the Hadamard quantizer with a given (LSQ) step; the fused Triton kernel computes the same bits.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -36,6 +39,7 @@ def check_hadamard_block(b: int) -> None:
         raise ValueError(f"Hadamard block must be one of {HADAMARD_BLOCKS}, got {b!r}")
 
 
+@functools.lru_cache(maxsize=None)
 def inv_sqrt(b: int) -> float:
     """The fp32 normalization constant ``1/√b`` (as a Python float holding the fp32 value)."""
     return float(torch.tensor(1.0 / math.sqrt(b), dtype=torch.float32))
@@ -57,17 +61,22 @@ def pad_k(x: torch.Tensor, b: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
+def fwht_stage(x: torch.Tensor, h: int) -> torch.Tensor:
+    """One butterfly stage on the last dim of fp32 ``x`` (its length a multiple of ``2h``): each pair ``(u, v)``
+    at distance ``h`` inside groups of ``2h`` becomes ``(u + v, u − v)``."""
+    v = x.reshape(-1, x.shape[-1] // (2 * h), 2, h)
+    u, w = v[:, :, 0, :], v[:, :, 1, :]
+    return torch.stack((u + w, u - w), dim=2).reshape(x.shape)
+
+
 def fwht(x: torch.Tensor, b: int) -> torch.Tensor:
     """Unnormalized butterfly transform of each run of ``b`` entries of the last dim of fp32 ``x`` (its length a
     multiple of ``b``), stage order as in the module docstring."""
-    shape = x.shape
     h = 1
     while h < b:
-        v = x.reshape(-1, b // (2 * h), 2, h)
-        u, w = v[:, :, 0, :], v[:, :, 1, :]
-        x = torch.stack((u + w, u - w), dim=2)
+        x = fwht_stage(x, h)
         h *= 2
-    return x.reshape(shape)
+    return x
 
 
 def block_hadamard(x: torch.Tensor, b: int) -> torch.Tensor:

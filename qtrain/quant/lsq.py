@@ -9,8 +9,9 @@ For ``x`` fp32 and a step ``s > 0`` (fp32, one element), with ``qmax = 7`` (rang
   ``∂L/∂x = g·[|v| ≤ qmax]``; step gradient ``∂L/∂s = gs · Σ g·r`` with ``r = q − v`` inside the range and
   ``r = q`` (``±qmax``) outside, and the gradient scale ``gs = 1/√(numel·qmax)`` (:func:`lsq_grad_scale`).
 
-:func:`lsq_backward` computes those two gradients; :func:`fake_quantize_lsq` is the autograd-aware
-``x ↦ x̂`` the tests compare the layer against.
+:func:`lsq_quantize` gives ``q``, the in-range mask and ``r`` from one division; :func:`lsq_backward` the two
+gradients; :func:`fake_quantize_lsq` is the autograd-aware ``x ↦ x̂`` the tests compare the layer against.
+:func:`hq_search` calibrates the Hadamard quantizer: the LSQ init steps and the fprop error of each Hadamard block.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import math
 
 import torch
 
-from qtrain.quant.hadamard import QMAX4, quantize_step
+from qtrain.quant.hadamard import QMAX4, fwht_stage, inv_sqrt, pad_k, quantize_step
 
 
 def lsq_init(x: torch.Tensor, qmax: int = QMAX4) -> torch.Tensor:
@@ -33,23 +34,69 @@ def lsq_grad_scale(numel: int, qmax: int = QMAX4) -> float:
     return 1.0 / math.sqrt(max(numel, 1) * qmax)
 
 
-def lsq_residual(x: torch.Tensor, step: torch.Tensor, qmax: int = QMAX4) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inside bool, r fp32)`` of fp32 ``x`` with step ``step``: ``inside = |x/s| ≤ qmax``, ``r = ∂x̂/∂s``
+def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qmax: int = QMAX4, residual: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(q fp32, inside bool, r fp32 or None)`` of ``x`` with step ``step``: the codes of :func:`quantize_step`
+    (as fp32), ``inside = |x/s| ≤ qmax`` (False where ``x/s`` is NaN) and, with ``residual``, ``r = ∂x̂/∂s``
     (``q − v`` inside, ``q`` outside)."""
     v = x.float() / step.reshape(()).float()
-    q = quantize_step(x.float(), step, qmax).float()
-    inside = v.abs() <= qmax
-    return inside, torch.where(inside, q - v, q)
+    vc = v.clamp(-qmax, qmax)
+    inside = vc == v
+    q = torch.round(torch.nan_to_num(vc, nan=0.0))
+    return q, inside, torch.where(inside, q - v, q) if residual else None
+
+
+def lsq_residual(x: torch.Tensor, step: torch.Tensor, qmax: int = QMAX4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inside bool, r fp32)`` of :func:`lsq_quantize`."""
+    _, inside, r = lsq_quantize(x, step, qmax)
+    return inside, r
 
 
 def lsq_backward(x: torch.Tensor, step: torch.Tensor, grad: torch.Tensor, numel: int | None = None,
-                 qmax: int = QMAX4) -> tuple[torch.Tensor, torch.Tensor]:
+                 qmax: int = QMAX4, parts: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(∂L/∂x fp32 like x, ∂L/∂s fp32 [])`` from ``grad = ∂L/∂x̂`` (see the module docstring); ``numel`` is
-    the count of values sharing the step (default ``x.numel()``; a zero-padded ``x`` passes the unpadded one)."""
-    inside, r = lsq_residual(x, step, qmax)
+    the count of values sharing the step (default ``x.numel()``; a zero-padded ``x`` passes the unpadded one).
+    ``parts``: ``(inside, r)`` of :func:`lsq_quantize` already computed for ``x`` and ``step``; ``r`` None skips
+    the step gradient (returned as None)."""
+    inside, r = parts if parts is not None else lsq_residual(x, step, qmax)
     g = grad.float()
-    gs = lsq_grad_scale(x.numel() if numel is None else numel, qmax)
-    return torch.where(inside, g, torch.zeros_like(g)), (g * r).sum() * gs
+    gx = torch.where(inside, g, 0.0)
+    if r is None:
+        return gx, None
+    return gx, (g * r).sum() * lsq_grad_scale(x.numel() if numel is None else numel, qmax)
+
+
+def hq_search(x: torch.Tensor, w: torch.Tensor, blocks: list[int], rows: int = 4096
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Hadamard quantizer's calibration over candidate ``blocks`` (increasing powers of two) for the product
+    ``x [M, K] @ w [N, K]ᵀ``: ``(steps [n, 2] fp32, errors [n] fp64 or None)``. Row ``i`` of ``steps`` is
+    ``(lsq_init(XH), lsq_init(WH))`` with ``H`` of order ``blocks[i]`` (on all of ``x``); ``errors[i]`` the
+    relative error ``‖XWᵀ − Q(XH)Q(WH)ᵀ‖ / ‖XWᵀ‖`` (fp64) over the first ``rows`` rows of ``x`` (None for one
+    block). The same numbers as :func:`~qtrain.quant.hadamard.block_hadamard`, :func:`quantize_step` and the
+    exact integer GEMM give, but all blocks share one transform (block ``2b`` is block ``b`` plus one butterfly
+    stage) and nothing is read back to the host."""
+    top = blocks[-1]
+    tx, tw = pad_k(x.float(), top), pad_k(w.float(), top)
+    ref = None
+    if len(blocks) > 1:
+        ref = (x[:rows].float() @ w.float().t()).double()
+        ref_norm = torch.linalg.vector_norm(ref).clamp_min(1e-300)
+    steps, errors = [], []
+    h = 1
+    for b in blocks:
+        while h < b:
+            tx, tw = fwht_stage(tx, h), fwht_stage(tw, h)
+            h *= 2
+        kp = -(-x.shape[1] // b) * b
+        xh, wh = tx[:, :kp] * inv_sqrt(b), tw[:, :kp] * inv_sqrt(b)
+        sx, sw = lsq_init(xh), lsq_init(wh)
+        steps.append(torch.stack((sx, sw)))
+        if ref is not None:
+            qx, qw = lsq_quantize(xh[:rows], sx, residual=False)[0], lsq_quantize(wh, sw, residual=False)[0]
+            out = (qx @ qw.t()) * sx * sw                   # integer codes: exact in fp32 while 49·K < 2²⁴
+            errors.append(torch.linalg.vector_norm(ref - out.double()) / ref_norm)
+    return torch.stack(steps), torch.stack(errors).nan_to_num(math.inf, math.inf) if errors else None
 
 
 class _FakeQuantizeLSQ(torch.autograd.Function):

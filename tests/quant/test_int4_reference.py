@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from qtrain.quant import fake_quantize, sqnr
+from qtrain.quant import fake_quantize, int8_gemm, relative_error, sqnr
 from qtrain.quant.hadamard import (HADAMARD_BLOCKS, block_hadamard, hadamard_matrix, hadamard_quantize_int4,
                                    quantize_step)
-from qtrain.quant.lsq import fake_quantize_lsq, lsq_grad_scale, lsq_init
+from qtrain.quant.lsq import fake_quantize_lsq, hq_search, lsq_grad_scale, lsq_init, lsq_quantize
 from qtrain.quant.lss import (bit_split, leverage_probabilities, lss_dgrad, lss_wgrad, sample_rows,
                               split_dequantize, stacked_norms)
 from qtrain.quant.testing import PATTERNS, outlier_data
@@ -82,6 +82,34 @@ def test_lsq_init_and_gradient_scale():
     assert torch.equal(xx.grad, torch.where(inside, grad, torch.zeros_like(grad)))   # STE masked outside
     want = (grad * torch.where(inside, q - v, q)).sum() / math.sqrt(x.numel() * 7)
     assert torch.allclose(step.grad, want.reshape(1), rtol=1e-5)
+
+
+def test_lsq_quantize_matches_quantize_step():
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(3)) * 4
+    x[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    step = torch.tensor([0.6])
+    q, inside, r = lsq_quantize(x, step)
+    v = x / step
+    assert torch.equal(q, quantize_step(x, step).float())
+    assert torch.equal(inside, v.abs() <= 7) and torch.equal(r, torch.where(inside, q - v, q))
+
+
+def test_hq_search_is_the_per_block_search():
+    """One shared transform for every block gives what each block's own transform, quantizer and exact INT8 GEMM
+    give (K = 200: every block pads differently)."""
+    g = torch.Generator().manual_seed(5)
+    x = outlier_data(80, 200, magnitude=30.0, pattern="scattered", seed=6)
+    w = torch.randn(48, 200, generator=g)
+    steps, errors = hq_search(x, w, list(HADAMARD_BLOCKS), rows=64)
+    ref = x[:64] @ w.t()
+    for i, b in enumerate(HADAMARD_BLOCKS):
+        sx, sw = lsq_init(block_hadamard(x, b)), lsq_init(block_hadamard(w, b))
+        assert torch.equal(steps[i], torch.stack((sx, sw)))
+        out = int8_gemm(hadamard_quantize_int4(x[:64], b, sx.reshape(1)), hadamard_quantize_int4(w, b, sw.reshape(1)),
+                        sx.expand(64), sw, None, torch.float32)
+        assert errors[i].item() == relative_error(ref, out)
+    one_steps, none = hq_search(x, w, [64])
+    assert none is None and torch.equal(one_steps[0], steps[2])
 
 
 def test_bit_split_reconstructs_to_about_8_bits():
