@@ -524,21 +524,25 @@ def _sr_generator(device: torch.device) -> torch.Generator:
 
 @torch.library.custom_op("qtrain::bit_split", mutates_args=())
 def _bit_split_op(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return quant.lss.bit_split(dy, _sr_generator(dy.device))
+    return quant.lss.split_stacked(dy, _sr_generator(dy.device))
 
 
 @_bit_split_op.register_fake
 def _(dy):
     check_float(dy)
     check_2d(dy)
-    return (dy.new_empty(dy.shape, dtype=torch.int8), dy.new_empty(dy.shape, dtype=torch.int8),
-            dy.new_empty((), dtype=torch.float32))
+    m, n = dy.shape
+    return (dy.new_empty((2 * m, n), dtype=torch.int8), dy.new_empty((), dtype=torch.float32),
+            dy.new_empty((2 * m,), dtype=torch.float32))
 
 
 def bit_split(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dy [M, N]`` → ``(hi, lo int8 [M, N], s [] fp32)``, the low part's SR drawn from the stochastic-rounding
-    generator of ``dy``'s device (an op opaque to ``torch.compile``); see :mod:`qtrain.quant.lss`."""
-    return _bit_split_op(dy) if torch.compiler.is_compiling() else quant.lss.bit_split(dy, _sr_generator(dy.device))
+    """``dy [M, N]`` → ``(codes int8 [2M, N], s [] fp32, norms fp32 [2M])``: the stacked ``[hi; lo]`` INT4 parts
+    and their rows' norms, the low part's SR drawn from the stochastic-rounding generator of ``dy``'s device (an
+    op opaque to ``torch.compile``); see :func:`qtrain.quant.lss.split_stacked`."""
+    if torch.compiler.is_compiling():
+        return _bit_split_op(dy)
+    return quant.lss.split_stacked(dy, _sr_generator(dy.device))
 
 
 @torch.library.custom_op("qtrain::lss_sample", mutates_args=())
@@ -559,7 +563,7 @@ def _(c, budget, sampling):
 
 
 def lss_sample(c: torch.Tensor, budget: float, sampling: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(p fp32 [n], keep bool [n])`` for row scores ``c [n]``: leverage-score probabilities with ``Σp = budget``
-    and one draw from the stochastic-rounding generator (or every row, ``p = 1``, without ``sampling``);
-    see :mod:`qtrain.quant.lss`."""
+    """``(p fp32, keep bool)`` like the row scores ``c [..., n]``: leverage-score probabilities with ``Σp = budget``
+    along the last dim and one draw from the stochastic-rounding generator (or every row, ``p = 1``, without
+    ``sampling``); several score vectors stacked draw in one call; see :mod:`qtrain.quant.lss`."""
     return _lss_sample_op(c, budget, sampling) if torch.compiler.is_compiling() else _lss_sample(c, budget, sampling)

@@ -99,19 +99,36 @@ def _record_ratio(ratio: torch.Tensor | None, gemm: str, op) -> None:
         _slot(ratio, gemm).copy_(fallback_ratio(op.flags))
 
 
+# On an accelerator, dgrad's LSS GEMM runs over the kept rows only (a host synchronization for their count) from
+# this size of the stacked GEMM, 2M·N·K (half of its work saved at the default budget); smaller ones run over all
+# 2M rows with zero scales on the dropped ones: static shapes, no synchronization (small layers are launch-bound).
+# On the CPU (nothing to synchronize with) it always gathers.
+LSS_GATHER_MIN_OPS = 1 << 38
+
+
+def _lss_gather(device: torch.device, ops_count: int) -> bool:
+    """Whether dgrad's LSS GEMM of ``ops_count`` (2M·N·K) gathers the kept rows (see LSS_GATHER_MIN_OPS)."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type == "cpu" or ops_count >= LSS_GATHER_MIN_OPS
+
+
 class Int4LinearFunction(torch.autograd.Function):
     """``y = x·Wᵀ + b`` on the INT4 paths (``plan.int4``; METHODS.md § INT4 training) for 2-D ``x [M, K]``.
 
     fprop (``hq_int4``): ``Q(XH)``, ``Q(WH)`` with the block-diagonal Hadamard ``H`` of order ``block`` and the
     per-tensor steps ``step = [s_X, s_W]`` (LSQ) → ``ops.int4_gemm``. Saves ``x`` itself (no copy; what
-    ``F.linear`` keeps): the backward recomputes ``XH`` (LSQ's step gradient needs the unrounded ``XH/s``, which
-    INT4 codes cannot give back) and the codes, bit for bit.
+    ``F.linear`` keeps) and the INT4 ``Q(WH)`` (int8, weight-sized): the backward recomputes ``XH`` (LSQ's step
+    gradient needs the unrounded ``XH/s``, which INT4 codes cannot give back) and its codes, bit for bit.
 
-    dgrad/wgrad (``bitsplit_lss``): ``dY`` split into INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.bit_split`), the
-    ``2M`` stacked rows sampled by leverage score (each GEMM draws its own sample) from the stochastic-rounding
-    generator; ``∂L/∂X̂h = dY·Ŵh`` on ``ops.int4_gemm`` over the kept rows, ``∂L/∂Ŵh = dYᵀ·X̂h`` in fp32 over
-    the kept codes. Then the quantizer's backward (:func:`qtrain.quant.lsq.lsq_backward`: the clip-masked
-    straight-through estimator and the step gradient) and the inverse transform ``·Hᵀ`` (``H`` is symmetric).
+    dgrad/wgrad (``bitsplit_lss``): ``dY`` split into INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.split_stacked`),
+    the ``2M`` stacked rows sampled by leverage score (each GEMM its own sample, both drawn in one call where their
+    :class:`~qtrain.recipes.BitSplit` agree) from the stochastic-rounding generator; ``∂L/∂X̂h = dY·Ŵh`` on
+    ``ops.int4_gemm`` (over the kept rows on the CPU and from :data:`LSS_GATHER_MIN_OPS`, else over all rows with
+    zero scales), ``∂L/∂Ŵh = dYᵀ·X̂h`` in fp32. Then the quantizer's backward
+    (:func:`qtrain.quant.lsq.lsq_backward`: the clip-masked straight-through estimator and the step gradient) and
+    the inverse transform ``·Hᵀ`` (``H`` is symmetric). On an accelerator below :data:`LSS_GATHER_MIN_OPS` a
+    training step reads nothing back to the host.
     """
 
     @staticmethod
@@ -121,14 +138,14 @@ class Int4LinearFunction(torch.autograd.Function):
         sx, sw = steps[0:1], steps[1:2]
         qx = ops.hadamard_quantize_int4(x, block, sx)
         qw = ops.hadamard_quantize_int4(w, block, sw)
-        y = ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]).contiguous(), sw.reshape(()), bias, out_dtype)
-        ctx.save_for_backward(x, weight, bias, step)
+        y = ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]), sw.reshape(()), bias, out_dtype)
+        ctx.save_for_backward(x, weight, bias, step, qw)
         ctx.plan, ctx.w_kn, ctx.block = plan, w_kn, block
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, step = ctx.saved_tensors
+        x, weight, bias, step, qw = ctx.saved_tensors
         plan, b = ctx.plan, ctx.block
         w = weight.t() if ctx.w_kn else weight
         steps = step.detach().float()
@@ -136,40 +153,56 @@ class Int4LinearFunction(torch.autograd.Function):
         M, K = x.shape
         N = w.shape[0]
         need_dx, need_dw, need_step = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        gather = not torch.compiler.is_compiling()
-        hi, lo, s = ops.bit_split(dy.contiguous())
-        dx = dw = db = dstep = xh = wh = None
-        dsx = dsw = torch.zeros((), device=x.device)
-        if need_dx or need_step:
-            wh = ops.block_hadamard(w, b)
-            qw = _hadamard.quantize_step(wh, sw)
-            split = plan.dgrad.spec.lhs.split
-            p, keep = ops.lss_sample(_lss.stacked_norms(hi, lo), split.budget * M, split.sampling)
-            gx = _lss.lss_dgrad(hi, lo, s, qw.t().contiguous(), sw.reshape(()), keep, p, ops.int4_gemm, gather)
+        fp = plan.fprop.spec
+        learn_x, learn_w = need_step and fp.lhs.step.learn, need_step and fp.rhs.step.learn
+        run_dgrad, run_wgrad = need_dx or learn_x, need_dw or learn_w
+        dx = dw = db = dstep = dsx = dsw = None
+        if run_dgrad or run_wgrad:
+            codes, s, norms = ops.bit_split(dy.contiguous())
             xh = ops.block_hadamard(x, b)
-            dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K)
+            qx, inside_x, r_x = _lsq.lsq_quantize(xh, sx, residual=learn_x)
+            scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
+        if run_dgrad:
+            gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * xh.shape[1])
+            gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
+            dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x))
             if need_dx:
                 dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
-        if need_dw or need_step:
-            if xh is None:
-                xh, wh = ops.block_hadamard(x, b), ops.block_hadamard(w, b)
-            qx = _hadamard.quantize_step(xh, sx)
-            split = plan.wgrad.spec.lhs.split
-            xn = qx.float().norm(dim=1)
-            p, keep = ops.lss_sample(_lss.stacked_norms(hi, lo) * torch.cat((xn, xn)), split.budget * M,
-                                     split.sampling)
-            gw = _lss.lss_wgrad(hi, lo, s, qx, sx.reshape(()), keep, p, gather)
-            dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K)
+        if run_wgrad:
+            gw = _lss.lss_wgrad(codes, scale["wgrad"], qx, sx.reshape(()))
+            wh = ops.block_hadamard(w, b)
+            _, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)
+            dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w))
             if need_dw:
                 dw = ops.block_hadamard(dwh, b)[:, :K].to(weight.dtype)
                 if ctx.w_kn:
                     dw = dw.t()
         if need_step:
-            fp = plan.fprop.spec
-            dstep = torch.stack((dsx * fp.lhs.step.learn, dsw * fp.rhs.step.learn)).to(step.dtype)
+            ds = [d if d is not None else step.new_zeros(()) for d in (dsx, dsw)]      # a fixed step: 0
+            dstep = torch.stack(ds).to(step.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             db = dy.float().sum(0).to(bias.dtype)
         return dx, dw, db, dstep, None, None, None, None
+
+
+def _lss_scales(plan, norms: torch.Tensor, s: torch.Tensor, qx: torch.Tensor, dgrad: bool, wgrad: bool
+                ) -> dict[str, torch.Tensor]:
+    """The :func:`~qtrain.quant.lss.stacked_scales` of each GEMM run (``'dgrad'``, ``'wgrad'``) over the ``2M``
+    stacked rows of norms ``norms``: sampled by the scores ``‖row‖`` and ``‖row‖·‖X̂h_token‖``, both in one
+    draw where their BitSplit agree."""
+    M = norms.shape[0] // 2
+    scores = {}
+    if dgrad:
+        scores["dgrad"] = norms
+    if wgrad:
+        scores["wgrad"] = (norms.view(2, M) * qx.norm(dim=1)).view(-1)
+    splits = {g: getattr(plan, g).spec.lhs.split for g in scores}
+    if len(set(splits.values())) == 1:
+        split = next(iter(splits.values()))
+        p, keep = ops.lss_sample(torch.stack(list(scores.values())), split.budget * M, split.sampling)
+        return dict(zip(scores, _lss.stacked_scales(p, keep, s)))
+    return {g: _lss.stacked_scales(*ops.lss_sample(c, splits[g].budget * M, splits[g].sampling), s)
+            for g, c in scores.items()}
 
 
 # Per-layer quantizer state a QuantLinear may add to ``state_dict`` (a plain model loading such a checkpoint

@@ -12,7 +12,7 @@ from qtrain.quant.hadamard import (HADAMARD_BLOCKS, block_hadamard, hadamard_mat
                                    quantize_step)
 from qtrain.quant.lsq import fake_quantize_lsq, hq_search, lsq_grad_scale, lsq_init, lsq_quantize
 from qtrain.quant.lss import (bit_split, leverage_probabilities, lss_dgrad, lss_wgrad, sample_rows,
-                              split_dequantize, stacked_norms)
+                              split_dequantize, split_stacked, stacked_norms, stacked_scales)
 from qtrain.quant.testing import PATTERNS, outlier_data
 from qtrain.recipes import TENSOR
 
@@ -141,6 +141,15 @@ def test_bit_split_reconstructs_to_about_8_bits():
     assert math.isnan(bit_split(bad, gen)[2].item())
 
 
+def test_split_stacked_is_bit_split_with_row_norms():
+    dy = torch.randn(40, 24, generator=torch.Generator().manual_seed(1)) * 5
+    hi, lo, s = bit_split(dy, torch.Generator().manual_seed(2))
+    codes, s2, norms = split_stacked(dy, torch.Generator().manual_seed(2))
+    assert torch.equal(codes, torch.cat((hi, lo))) and torch.equal(s, s2)
+    want = torch.cat((14 * hi.float().norm(dim=1), lo.float().norm(dim=1)))
+    assert torch.equal(norms, want) and torch.equal(stacked_norms(codes), want)
+
+
 def test_leverage_probabilities_budget_cap_and_renormalization():
     c = torch.tensor([100.0, 1.0, 2.0, 0.0, 3.0, 50.0, 4.0])
     p = leverage_probabilities(c, 3.0)
@@ -151,47 +160,47 @@ def test_leverage_probabilities_budget_cap_and_renormalization():
     assert torch.equal(leverage_probabilities(c, 10.0), (c > 0).float())              # budget ≥ rows: all
     keep = sample_rows(p, torch.Generator().manual_seed(0))
     assert keep[0] and keep[5] and not keep[3]
+    rows = torch.stack((c, c.flip(0), torch.zeros(7)))                               # batched along the last dim
+    assert torch.equal(leverage_probabilities(rows, 3.0),
+                       torch.stack([leverage_probabilities(r, 3.0) for r in rows]))
 
 
 def _split_case(seed=0, M=64, N=32, K=48):
     g = torch.Generator().manual_seed(seed)
     dy = torch.randn(M, N, generator=g) * torch.rand(M, 1, generator=g) * 3      # rows of varied norm
-    hi, lo, s = bit_split(dy, g)
+    codes, s, _ = split_stacked(dy, g)
     b = torch.randint(-7, 8, (K, N), generator=g, dtype=torch.int8)
     x = torch.randint(-7, 8, (M, K), generator=g, dtype=torch.int8)
-    return hi, lo, s, b, x
+    return codes, s, b, x
 
 
 @pytest.mark.parametrize("gemm", ["dgrad", "wgrad"])
 def test_lss_is_unbiased_error_falls_like_one_over_sqrt_draws(gemm):
-    hi, lo, s, b, x = _split_case()
-    M = hi.shape[0]
+    codes, s, b, x = _split_case()
+    M = codes.shape[0] // 2
     sb, sx = torch.tensor(0.5), torch.tensor(0.25)
-    d = split_dequantize(hi, lo, s).double()
+    d = split_dequantize(codes[:M], codes[M:], s).double()
     if gemm == "dgrad":
         exact = d @ (b.double() * 0.5).t()
-        c = stacked_norms(hi, lo)
+        c = stacked_norms(codes)
     else:
         exact = d.t() @ (x.double() * 0.25)
         xn = x.float().norm(dim=1)
-        c = stacked_norms(hi, lo) * torch.cat((xn, xn))
+        c = stacked_norms(codes) * torch.cat((xn, xn))
     p = leverage_probabilities(c, float(M))
     assert abs(p.sum().item() - M) < 1e-3
     gen = torch.Generator().manual_seed(5)
 
     def draw(gather):
-        keep = sample_rows(p, gen)
+        scale = stacked_scales(p, sample_rows(p, gen), s)
         if gemm == "dgrad":
-            return lss_dgrad(hi, lo, s, b, sb, keep, p, gather=gather).double()
-        return lss_wgrad(hi, lo, s, x, sx, keep, p, gather=gather).double()
+            return lss_dgrad(codes, scale, b, sb, gather=gather).double()
+        return lss_wgrad(codes, scale, x, sx).double()
 
-    keep = sample_rows(p, torch.Generator().manual_seed(9))
-    one = [lss_dgrad(hi, lo, s, b, sb, keep, p, gather=g) if gemm == "dgrad" else
-           lss_wgrad(hi, lo, s, x, sx, keep, p, gather=g) for g in (True, False)]
     if gemm == "dgrad":
+        scale = stacked_scales(p, sample_rows(p, torch.Generator().manual_seed(9)), s)
+        one = [lss_dgrad(codes, scale, b, sb, gather=g) for g in (True, False)]
         assert torch.equal(one[0], one[1])                       # gathered rows = masked rows, bit for bit
-    else:
-        assert torch.allclose(one[0], one[1], rtol=1e-5, atol=1e-4)
     errs, total, n = {}, torch.zeros_like(exact), 0
     for target in (16, 64, 256):
         while n < target:
