@@ -26,7 +26,7 @@ from qtrain import quant
 from qtrain.errors import UserError
 from qtrain.quant.core import check_2d, check_float
 from qtrain.quant.block_gemm import check_block_gemm_args
-from qtrain.quant.blockwise import check_block
+from qtrain.quant.blockwise import check_block, check_requantize_args
 from qtrain.quant.dataflow import check_int8_blocks
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 from qtrain.quant.int8_gemm import check_int8_gemm_args
@@ -227,6 +227,35 @@ def _(x, r, c):
 def quantize_blockwise(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, K]`` float → ``(q [M, K] int8, scale [⌈M/r⌉, ⌈K/c⌉] fp32)``; see :mod:`qtrain.quant.blockwise`."""
     return _quantize_blockwise_op(x, r, c) if torch.compiler.is_compiling() else _quantize_blockwise(x, r, c)
+
+
+# ---------------------------------------------------------------------------------- requantize_blockwise_t
+def _requantize_blockwise_t(q, scale, r_in, c_in, r, c):
+    k = _kernel("blockwise", "requantize_blockwise_t", q.device)
+    return (k or quant.requantize_blockwise_t)(q, scale, r_in, c_in, r, c)
+
+
+@torch.library.custom_op("qtrain::requantize_blockwise_t", mutates_args=())
+def _requantize_blockwise_t_op(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in: int, r: int,
+                               c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _requantize_blockwise_t(q, scale, r_in, c_in, r, c)
+
+
+@_requantize_blockwise_t_op.register_fake
+def _(q, scale, r_in, c_in, r, c):
+    check_requantize_args(q, scale, r_in, c_in)
+    check_block(r, c)
+    m, k = q.shape
+    return q.new_empty((k, m)), scale.new_empty((-(-k // r), -(-m // c)))
+
+
+def requantize_blockwise_t(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in: int, r: int,
+                           c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [M, K]`` int8 in ``r_in × c_in`` blocks → ``(qt [K, M] int8, scale [⌈K/r⌉, ⌈M/c⌉])``: its dequantized
+    transpose in ``r × c`` blocks, from the codes; see :mod:`qtrain.quant.blockwise`."""
+    if torch.compiler.is_compiling():
+        return _requantize_blockwise_t_op(q, scale, r_in, c_in, r, c)
+    return _requantize_blockwise_t(q, scale, r_in, c_in, r, c)
 
 
 # ------------------------------------------------------------------------------------- quantize_blockwise_sr

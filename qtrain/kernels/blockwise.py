@@ -6,6 +6,9 @@ scale per ``r × c`` block, RTN, bit-exact with the reference. Each program quan
 quantize. ``r`` and ``c`` are powers of two (``c`` ≤ 1024). Any strides (a transposed view gives the blocks of
 the transpose, e.g. ``(128, 1)`` token blocks of an activation for the weight gradient), bf16/fp16/fp32 input.
 
+``requantize_blockwise_t(q, scale, r_in, c_in, r, c)``: the blocks of ``dequantize(q, scale)ᵀ`` straight from
+the INT8 codes (no float copy), bit-exact with the reference.
+
 ``quantize_blockwise_sr(x, r, c, seed [1] int tensor)``: the same scales (bit-exact), stochastic rounding
 ``floor(v + u)`` with ``u = tl.rand(seed, element index)`` — the twin of the reference's SR in distribution
 (unbiased, every code within one step of ``x / scale``), not bit for bit: the uniforms are another stream.
@@ -17,7 +20,7 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
-from qtrain.quant.blockwise import check_block, check_seed
+from qtrain.quant.blockwise import check_block, check_requantize_args, check_seed
 from qtrain.quant.core import check_2d, check_float
 
 MAX_C = 1024
@@ -34,15 +37,21 @@ def quantize_sr(x, scale, u):
 
 
 @triton.jit
-def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, M, K, stride_xm, stride_xk, n_block_rows, n_block_cols,
-                      R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SR: tl.constexpr):
-    """``SR``: stochastic rounding with ``tl.rand(seed, element index)``; else round to nearest."""
+def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, stride_xk, stride_sm, stride_sk,
+                      n_block_rows, n_block_cols, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
+                      SR: tl.constexpr, XR: tl.constexpr, XC: tl.constexpr, SCALED_INPUT: tl.constexpr):
+    """``SR``: stochastic rounding with ``tl.rand(seed, element index)``; else round to nearest.
+    ``SCALED_INPUT``: ``x`` holds int8 codes whose value is ``x[i, j] · xs[i // XR, j // XC]`` (fp32)."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * TM + tl.arange(0, TM)
     cols = pid_k * C + tl.arange(0, C)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
-                other=0.0).to(tl.float32)
+                other=0).to(tl.float32)
+    if SCALED_INPUT:
+        xs = tl.load(xs_ptr + (rows // XR)[:, None].to(tl.int64) * stride_sm + (cols // XC)[None, :] * stride_sk,
+                     mask=mask, other=0.0)
+        x = x * xs
     bits = tl.reshape(abs_bits(x), [TM // R, R, C])
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
     row_scale = tl.broadcast_to(tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])[:, None], x.shape)
@@ -65,8 +74,17 @@ def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -
     return _launch(x, r, c, seed)
 
 
-def _launch(x, r, c, seed):
-    check_float(x)
+def requantize_blockwise_t(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in: int, r: int,
+                           c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    check_requantize_args(q, scale, r_in, c_in)
+    check_device(q)
+    # element (i, j) of qᵀ is q[j, i], whose scale is scale[j // r_in, i // c_in] = scaleᵀ[i // c_in, j // r_in]
+    return _launch(q.t(), r, c, None, (scale.t(), c_in, r_in))
+
+
+def _launch(x, r, c, seed, input_scale=None):
+    if input_scale is None:
+        check_float(x)
     check_2d(x)
     check_block(r, c)
     check_device(x)
@@ -84,7 +102,9 @@ def _launch(x, r, c, seed):
     warps = 8 if tm * c >= 8192 else 4
     if seed is not None:
         seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
-    _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, seed if seed is not None else scale, M, K,
-                                                x.stride(0), x.stride(1), nr, nc, R=r, C=c, TM=tm,
-                                                SR=seed is not None, num_warps=warps)
+    xs, xr, xc = input_scale if input_scale is not None else (scale, 1, 1)
+    _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, seed if seed is not None else scale, xs, M, K,
+                                                x.stride(0), x.stride(1), xs.stride(0), xs.stride(1), nr, nc,
+                                                R=r, C=c, TM=tm, SR=seed is not None, XR=xr, XC=xc,
+                                                SCALED_INPUT=input_scale is not None, num_warps=warps)
     return q, scale

@@ -12,12 +12,15 @@ scales are bit-exact with RTN's; the codes are each within one step of ``x / sca
 twin draws its uniforms with ``tl.rand`` — a different stream, so the twins agree in distribution, not bit for
 bit (DESIGN.md's SR gate). :func:`qtrain.ops.quantize_blockwise_sr` draws ``seed`` from the project's SR
 generator (:func:`qtrain.nn.functional.sr_generator`).
+
+``requantize_blockwise_t(q, scale, r_in, c_in, r, c) -> (qt [K, M], scale_t)``: RTN ``r × c`` blocks of the
+transpose of ``q``'s dequantization (``q [M, K]`` int8 in ``r_in × c_in`` blocks).
 """
 from __future__ import annotations
 
 import torch
 
-from qtrain.quant.core import quantize
+from qtrain.quant.core import expand_scale, quantize
 from qtrain.recipes import block
 
 
@@ -37,6 +40,25 @@ def quantize_blockwise(x: torch.Tensor, r: int, c: int, rounding: str = "nearest
     check_block(r, c)
     q, scale = quantize(x, block(r, c), "int8", rounding, generator)
     return q.contiguous(), scale
+
+
+def check_requantize_args(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in: int) -> None:
+    check_block(r_in, c_in)
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"requantize_blockwise_t takes 2-D int8 codes, got {q.dtype} of shape {tuple(q.shape)}")
+    want = (-(-q.shape[0] // r_in), -(-q.shape[1] // c_in))
+    if scale.dtype != torch.float32 or tuple(scale.shape) != want:
+        raise ValueError(f"scale must be fp32 {list(want)} for {r_in}×{c_in} blocks of {list(q.shape)}, got "
+                         f"{scale.dtype} {list(scale.shape)}")
+
+
+def requantize_blockwise_t(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in: int, r: int,
+                           c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [M, K]`` int8 with ``r_in × c_in`` block scales → the ``r × c`` blocks of its dequantized transpose
+    ``[K, M]`` (e.g. an activation saved in 1×128 blocks re-blocked along tokens for the weight gradient)."""
+    check_requantize_args(q, scale, r_in, c_in)
+    x = q.float() * expand_scale(scale, block(r_in, c_in), tuple(q.shape))
+    return quantize_blockwise(x.t(), r, c)
 
 
 def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
