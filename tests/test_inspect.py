@@ -65,3 +65,23 @@ def test_inspect_errors(tmp_path, capsys):
     assert "not a checkpoint" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path), "--batches", "0"]) == 2
     assert "--batches must be at least 1" in capsys.readouterr().err
+
+
+def test_jetfire_run_reports_and_inspects_its_dataflow_linears(tmp_path, capsys):
+    """A jetfire run: its quantization report lists the linears inside the data-flow blocks with their errors,
+    and ``qtrain inspect`` loads its checkpoint into the plain model and shows every linear."""
+    run = tmp_path / "run"
+    train(TrainConfig(model="gpt2-tiny", recipe="jetfire", steps=2, batch_size=2, seq_len=32, eval_batches=1,
+                      sample_tokens=0, progress=False, out=str(run)))
+    report = (run / "quant_report.txt").read_text()
+    model = build("gpt2-tiny")
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 4 * model.config.n_layer + 1
+    for name in linears[:-1]:
+        row = next(line.split() for line in report.splitlines() if line.startswith(name + " "))
+        assert row[2] == "jetfire" and float(row[5]) > 20, row
+    assert "lm_head" not in report
+    assert main(["inspect", str(run), "--batches", "1"]) == 0
+    rows = json.loads((run / "inspect" / "inspect.json").read_text())
+    assert [r["name"] for r in rows] == linears
+    assert "| transformer.h.0.attn.c_attn |" in capsys.readouterr().out

@@ -162,8 +162,9 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def track_errors(model: nn.Module):
-    """Within the block, every QuantLinear records its forward's quantization error (costs an fp32 GEMM)."""
-    layers = [m for _, m in quant_layers(model)]
+    """Within the block, every QuantLinear and every data-flow block records its forward's quantization error
+    per linear layer (costs fp32 GEMMs, and recomputing a data-flow block's INT8 operands)."""
+    layers = [m for _, m in quant_layers(model)] + [m for _, m in _dataflow_blocks(model)]
     for m in layers:
         m.track_errors = True
     try:
@@ -193,6 +194,10 @@ def reuse_quantized_weights(model: nn.Module):
                 m._wcache = None
 
 
+def _dataflow_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, dataflow.DATAFLOW_BLOCKS)]
+
+
 def fallback_stats(model: nn.Module) -> dict[str, dict[str, float]]:
     """Per fallback layer, each GEMM's share of tiles that fell back at its last call (NaN before any) — one
     host synchronization for the whole model."""
@@ -205,17 +210,24 @@ def fallback_stats(model: nn.Module) -> dict[str, dict[str, float]]:
 
 
 def report(model: nn.Module) -> str:
-    """A table of the converted layers: shape, recipe, and the last recorded quantization errors
-    (``x err``/``w err``: ‖t − t̂‖/‖t‖ of the fprop operands; ``y SQNR``: dB against an fp32 linear).
-    Errors are recorded inside :func:`track_errors`; '-' where none was. Layers with fallback add each GEMM's
-    last fallback share (``fallback %`` fprop/dgrad/wgrad) and X's error without the fallback term."""
+    """A table of the quantized linear layers (QuantLinear layers and the linears inside data-flow blocks, in
+    module order): shape, recipe, and the last recorded quantization errors (``x err``/``w err``: ‖t − t̂‖/‖t‖ of
+    the fprop operands; ``y SQNR``: dB against an fp32 linear; a data-flow linear's operands are the INT8 blocks
+    its GEMM consumes, see :class:`qtrain.nn.dataflow._DataflowBlock`). Errors are recorded inside
+    :func:`track_errors`; '-' where none was. Layers with fallback add each GEMM's last fallback share
+    (``fallback %`` fprop/dgrad/wgrad) and X's error without the fallback term."""
     fb = fallback_stats(model)
     cols = ("layer", "in→out", "recipe", "x err", "w err", "y SQNR dB") + (
         ("fallback % f/d/w", "x err no-fb") if fb else ())
     rows = [cols]
-    for name, m in quant_layers(model):
-        s = m.stats
-        row = (name, f"{m.in_features}→{m.out_features}", m.recipe.name,
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            layers.append((name, m, m.recipe, m.stats))
+        elif isinstance(m, dataflow.DATAFLOW_BLOCKS):
+            layers += [(f"{name}.{n}" if name else n, lin, m.recipe, m.stats.get(n, {})) for n, lin in m.linears()]
+    for name, m, recipe, s in layers:
+        row = (name, f"{m.in_features}→{m.out_features}", recipe.name,
                f"{s['x_rel_err']:.2e}" if s else "-", f"{s['w_rel_err']:.2e}" if s else "-",
                f"{s['y_sqnr_db']:.1f}" if s else "-")
         if fb:

@@ -31,7 +31,8 @@ then runs in fp32 PyTorch on the dequantized saved INT8 input (not fused: a refe
 :class:`LlamaDataflowBlock` and :class:`GPT2DataflowBlock` take over the children of a
 :class:`qtrain.models.llama.Block` / :class:`qtrain.models.gpt2.Block` (same Parameters, same ``state_dict``
 keys) and run their forward through these Functions; :func:`qtrain.convert` swaps them in for a recipe with
-``dataflow=True``.
+``dataflow=True``. Inside :func:`qtrain.track_errors` a block also records, per linear layer, the quantization
+error of its forward (:meth:`_DataflowBlock.linears`, ``stats``; shown by :func:`qtrain.report`).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from qtrain.models import gpt2 as _gpt2
 from qtrain.models import llama as _llama
 from qtrain.nn.functional import Operand
 from qtrain.nn.plan import LinearPlan, build_plan
-from qtrain.quant.core import FLOAT_DTYPES
+from qtrain.quant.core import FLOAT_DTYPES, relative_error, sqnr
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -249,7 +250,21 @@ def _cast(g, like):
 
 # --------------------------------------------------------------------------------------------- the blocks
 class _DataflowBlock(nn.Module):
-    """Common part: the recipe, its plan, and running a Function outside autocast with F.linear's out dtype."""
+    """Common part: the recipe, its plan, running a Function outside autocast with F.linear's out dtype, and the
+    error telemetry.
+
+    With ``track_errors`` set (by :func:`qtrain.track_errors`), each forward records into ``stats[name]`` (``name``
+    relative, as :meth:`linears` gives it) the errors of each linear's fprop, as :class:`~qtrain.QuantLinear` does:
+    ``x_rel_err`` ‖x − x̂‖/‖x‖ of the INT8 operand the GEMM consumes against its float counterpart (QKV and
+    gate/up, fc: the fp32 norm of the float residual input against the INT8 norm output; the output projection:
+    attention's output against its INT8 blocks; down, proj: the fp32 activation of the GEMM's fp32 ``h`` against
+    the INT8 activation output), ``w_rel_err`` of the quantized weight, ``y_sqnr_db`` of the linear's output (for
+    gate/up, fc: its INT8 blocks ``hq``) against an fp32 linear on the float input. Recording recomputes the
+    forward's (deterministic, RTN) INT8 operands under ``no_grad`` outside the Functions: gradients and the
+    stochastic-rounding generators are untouched.
+    """
+
+    LINEARS: tuple[str, ...] = ()
 
     def _setup(self, recipe) -> None:
         self.recipe = recipes.get(recipe)
@@ -257,6 +272,57 @@ class _DataflowBlock(nn.Module):
         if not self.recipe.dataflow:
             raise ValueError(f"recipe {self.recipe.name!r} has dataflow=False; a data-flow block needs a recipe "
                              "with dataflow=True (e.g. 'jetfire')")
+        self.track_errors = False
+        self.stats: dict[str, dict[str, float]] = {}
+
+    def linears(self) -> list[tuple[str, nn.Linear]]:
+        """The block's four linear layers (relative names) in the order they run."""
+        return [(n, self.get_submodule(n)) for n in self.LINEARS]
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _record_norm_linear(self, name: str, x, norm: nn.Module, kind: str, out) -> None:
+        """Errors of a :class:`NormLinearFunction` given its residual input ``x`` and output ``out``."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            y_ref, y_op = self._norms(x, norm, kind)
+            self._store(name, y_ref, y_op.dequantize(), out)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _record_linear(self, name: str, x, out) -> None:
+        """Errors of a :class:`LinearFunction` given its input ``x`` and output ``out``."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            self._store(name, x.float(), _quantize_x(self.plan, x).dequantize(), out)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _record_mlp(self, names: tuple[str, str], x, norm: nn.Module, kind: str, act: str, out) -> None:
+        """Errors of both linears of a :class:`NormMLPFunction` given its residual input ``x`` and output ``out``."""
+        plan, (r, c) = self.plan, _xblocks(self.plan)
+        x = x.detach().reshape(-1, x.shape[-1])
+        w1 = self.get_submodule(names[0])
+        with torch.autocast(x.device.type, enabled=False):
+            y_ref, y_op = self._norms(x, norm, kind)
+            h = plan.fprop(y_op, plan.fprop.quantize(w1.weight, "rhs"), torch.float32, w1.bias)
+            h_op = Operand("block", *ops.quantize_blockwise(h, r, c), r, c)
+            self._store(names[0], y_ref, y_op.dequantize(), h_op.dequantize())
+            self._store(names[1], _act_fp32(act, h), _act(act, h_op).dequantize(), out)
+
+    def _norms(self, x, norm: nn.Module, kind: str) -> tuple[torch.Tensor, Operand]:
+        """The fp32 norm of ``x`` and the forward's INT8 norm output."""
+        b = getattr(norm, "bias", None)
+        ref = _norm_fp32(kind, x.float(), norm.weight.float(), None if b is None else b.float(), norm.eps)
+        return ref, _norm(kind, _quantize_x(self.plan, x), norm.weight, b, norm.eps)
+
+    def _store(self, name: str, x_ref, x_hat, y) -> None:
+        lin = self.get_submodule(name)
+        w = lin.weight
+        ref = F.linear(x_ref, w.float(), None if lin.bias is None else lin.bias.float())
+        self.stats[name] = {"x_rel_err": relative_error(x_ref, x_hat),
+                            "w_rel_err": relative_error(w, self.plan.fprop.quantize(w, "rhs").dequantize()),
+                            "y_sqnr_db": sqnr(ref, y.reshape(ref.shape).float())}
 
     def _run(self, fn, x: torch.Tensor, *args) -> torch.Tensor:
         if x.dtype not in FLOAT_DTYPES:
@@ -275,6 +341,8 @@ class _DataflowBlock(nn.Module):
 class LlamaDataflowBlock(_DataflowBlock):
     """A :class:`qtrain.models.llama.Block` (pre-RMSNorm attention + SwiGLU MLP) on Jetfire's INT8 data flow."""
 
+    LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")
+
     def __init__(self, block: "_llama.Block", recipe="jetfire"):
         super().__init__()
         self.attn_norm, self.attn, self.mlp_norm, self.mlp = block.attn_norm, block.attn, block.mlp_norm, block.mlp
@@ -287,6 +355,8 @@ class LlamaDataflowBlock(_DataflowBlock):
         H, KV, D = at.n_head, at.n_kv_head, at.head_dim
         qkv = self._run(NormLinearFunction, x, self.attn_norm.weight, None, at.wqkv.weight, at.wqkv.bias, plan,
                         "rms", self.attn_norm.eps)
+        if self.track_errors:
+            self._record_norm_linear("attn.wqkv", x, self.attn_norm, "rms", qkv)
         q, k, v = qkv.split([H * D, KV * D, KV * D], dim=2)
         q = q.view(B, T, H, D).transpose(1, 2)
         k = k.view(B, T, KV, D).transpose(1, 2)
@@ -295,14 +365,21 @@ class LlamaDataflowBlock(_DataflowBlock):
         if KV != H:
             k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        x = x + self._run(LinearFunction, y, at.wo.weight, at.wo.bias, plan)
-        return x + self._run(NormMLPFunction, x, self.mlp_norm.weight, None, mlp.w_gate_up.weight,
-                             mlp.w_gate_up.bias, mlp.w_down.weight, mlp.w_down.bias, plan, "rms", "swiglu",
-                             self.mlp_norm.eps)
+        o = self._run(LinearFunction, y, at.wo.weight, at.wo.bias, plan)
+        if self.track_errors:
+            self._record_linear("attn.wo", y, o)
+        x = x + o
+        m = self._run(NormMLPFunction, x, self.mlp_norm.weight, None, mlp.w_gate_up.weight, mlp.w_gate_up.bias,
+                      mlp.w_down.weight, mlp.w_down.bias, plan, "rms", "swiglu", self.mlp_norm.eps)
+        if self.track_errors:
+            self._record_mlp(("mlp.w_gate_up", "mlp.w_down"), x, self.mlp_norm, "rms", "swiglu", m)
+        return x + m
 
 
 class GPT2DataflowBlock(_DataflowBlock):
     """A :class:`qtrain.models.gpt2.Block` (pre-LayerNorm attention + GELU MLP) on Jetfire's INT8 data flow."""
+
+    LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
     def __init__(self, block: "_gpt2.Block", recipe="jetfire"):
         super().__init__()
@@ -315,11 +392,19 @@ class GPT2DataflowBlock(_DataflowBlock):
         B, T, C = x.shape
         qkv = self._run(NormLinearFunction, x, self.ln_1.weight, self.ln_1.bias, at.c_attn.weight, at.c_attn.bias,
                         plan, "ln", self.ln_1.eps)
+        if self.track_errors:
+            self._record_norm_linear("attn.c_attn", x, self.ln_1, "ln", qkv)
         q, k, v = (t.view(B, T, at.n_head, C // at.n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        x = x + self._run(LinearFunction, y, at.c_proj.weight, at.c_proj.bias, plan)
-        return x + self._run(NormMLPFunction, x, self.ln_2.weight, self.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias,
-                             mlp.c_proj.weight, mlp.c_proj.bias, plan, "ln", "gelu", self.ln_2.eps)
+        o = self._run(LinearFunction, y, at.c_proj.weight, at.c_proj.bias, plan)
+        if self.track_errors:
+            self._record_linear("attn.c_proj", y, o)
+        x = x + o
+        m = self._run(NormMLPFunction, x, self.ln_2.weight, self.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias,
+                      mlp.c_proj.weight, mlp.c_proj.bias, plan, "ln", "gelu", self.ln_2.eps)
+        if self.track_errors:
+            self._record_mlp(("mlp.c_fc", "mlp.c_proj"), x, self.ln_2, "ln", "gelu", m)
+        return x + m
 
 
 DATAFLOW_BLOCKS = (LlamaDataflowBlock, GPT2DataflowBlock)

@@ -3,6 +3,7 @@ block in fp32 (SQNR of the block's output and of every gradient), the activation
 against the BF16 block, the kernel path against the reference path, and what convert does with them."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -217,3 +218,76 @@ def test_explicit_vjps_match_autograd(kind):
         got = (df._act_vjp(kind, x, g),)
     for a, e in zip(got, want):
         assert torch.allclose(a.double(), e, rtol=1e-5, atol=1e-5)
+
+
+def _report_rows(model) -> dict[str, list[str]]:
+    lines = qtrain.report(model).splitlines()
+    assert lines[0].split()[:6] == ["layer", "in→out", "recipe", "x", "err", "w"]
+    return {ln.split()[0]: ln.split()[1:] for ln in lines[1:]}
+
+
+def _check_errors(row):
+    x_err, w_err, y_db = float(row[2]), float(row[3]), float(row[4])
+    assert 1e-4 < x_err < 0.2 and 1e-4 < w_err < 0.2 and y_db > 20, row
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "gpt2-tiny"])
+def test_report_lists_the_linears_of_dataflow_blocks(name):
+    torch.manual_seed(0)
+    model = qtrain.convert(models.build(name, n_layer=2, max_seq_len=32), "jetfire")
+    want = [f"{bn}.{ln}" for bn, b in model.named_modules() if isinstance(b, (LlamaDataflowBlock, GPT2DataflowBlock))
+            for ln, _ in b.linears()]
+    assert len(want) == 8 and sorted(want) == qtrain.nn.quantized_linear_names(model)
+    rows = _report_rows(model)
+    assert list(rows) == want
+    assert all(r[1] == "jetfire" and r[2:] == ["-", "-", "-"] for r in rows.values())
+    assert rows[want[3]][0] == "{1}→{0}".format(*model.get_submodule(want[3]).weight.shape)
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with qtrain.track_errors(model), torch.no_grad():
+        model(idx)
+    assert not any(b.track_errors for b in model.blocks())
+    for r in _report_rows(model).values():
+        _check_errors(r)
+
+
+def test_report_lists_dataflow_and_quantlinear_layers_of_a_mixed_model():
+    torch.manual_seed(0)
+    model = qtrain.convert(models.build("llama-tiny", n_layer=2, max_seq_len=32), "jetfire",
+                           filter_fn=lambda m, n: n not in ("layers.1.mlp.w_down", "lm_head"))
+    assert isinstance(model.layers[0], LlamaDataflowBlock)
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with qtrain.track_errors(model):
+        model(idx)
+    rows = _report_rows(model)
+    assert list(rows) == [f"layers.0.{n}" for n in LlamaDataflowBlock.LINEARS] + [
+        "layers.1.attn.wqkv", "layers.1.attn.wo", "layers.1.mlp.w_gate_up"]
+    for r in rows.values():
+        _check_errors(r)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_tracking_errors_changes_no_output_gradient_or_rng_stream(autocast):
+    """A tracked training step and an untracked one from the same seeds: identical loss, gradients, and
+    stochastic-rounding generator state after backward (the SR draws of dgrad/wgrad are unchanged)."""
+    from qtrain.nn.functional import reseed, sr_generator
+
+    torch.manual_seed(0)
+    model = qtrain.convert(models.build("llama-tiny", n_layer=2, max_seq_len=32), "jetfire")
+    idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    results = []
+    for track in (False, True):
+        reseed(1)
+        torch.manual_seed(2)
+        model.zero_grad(set_to_none=True)
+        tracking = qtrain.track_errors(model) if track else contextlib.nullcontext()
+        with tracking, torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()},
+                        sr_generator(torch.device("cpu")).get_state(), torch.get_rng_state()))
+        assert all(bool(b.stats) == track for b in model.blocks())
+    (l0, g0, s0, r0), (l1, g1, s1, r1) = results
+    assert torch.equal(l0, l1) and torch.equal(s0, s1) and torch.equal(r0, r1)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    for r in _report_rows(model).values():
+        _check_errors(r)
