@@ -265,8 +265,20 @@ def test_report_lists_dataflow_and_quantlinear_layers_of_a_mixed_model():
         _check_errors(r)
 
 
+@pytest.fixture
+def keep_sr_generators():
+    """Leave the stochastic-rounding generators as the test found them, so later tests draw what they would."""
+    from qtrain.nn import functional
+    saved = {d: g.get_state() for d, g in functional._SR_GENERATORS.items()}
+    yield
+    functional._SR_GENERATORS.clear()
+    for d, state in saved.items():
+        functional._SR_GENERATORS[d] = torch.Generator(device=d)
+        functional._SR_GENERATORS[d].set_state(state)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
-def test_tracking_errors_changes_no_output_gradient_or_rng_stream(autocast):
+def test_tracking_errors_changes_no_output_gradient_or_rng_stream(autocast, keep_sr_generators):
     """A tracked training step and an untracked one from the same seeds: identical loss, gradients, and
     stochastic-rounding generator state after backward (the SR draws of dgrad/wgrad are unchanged)."""
     from qtrain.nn.functional import reseed, sr_generator
