@@ -144,11 +144,21 @@ def _linear_backward(plan: LinearPlan, dy, x_op: Operand, w, b, needs: tuple[boo
             if wg.blocks[1] == x_op.rows == x_op.block_k == wg.blocks[2]:
                 xt = x_op.transposed()                       # the saved INT8 X as it is (Jetfire's reuse)
             else:
-                xt = wg.quantize(x_op.dequantize().t(), "rhs")
+                xt = _requantize_t(wg, x_op)
             dw = wg(gt, xt, w.dtype)
     if need_db and b is not None:
         db = dy.float().sum(0).to(b.dtype)
     return dx, dw, db
+
+
+def _requantize_t(wg, x_op: Operand) -> Operand:
+    """wgrad's ``Xᵀ`` operand from the saved INT8 X when its blocks do not transpose: re-blocked from the codes
+    (RTN block rhs: one kernel, no float copy), else dequantized and quantized as the plan says."""
+    if wg.path == "block" and wg.spec.rhs.rounding == "nearest" and x_op.path == "block":
+        rows, c = wg.blocks[1], wg.blocks[2]
+        q, s = ops.requantize_blockwise_t(x_op.q, x_op.scale, x_op.rows, x_op.block_k, rows, c)
+        return Operand("block", q, s, rows, c)
+    return wg.quantize(x_op.dequantize().t(), "rhs")
 
 
 def _save_op(op: Operand) -> tuple[torch.Tensor, torch.Tensor]:
