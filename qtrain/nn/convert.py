@@ -73,7 +73,7 @@ def convert(model: nn.Module, recipe="switchback",
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     converted, skipped = [], []
     n_blocks = _convert_dataflow_blocks(model, recipe, filter_fn, tied, converted) if recipe.dataflow else 0
-    inside = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, dataflow.DATAFLOW_BLOCKS))
+    inside = tuple(f"{n}." for n, _ in _dataflow_blocks(model))
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not is_linear(child) or isinstance(child, QuantLinear):
@@ -97,7 +97,7 @@ def convert(model: nn.Module, recipe="switchback",
             converted.append(name)
     if not converted:
         done = quant_layers(model)
-        blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, dataflow.DATAFLOW_BLOCKS)]
+        blocks = _dataflow_blocks(model)
         if done or blocks:
             what = ", ".join(w for w in (f"{len(done)} QuantLinear layers" if done else "",
                                          f"{len(blocks)} data-flow blocks" if blocks else "") if w)
@@ -154,9 +154,8 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 def quantized_linear_names(model: nn.Module) -> list[str]:
     """Every linear layer that runs quantized: the QuantLinear layers and the linears inside data-flow blocks."""
     names = [n for n, _ in quant_layers(model)]
-    for bn, block in model.named_modules():
-        if isinstance(block, dataflow.DATAFLOW_BLOCKS):
-            names += [f"{bn}.{n}" for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    for bn, block in _dataflow_blocks(model):
+        names += [f"{bn}.{n}" if bn else n for n, _ in block.linears()]
     return sorted(names)
 
 

@@ -259,6 +259,10 @@ def _cast(g, like):
 
 
 # --------------------------------------------------------------------------------------------- the blocks
+LLAMA_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")    # in the order they run
+GPT2_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
 class _DataflowBlock(nn.Module):
     """Common part: the recipe, its plan, running a Function outside autocast with F.linear's out dtype, and the
     error telemetry.
@@ -351,7 +355,7 @@ class _DataflowBlock(nn.Module):
 class LlamaDataflowBlock(_DataflowBlock):
     """A :class:`qtrain.models.llama.Block` (pre-RMSNorm attention + SwiGLU MLP) on Jetfire's INT8 data flow."""
 
-    LINEARS = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")
+    LINEARS = LLAMA_LINEARS
 
     def __init__(self, block: "_llama.Block", recipe="jetfire"):
         super().__init__()
@@ -389,7 +393,7 @@ class LlamaDataflowBlock(_DataflowBlock):
 class GPT2DataflowBlock(_DataflowBlock):
     """A :class:`qtrain.models.gpt2.Block` (pre-LayerNorm attention + GELU MLP) on Jetfire's INT8 data flow."""
 
-    LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    LINEARS = GPT2_LINEARS
 
     def __init__(self, block: "_gpt2.Block", recipe="jetfire"):
         super().__init__()
@@ -423,9 +427,9 @@ DATAFLOW_BLOCKS = (LlamaDataflowBlock, GPT2DataflowBlock)
 def block_linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
     """The linear layers of a supported block (relative names), or [] if ``block`` is not one."""
     if isinstance(block, _llama.Block):
-        names = ("attn.wqkv", "attn.wo", "mlp.w_gate_up", "mlp.w_down")
+        names = LLAMA_LINEARS
     elif isinstance(block, _gpt2.Block):
-        names = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        names = GPT2_LINEARS
     else:
         return []
     return [(n, block.get_submodule(n)) for n in names]
