@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from qtrain.quant.core import expand_scale, quantize
+from qtrain.quant.core import dequantize, quantize
 from qtrain.recipes import block
 
 
@@ -57,8 +57,7 @@ def requantize_blockwise_t(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in
     """``q [M, K]`` int8 with ``r_in × c_in`` block scales → the ``r × c`` blocks of its dequantized transpose
     ``[K, M]`` (e.g. an activation saved in 1×128 blocks re-blocked along tokens for the weight gradient)."""
     check_requantize_args(q, scale, r_in, c_in)
-    x = q.float() * expand_scale(scale, block(r_in, c_in), tuple(q.shape))
-    return quantize_blockwise(x.t(), r, c)
+    return quantize_blockwise(dequantize(q, scale, block(r_in, c_in)).t(), r, c)
 
 
 def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
