@@ -22,6 +22,9 @@ from qtrain.kernels.stable_adamw import stable_adamw_update
 SHAPES = [(37, 29), (300,), (5,), (1,), (3, 0)]     # ragged: non-multiples of the block, one of one element, empty
 BLOCK, ITERS = 128, 2                               # small chunks: several per tensor, partial last ones
 LR, BETAS, EPS = 1e-2, (0.9, 0.99), 1e-6
+# The kernel runs on CUDA tensors where there is a GPU, else on CPU tensors under Triton's interpreter; the
+# foreach reference always on the CPU.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def grads_at(t, shapes, dtype=torch.float32):
@@ -44,8 +47,8 @@ def test_kernel_matches_foreach_reference(wd):
     thetas = [0.02 * torch.randn(s) for s in SHAPES]
     ref = [torch.nn.Parameter(t.clone()) for t in thetas]
     opt = StableAdamW(ref, lr=LR, betas=BETAS, eps=EPS, weight_decay=wd)      # CPU: the foreach path
-    ps = [t.clone() for t in thetas]
-    ms, us = [torch.zeros_like(t) for t in thetas], [torch.zeros_like(t) for t in thetas]
+    ps = [t.to(DEV) for t in thetas]
+    ms, us = [torch.zeros_like(t) for t in ps], [torch.zeros_like(t) for t in ps]
     gmax = [0.0] * len(SHAPES)
     clipped = unclipped = 0
     for t in range(1, 6):
@@ -53,10 +56,10 @@ def test_kernel_matches_foreach_reference(wd):
         for p, g in zip(ref, grads):
             p.grad = g.clone()
         opt.step()
-        stable_adamw_update(ps, grads, ms, us, lr=LR, beta1_hat=StableAdamW._beta_hat(BETAS[0], t),
-                            beta2_hat=StableAdamW._beta_hat(BETAS[1], t), eps=EPS, weight_decay=wd,
-                            block=BLOCK, iters=ITERS)
-        for i, (r, p, m, u, g) in enumerate(zip(ref, ps, ms, us, grads)):
+        stable_adamw_update(ps, [g.to(DEV) for g in grads], ms, us, lr=LR,
+                            beta1_hat=StableAdamW._beta_hat(BETAS[0], t), beta2_hat=StableAdamW._beta_hat(BETAS[1], t),
+                            eps=EPS, weight_decay=wd, block=BLOCK, iters=ITERS)
+        for i, (r, p, m, u, g) in enumerate(zip(ref, *([x.cpu() for x in xs] for xs in (ps, ms, us)), grads)):
             if g.numel() == 0:
                 continue
             state = opt.state[r]
@@ -88,10 +91,12 @@ def test_kernel_16bit_rounds_once(dtype):
         opt.state[r] = {"step": t - 1, "exp_avg": m.float(), "exp_avg_sq": u.float()}
     opt.step()
     theta0 = [x.double() for x in thetas]
+    thetas, grads, ms, us = ([x.to(DEV) for x in xs] for xs in (thetas, grads, ms, us))
     stable_adamw_update(thetas, grads, ms, us, lr=LR, beta1_hat=StableAdamW._beta_hat(BETAS[0], t),
                         beta2_hat=StableAdamW._beta_hat(BETAS[1], t), eps=EPS, weight_decay=wd,
                         block=BLOCK, iters=ITERS)
     rel = torch.finfo(dtype).eps
+    thetas, grads, ms, us = ([x.cpu() for x in xs] for xs in (thetas, grads, ms, us))
     for r, p, m, u, g, p0 in zip(ref, thetas, ms, us, grads, theta0):
         assert p.dtype == m.dtype == u.dtype == dtype
         assert torch.equal(m, opt.state[r]["exp_avg"].to(dtype))
@@ -103,11 +108,11 @@ def test_kernel_16bit_rounds_once(dtype):
 
 
 def test_kernel_rejects_mixed_or_strided_tensors():
-    a, b = torch.zeros(8), torch.zeros(8, dtype=torch.float64)
+    a, b = torch.zeros(8, device=DEV), torch.zeros(8, dtype=torch.float64, device=DEV)
     kw = dict(lr=LR, beta1_hat=0.0, beta2_hat=0.0, eps=EPS, weight_decay=0.0)
     with pytest.raises(ValueError, match="dtype"):
         stable_adamw_update([a], [a.clone()], [a.clone()], [b], **kw)
-    strided = torch.zeros(8, 2)[:, 0]
+    strided = torch.zeros(8, 2, device=DEV)[:, 0]
     with pytest.raises(ValueError, match="contiguous"):
         stable_adamw_update([strided], [a.clone()], [a.clone()], [a.clone()], **kw)
 
@@ -136,8 +141,8 @@ def transposed(x):
 
 
 def test_optimizer_fused_path_splits_and_matches(monkeypatch):
-    """StableAdamW through the fused path (forced onto CPU tensors): fusable parameters go to the kernel, one
-    launch set per group; a strided one stays on the foreach path; results match the all-foreach optimizer."""
+    """StableAdamW through the fused path (forced, on DEV): fusable parameters go to the kernel, one launch set
+    per group; a strided one stays on the foreach path; results match the all-foreach optimizer (on the CPU)."""
     calls = []
 
     def kernel(*lists, **kw):
@@ -147,9 +152,9 @@ def test_optimizer_fused_path_splits_and_matches(monkeypatch):
     torch.manual_seed(2)
     shapes = [(37, 29), (300,), (6, 4)]
     thetas = [0.02 * torch.randn(s) for s in shapes]
-    make = lambda: [torch.nn.Parameter(thetas[0].clone()), torch.nn.Parameter(thetas[1].clone()),  # noqa: E731
-                    torch.nn.Parameter(transposed(thetas[2]))]
-    ref, fused = make(), make()
+    make = lambda d: [torch.nn.Parameter(thetas[0].to(d)), torch.nn.Parameter(thetas[1].to(d)),  # noqa: E731
+                      torch.nn.Parameter(transposed(thetas[2]).to(d))]
+    ref, fused = make("cpu"), make(DEV)
     assert not fused[2].is_contiguous()
     opt_ref = StableAdamW(ref, lr=LR, weight_decay=0.1)
     opt = StableAdamW(fused, lr=LR, weight_decay=0.1)
@@ -157,13 +162,13 @@ def test_optimizer_fused_path_splits_and_matches(monkeypatch):
         grads = grads_at(t, shapes)
         for params in (ref, fused):
             for p, g in zip(params, grads):
-                p.grad = g.clone() if p.is_contiguous() else transposed(g)
+                p.grad = (g.clone() if p.is_contiguous() else transposed(g)).to(p.device)
         opt_ref.step()
         with monkeypatch.context() as mp:
             mp.setattr(stable_adamw, "fused_kernel", lambda *a: kernel)
             opt.step()
         for r, p in zip(ref, fused):
-            assert_within(p.detach(), r.detach(), r.detach().abs().max().item(), f"step {t}")
+            assert_within(p.detach().cpu(), r.detach(), r.detach().abs().max().item(), f"step {t}")
     assert calls == [2, 2, 2]
 
 
