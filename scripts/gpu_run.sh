@@ -29,6 +29,7 @@ for step in "${steps[@]}"; do
     overhead) python benchmarks/overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon) python benchmarks/gluon_gemm.py 2>&1 | tee -a "$OUT/run.log" ;;
     rowwise-sweep) python benchmarks/rowwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
+    blockwise-sweep) python benchmarks/blockwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
     host-profile) python benchmarks/host_profile.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     optimizer) python benchmarks/optimizer.py 2>&1 | tee -a "$OUT/run.log" ;;

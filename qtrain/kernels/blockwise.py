@@ -10,7 +10,7 @@ the transpose, e.g. ``(128, 1)`` token blocks of an activation for the weight gr
 the INT8 codes (no float copy), bit-exact with the reference.
 
 ``quantize_blockwise_sr(x, r, c, seed [1] int tensor)``: the same scales (bit-exact), stochastic rounding
-``floor(v + u)`` with ``u = tl.rand(seed, element index)`` — the twin of the reference's SR in distribution
+``floor(v + u)`` with ``u`` uniform from Philox (``tl.randint4x``: four per call) — the twin of the reference's SR in distribution
 (unbiased, every code within one step of ``x / scale``), not bit for bit: the uniforms are another stream.
 """
 from __future__ import annotations
@@ -37,10 +37,26 @@ def quantize_sr(x, scale, u):
 
 
 @triton.jit
+def _uniforms(seed, rows, pid_k, n_block_cols, TM: tl.constexpr, C: tl.constexpr):
+    """``[TM, C]`` fp32 uniforms in [0, 1) for the tile of rows ``rows`` and block column ``pid_k``: one Philox
+    call per 4 elements (``tl.randint4x`` at the tile's 4-column group index; the generator, not the memory
+    traffic, bounded the SR kernel at one call per element); ``tl.rand`` per element where ``C < 4``."""
+    if C >= 4:
+        groups = pid_k * (C // 4) + tl.arange(0, C // 4)
+        r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (n_block_cols * (C // 4)) + groups[None, :])
+        u = tl.join(tl.join(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1)),
+                    tl.join(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3)))
+        return tl.reshape(u, [TM, C])
+    else:
+        cols = pid_k * C + tl.arange(0, C)
+        return tl.rand(seed, rows[:, None] * (n_block_cols * C) + cols[None, :])
+
+
+@triton.jit
 def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, stride_xk, stride_sm, stride_sk,
                       n_block_rows, n_block_cols, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
                       SR: tl.constexpr, XR: tl.constexpr, XC: tl.constexpr, SCALED_INPUT: tl.constexpr):
-    """``SR``: stochastic rounding with ``tl.rand(seed, element index)``; else round to nearest.
+    """``SR``: stochastic rounding with uniforms from ``seed`` (:func:`_uniforms`); else round to nearest.
     ``SCALED_INPUT``: ``x`` holds int8 codes whose value is ``x[i, j] · xs[i // XR, j // XC]`` (fp32)."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * TM + tl.arange(0, TM)
@@ -56,8 +72,7 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
     row_scale = tl.broadcast_to(tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])[:, None], x.shape)
     if SR:
-        u = tl.rand(tl.load(seed_ptr), rows[:, None] * K + cols[None, :])             # element index (wraps)
-        q = quantize_sr(x, row_scale, u)
+        q = quantize_sr(x, row_scale, _uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols, TM, C))
     else:
         q = quantize_rtn(x, row_scale)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
@@ -82,7 +97,15 @@ def requantize_blockwise_t(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in
     return _launch(q.t(), r, c, None, (scale.t(), c_in, r_in))
 
 
-def _launch(x, r, c, seed, input_scale=None):
+def launch_config(M: int, r: int, c: int) -> tuple[int, int]:
+    """``(TM, num_warps)`` of the default tiling: ``[TM, c]`` tiles of ~4k elements (one block if larger)."""
+    target = 65536 if interpreting() else 4096
+    tm = max(r, min(target // c, triton.next_power_of_2(M)))
+    return tm, 8 if tm * c >= 8192 else 4
+
+
+def _launch(x, r, c, seed, input_scale=None, config=None):
+    """``config``: ``(TM, num_warps)`` instead of :func:`launch_config`'s (benchmarks/blockwise_sweep.py)."""
     if input_scale is None:
         check_float(x)
     check_2d(x)
@@ -97,9 +120,9 @@ def _launch(x, r, c, seed, input_scale=None):
     scale = torch.empty((nr, nc), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
         return q, scale.fill_(1.0)
-    target = 65536 if interpreting() else 4096
-    tm = max(r, min(target // c, triton.next_power_of_2(M)))
-    warps = 8 if tm * c >= 8192 else 4
+    tm, warps = config or launch_config(M, r, c)
+    if tm % r or tm & (tm - 1):
+        raise ValueError(f"blockwise tile rows {tm} must be a power of two and a multiple of r = {r}")
     if seed is not None:
         seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
     xs, xr, xc = input_scale if input_scale is not None else (scale, 1, 1)

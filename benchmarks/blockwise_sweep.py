@@ -1,0 +1,52 @@
+"""Block-wise quantize tilings on the GPU (PYTHONPATH=.): % of copy bandwidth by minimum bytes for each config.
+
+Runs every block quantize call of a 7B-width step (``qtrain.bench.quant.BLOCKWISE``) with tiles of ``TM × c``
+elements, TM from 2k to 32k elements' worth, 4/8 warps. Each config's output (scales, and codes for RTN) is
+checked equal to the default config's (itself checked against the CPU reference by `qtrain bench quant`).
+Prints one markdown table; the default is the row marked ``default``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.testing
+
+from qtrain.bench.quant import BLOCKWISE
+from qtrain.kernels import blockwise
+
+
+def candidates(M: int, r: int, c: int) -> list[tuple[str, tuple[int, int]]]:
+    out = [("default", blockwise.launch_config(M, r, c))]
+    for elems in (2048, 4096, 8192, 16384, 32768):
+        tm = max(r, min(elems // c, triton.next_power_of_2(M)))
+        for w in (4, 8):
+            if (tm, w) not in [cfg for _, cfg in out]:
+                out.append((f"{tm * c // 1024}k w{w}", (tm, w)))
+    return out
+
+
+def main() -> None:
+    print("| call | shape | config (TM, warps) | us | TB/s | % of copy |\n|---|---|---|---|---|---|")
+    seed = torch.tensor([7], device="cuda")
+    for what, (R, C), dtype, (r, c), transposed, sr in BLOCKWISE:
+        base = torch.randn(R, C, device="cuda", dtype=dtype) * torch.rand(R, 1, device="cuda", dtype=dtype)
+        x = base.t() if transposed else base
+        n = x.numel()
+        dst = torch.empty_like(base)
+        copy_bw = 2 * n * base.element_size() / triton.testing.do_bench(lambda: dst.copy_(base),
+                                                                        return_mode="median") / 1e9
+        min_bytes = n * base.element_size() + n + 4 * n // (r * c)
+        run = lambda cfg: blockwise._launch(x, r, c, seed if sr else None, config=cfg)  # noqa: E731
+        q0, s0 = run(None)
+        for name, cfg in candidates(x.shape[0], r, c):
+            q, s = run(cfg)
+            if not (torch.equal(s, s0) and (sr or torch.equal(q, q0))):
+                raise RuntimeError(f"{what}: config {cfg} differs from the default")
+            ms = triton.testing.do_bench(lambda: run(cfg), return_mode="median")
+            bw = min_bytes / ms / 1e9
+            print(f"| {what} | {R}x{C}{'ᵀ' if transposed else ''} | {name} {cfg} | {ms * 1e3:.1f} | {bw:.2f} | "
+                  f"{100 * bw / copy_bw:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
