@@ -337,7 +337,8 @@ def notes_for(shapes: list[Shape], steps: int, warmup: int, filter_name: str, to
              "what the forward keeps for backward (activations, quantized copies), saved_vs_bf16 its ratio.",
              "compile: torch.compile(model) of the whole model (default mode, as `qtrain train --compile`), the "
              "optimizer step eager; torch._dynamo.reset() before each row; graphs: Dynamo graphs compiled in the row "
-             "(1: the whole forward in one graph; more: graph breaks or recompiles).",
+             "(1: the whole forward in one graph; int4: 2, its first step calibrates in opaque ops and the second "
+             "recompiles once into one graph; more: graph breaks or recompiles).",
              "converted: quantized / all linear layers. "
              + (f"Default qtrain.convert filter: lm_head kept, and on CUDA layers narrower than "
                 f"{MIN_CUDA_FEATURES} features stay BF16." if filter_name == "default" else

@@ -1,7 +1,9 @@
 """``QuantLinear``: a drop-in ``nn.Linear`` whose three GEMMs run as a :class:`~qtrain.recipes.Recipe` says."""
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -133,12 +135,7 @@ class Int4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, step, plan, w_kn, out_dtype, block):
-        w = weight.t() if w_kn else weight
-        steps = step.detach().float()
-        sx, sw = steps[0:1], steps[1:2]
-        qx = ops.hadamard_quantize_int4(x, block, sx)
-        qw = ops.hadamard_quantize_int4(w, block, sw)
-        y = ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]), sw.reshape(()), bias, out_dtype)
+        y, qw = _int4_forward(x, weight, bias, step, w_kn, out_dtype, block)
         ctx.save_for_backward(x, weight, bias, step, qw)
         ctx.plan, ctx.w_kn, ctx.block = plan, w_kn, block
         return y
@@ -146,43 +143,63 @@ class Int4LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, step, qw = ctx.saved_tensors
-        plan, b = ctx.plan, ctx.block
-        w = weight.t() if ctx.w_kn else weight
-        steps = step.detach().float()
-        sx, sw = steps[0:1], steps[1:2]
-        M, K = x.shape
-        N = w.shape[0]
-        need_dx, need_dw, need_step = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3]
-        fp = plan.fprop.spec
-        learn_x, learn_w = need_step and fp.lhs.step.learn, need_step and fp.rhs.step.learn
-        run_dgrad, run_wgrad = need_dx or learn_x, need_dw or learn_w
-        dx = dw = db = dstep = dsx = dsw = None
-        if run_dgrad or run_wgrad:
-            codes, s, norms = ops.bit_split(dy.contiguous())
-            xh = ops.block_hadamard(x, b)
-            qx, inside_x, r_x = _lsq.lsq_quantize(xh, sx, residual=learn_x)
-            scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
-        if run_dgrad:
-            gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * xh.shape[1])
-            gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
-            dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x))
-            if need_dx:
-                dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
-        if run_wgrad:
-            gw = _lss.lss_wgrad(codes, scale["wgrad"], qx, sx.reshape(()))
-            wh = ops.block_hadamard(w, b)
-            _, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)
-            dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w))
-            if need_dw:
-                dw = ops.block_hadamard(dwh, b)[:, :K].to(weight.dtype)
-                if ctx.w_kn:
-                    dw = dw.t()
-        if need_step:
-            ds = [d if d is not None else step.new_zeros(()) for d in (dsx, dsw)]      # a fixed step: 0
-            dstep = torch.stack(ds).to(step.dtype)
-        if bias is not None and ctx.needs_input_grad[2]:
-            db = dy.float().sum(0).to(bias.dtype)
+        # Autocast off, as in the forward: a compiled backward is traced under the caller's autocast (which made
+        # wgrad's fp32 GEMM bf16 under torch.compile only).
+        with torch.autocast(dy.device.type, enabled=False):
+            dx, dw, db, dstep = _int4_backward(dy, x, weight, bias, step, qw, ctx.plan, ctx.w_kn, ctx.block,
+                                               ctx.needs_input_grad[:4])
         return dx, dw, db, dstep, None, None, None, None
+
+
+def _int4_forward(x, weight, bias, step, w_kn, out_dtype, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`Int4LinearFunction`'s forward: ``(y, Q(WH))``."""
+    w = weight.t() if w_kn else weight
+    steps = step.detach().float()
+    sx, sw = steps[0:1], steps[1:2]
+    qx = ops.hadamard_quantize_int4(x, block, sx)
+    qw = ops.hadamard_quantize_int4(w, block, sw)
+    return ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]), sw.reshape(()), bias, out_dtype), qw
+
+
+def _int4_backward(dy, x, weight, bias, step, qw, plan, w_kn, b, need):
+    """:class:`Int4LinearFunction`'s backward: ``(dx, dw, db, dstep)``, each None where ``need`` (whether x,
+    weight, bias, step need a gradient) says so."""
+    w = weight.t() if w_kn else weight
+    steps = step.detach().float()
+    sx, sw = steps[0:1], steps[1:2]
+    M, K = x.shape
+    N = w.shape[0]
+    need_dx, need_dw, need_step = need[0], need[1], need[3]
+    fp = plan.fprop.spec
+    learn_x, learn_w = need_step and fp.lhs.step.learn, need_step and fp.rhs.step.learn
+    run_dgrad, run_wgrad = need_dx or learn_x, need_dw or learn_w
+    dx = dw = db = dstep = dsx = dsw = None
+    if run_dgrad or run_wgrad:
+        codes, s, norms = ops.bit_split(dy.contiguous())
+        xh = ops.block_hadamard(x, b)
+        qx, inside_x, r_x = _lsq.lsq_quantize(xh, sx, residual=learn_x)
+        scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
+    if run_dgrad:
+        gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * xh.shape[1])
+        gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
+        dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x))
+        if need_dx:
+            dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
+    if run_wgrad:
+        gw = _lss.lss_wgrad(codes, scale["wgrad"], qx, sx.reshape(()))
+        wh = ops.block_hadamard(w, b)
+        _, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)
+        dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w))
+        if need_dw:
+            dw = ops.block_hadamard(dwh, b)[:, :K].to(weight.dtype)
+            if w_kn:
+                dw = dw.t()
+    if need_step:
+        ds = [d if d is not None else step.new_zeros(()) for d in (dsx, dsw)]      # a fixed step: 0
+        dstep = torch.stack(ds).to(step.dtype)
+    if bias is not None and need[2]:
+        db = dy.float().sum(0).to(bias.dtype)
+    return dx, dw, db, dstep
 
 
 def _lss_scales(plan, norms: torch.Tensor, s: torch.Tensor, qx: torch.Tensor, dgrad: bool, wgrad: bool
@@ -203,6 +220,72 @@ def _lss_scales(plan, norms: torch.Tensor, s: torch.Tensor, qx: torch.Tensor, dg
         return dict(zip(scores, _lss.stacked_scales(p, keep, s)))
     return {g: _lss.stacked_scales(*ops.lss_sample(c, splits[g].budget * M, splits[g].sampling), s)
             for g, c in scores.items()}
+
+
+# An INT4 layer's first forward under torch.compile. Its calibration chooses the Hadamard block from the data (a
+# host read), and the block is a Python int the graph specializes on: it cannot be traced. Nor can it break the
+# graph: inside a model's loop over its blocks, Dynamo cannot resume after a graph break and skips the loop's
+# frame for good, so every block and layer would compile on its own from then on (and recompile per layer). So
+# that forward and its backward run the eager code inside two opaque ops (the same numbers and random draws),
+# which find their layer by ``QuantLinear._int4_id``; the next call finds the layer ready (a guard fails once)
+# and compiles it with the others into one graph.
+_INT4_LAYERS: "weakref.WeakValueDictionary[int, QuantLinear]" = weakref.WeakValueDictionary()
+_int4_ids = itertools.count()
+
+
+class _Int4FirstLinear(torch.autograd.Function):
+    """:class:`Int4LinearFunction` for a layer not calibrated yet, under ``torch.compile`` (see above)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, step, layer, w_kn, out_dtype):
+        ctx.save_for_backward(x, weight, bias, step)
+        ctx.layer = layer
+        return _int4_first_forward(x, weight, bias, step, layer, w_kn, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, step = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, dstep = _int4_first_backward(dy, x, weight, step, ctx.layer, [need[0], need[1], need[3]])
+        db = dy.float().sum(0).to(bias.dtype) if bias is not None and need[2] else None
+        return dx if need[0] else None, dw if need[1] else None, db, dstep if need[3] else None, None, None, None
+
+
+@torch.library.custom_op("qtrain::int4_first_forward", mutates_args=())
+def _int4_first_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: torch.Tensor,
+                        layer: int, w_kn: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The layer's calibration (once), then :class:`Int4LinearFunction`'s forward."""
+    q = _INT4_LAYERS[layer]
+    with torch.autocast(x.device.type, enabled=False):
+        if not q._int4_ready:
+            q._int4_calibrate(x)                                        # sets ``step`` (q.int4_step) in place
+        y = _int4_forward(x, weight, bias, step, w_kn, out_dtype, q._hq_b)[0]
+        if q.track_errors:
+            q._record_errors(x, y)
+    return y
+
+
+@_int4_first_forward.register_fake
+def _(x, weight, bias, step, layer, w_kn, out_dtype):
+    return x.new_empty((x.shape[0], weight.shape[1] if w_kn else weight.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("qtrain::int4_first_backward", mutates_args=())
+def _int4_first_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, step: torch.Tensor, layer: int,
+                         need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dw, dstep)`` as :class:`Int4LinearFunction` gives them (zeros where ``need`` says none)."""
+    q = _INT4_LAYERS[layer]
+    w_kn, b = q.weight_layout == "kn", q._hq_b
+    with torch.autocast(dy.device.type, enabled=False):
+        qw = ops.hadamard_quantize_int4(weight.t() if w_kn else weight, b, step.detach().float()[1:2])  # fprop's
+        dx, dw, _, dstep = _int4_backward(dy, x, weight, None, step, qw, q.plan, w_kn, b,
+                                          (need[0], need[1], False, need[2]))
+    return tuple(g if g is not None else torch.zeros_like(t) for g, t in ((dx, x), (dw, weight), (dstep, step)))
+
+
+@_int4_first_backward.register_fake
+def _(dy, x, weight, step, layer, need):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(step)
 
 
 # Per-layer quantizer state a QuantLinear may add to ``state_dict`` (a plain model loading such a checkpoint
@@ -235,7 +318,9 @@ class QuantLinear(nn.Module):
     the layer's first forward (training or not) from that batch: ``hq_block`` the block of least fprop
     reconstruction error among 16 … ``Hadamard.block`` (``Hadamard.search``; else the recipe's block), the steps
     ``2·mean|·|/√7`` of XH and WH. Under DDP run that first forward before wrapping (or load a checkpoint), so
-    that every rank starts from the same steps.
+    that every rank starts from the same steps. Under ``torch.compile`` that first forward and its backward run
+    as opaque ops (:class:`_Int4FirstLinear`: no graph break) and the next call recompiles once: a model compiled
+    before its first step is one graph from its second step on.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe="switchback",
@@ -273,9 +358,20 @@ class QuantLinear(nn.Module):
                                           requires_grad=fp.lhs.step.learn or fp.rhs.step.learn)
             self._hq_b = 0 if fp.lhs.transform.search else fp.lhs.transform.block
             self.register_buffer("hq_block", torch.tensor(self._hq_b, dtype=torch.int64, device=buf_device))
+            self._register_int4()
         else:
             self.int4_step = self.hq_block = None
         self.reset_parameters()
+
+    def _register_int4(self) -> None:
+        """A fresh ``_int4_id``: the key of this layer in ``_INT4_LAYERS`` (see :class:`_Int4FirstLinear`)."""
+        self._int4_id = next(_int4_ids)
+        _INT4_LAYERS[self._int4_id] = self
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if self.plan.int4:                                  # a copy (deepcopy, pickle) is a layer of its own
+            self._register_int4()
 
     def reset_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -319,7 +415,9 @@ class QuantLinear(nn.Module):
         if self.int4_step is not None:
             if prefix + "int4_step" in state_dict and prefix + "hq_block" in state_dict:
                 self._hq_b = int(self.hq_block)
-                self._int4_ready = bool((self.int4_step > 0).all()) and self._hq_b > 0
+                # calibrated unless still the constructor's −1 sentinel: a learned step may have crossed zero
+                # (the quantizer is odd in the step) and must load as trained, not be re-calibrated
+                self._int4_ready = not bool((self.int4_step == -1.0).all()) and self._hq_b > 0
             for key in ("int4_step", "hq_block"):                       # a plain checkpoint: state kept
                 if prefix + key in missing_keys:
                     missing_keys.remove(prefix + key)
@@ -359,12 +457,16 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.plan.int4:
             with torch.autocast(dev, enabled=False):
-                if not self._int4_ready:
-                    self._int4_calibrate(x2)
-                y = Int4LinearFunction.apply(x2, self.weight, self.bias, self.int4_step, self.plan,
-                                             self.weight_layout == "kn", out_dtype, self._hq_b)
-                if self.track_errors:
-                    self._record_errors(x2.detach(), y.detach())
+                if not self._int4_ready and torch.compiler.is_compiling():
+                    y = _Int4FirstLinear.apply(x2, self.weight, self.bias, self.int4_step, self._int4_id,
+                                               self.weight_layout == "kn", out_dtype)
+                else:
+                    if not self._int4_ready:
+                        self._int4_calibrate(x2)
+                    y = Int4LinearFunction.apply(x2, self.weight, self.bias, self.int4_step, self.plan,
+                                                 self.weight_layout == "kn", out_dtype, self._hq_b)
+                    if self.track_errors:
+                        self._record_errors(x2.detach(), y.detach())
             return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], self.out_features))
         with torch.autocast(dev, enabled=False):
             update = self.training and torch.is_grad_enabled()

@@ -5,15 +5,18 @@ synchronization in a training step."""
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qtrain
 from qtrain import ops
+from qtrain.models import ModelConfig, build_from_config
 from qtrain.nn import linear as qlinear
 from qtrain.nn.functional import reseed
 from qtrain.nn.linear import QuantLinear
@@ -142,6 +145,31 @@ def test_int4_state_in_state_dict_and_plain_checkpoints():
     assert "int4" in qtrain.report(model) and model[0].stats["y_sqnr_db"] > 10
 
 
+def test_a_learned_step_at_or_below_zero_loads_as_trained():
+    """The optimizer moves the LSQ steps freely and one may cross zero (seen in training: the quantizer is odd in
+    the step, so training goes on). Loading such a layer's state must keep its steps (resume exactness), not
+    re-calibrate them from the next batch as if the layer had never run."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(nn.Linear(96, 64), INT4)
+    x = torch.randn(128, 96)
+    layer(x)
+    with torch.no_grad():
+        layer.int4_step[1] = -layer.int4_step[1]                                 # a learned step gone negative
+    for steps in (layer.int4_step.detach().clone(), torch.tensor([0.5, 0.0])):
+        layer.int4_step.data.copy_(steps)
+        fresh = QuantLinear.from_module(nn.Linear(96, 64), INT4)
+        fresh.load_state_dict(layer.state_dict())
+        assert fresh._int4_ready and fresh._hq_b == layer._hq_b
+        assert torch.equal(fresh(3 * x), layer(3 * x))                            # another batch: no calibration
+        assert torch.equal(fresh.int4_step, steps)
+    never_run = QuantLinear.from_module(nn.Linear(96, 64), INT4)
+    fresh = QuantLinear.from_module(nn.Linear(96, 64), INT4)
+    fresh.load_state_dict(never_run.state_dict())                                 # saved before its first forward
+    assert not fresh._int4_ready
+    fresh(x)
+    assert fresh._int4_ready and (fresh.int4_step > 0).all()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels on CPU tensors under the interpreter "
                     "(set only without CUDA); on a GPU the kernels meet their twins in tests/kernels on CUDA tensors")
 def test_kernel_path_equals_reference_path():
@@ -177,6 +205,44 @@ def test_compile_fullgraph_matches_eager():
         for name, u, v in zip(("dx", "dw"), a[1:], b[1:]):
             assert ((u - v).norm() / u.norm()).item() < 1e-5, name
         eager.weight.grad = twin.weight.grad = None
+
+
+def test_compiled_model_before_calibration_is_one_graph_and_matches_eager():
+    """A model compiled before its INT4 layers calibrate (as `qtrain bench e2e` and `qtrain train --compile` do):
+    the first step runs each layer's calibration, forward and backward in opaque ops, in one graph without a
+    break (a break inside the model's loop over its blocks made Dynamo skip the loop for good: a graph per block
+    and layer, recompiled per layer); the second recompiles once (the layers are ready) into one graph; every
+    step gives eager's loss and gradients and the layers calibrate alike."""
+    torch.manual_seed(0)
+    cfg = ModelConfig("llama", d_model=64, n_layer=2, n_head=2, ffn_hidden=96, vocab_size=64, max_seq_len=16)
+    eager = build_from_config(cfg)
+    qtrain.convert(eager, INT4)
+    twin = copy.deepcopy(eager)
+    idx, tgt = torch.randint(0, 64, (2, 2, 16))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(twin, backend="aot_eager")
+    graphs = []
+    for i in range(3):
+        out = []
+        for model, params in ((eager, eager), (compiled, twin)):
+            reseed(i)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(idx, tgt)[1]
+            loss.backward()
+            out.append((loss.detach(), {n: p.grad for n, p in params.named_parameters()}))
+            params.zero_grad(set_to_none=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+        (la, ga), (lb, gb) = out
+        assert torch.allclose(la, lb, rtol=1e-6, atol=0), (i, la, lb)
+        assert ga.keys() == gb.keys() and any(n.endswith("int4_step") for n in ga)
+        for n in ga:
+            assert ((ga[n] - gb[n]).norm() / ga[n].norm()).item() < 1e-5, (i, n)
+    assert graphs == [1, 2, 2] and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+    for a, b in zip(eager.modules(), twin.modules()):
+        if isinstance(a, QuantLinear):
+            assert a._hq_b == b._hq_b and torch.equal(a.int4_step, b.int4_step)
+    torch._dynamo.reset()
 
 
 class _AtenCount(TorchDispatchMode):
