@@ -34,7 +34,7 @@ rows), so each estimate is unbiased (over the sampling; the SR of ``lo`` is unbi
   estimated over the kept rows: one GEMM over the ``2M`` rows, then each token's ``hi`` and ``lo`` rows summed
   (``gather``: the GEMM over the kept rows only, the same numbers);
 * :func:`lss_wgrad` ``(codes [2M, N] int8, scale, x [M, K] codes, x_scale [] fp32) -> [N, K] fp32``: ``dYᵀ·X``
-  estimated over the kept rows of the reduced (token) dim.
+  estimated over the kept rows of the reduced (token) dim (on CUDA a bf16 GEMM: BF16 training's precision).
 
 ``gemm`` arguments take ``int8_gemm``'s contract (``a [R, N] int8, b [K, N] int8, a_scale [R], b_scale []``,
 ``bias``, ``out_dtype``) — the layer passes ``qtrain.ops.int4_gemm``; the default is this package's reference.
@@ -151,11 +151,21 @@ def lss_dgrad(codes: torch.Tensor, scale: torch.Tensor, b: torch.Tensor, b_scale
     return r[:M] + r[M:]
 
 
-def lss_wgrad(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+def lss_wgrad(codes: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor,
+              tensor_cores: bool | None = None) -> torch.Tensor:
     """fp32 ``[N, K]`` unbiased estimate of ``((14·hi + lo)/s)ᵀ @ (x·x_scale)`` over the kept stacked rows of
     ``codes = [hi; lo]`` (``scale``: their :func:`stacked_scales`; ``x``: integer codes, any dtype). The per-row
     weights ``1/p`` lie along the reduced dim, which an integer GEMM cannot scale: each token's scaled ``hi`` and
-    ``lo`` rows are summed into one fp32 row, then one fp32 GEMM over the ``M`` tokens."""
+    ``lo`` rows are summed into one fp32 row, then one GEMM over the ``M`` tokens.
+
+    ``tensor_cores`` (default: on CUDA tensors) runs that GEMM as BF16 training's wgrad does — bf16 operands
+    (``x``'s small integer codes are exact in bf16), fp32 accumulation, a bf16 result — on the tensor cores: an
+    fp32 GEMM runs on the CUDA cores at ~1/10 of that speed (it was ~40 % of an INT4 step at 7B widths). Else
+    fp32 throughout (the CPU, where bf16 GEMMs are slow)."""
     M, N = codes.shape[0] // 2, codes.shape[1]
     a = (codes.float() * scale[:, None]).view(2, M, N).sum(0)
-    return (a.t() @ x.float()) * x_scale.reshape(()).float()
+    if a.is_cuda if tensor_cores is None else tensor_cores:
+        g = (a.bfloat16().t() @ x.bfloat16()).float()
+    else:
+        g = a.t() @ x.float()
+    return g * x_scale.reshape(()).float()

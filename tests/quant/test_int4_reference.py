@@ -211,3 +211,19 @@ def test_lss_is_unbiased_error_falls_like_one_over_sqrt_draws(gemm):
     assert errs[64] < errs[16] and errs[256] < errs[64]
     assert errs[256] < errs[16] / 2.5                                    # ~1/√draws: 4× expected
     assert errs[256] < 0.1
+
+
+def test_lss_wgrad_on_tensor_cores_has_bf16_training_precision():
+    """The CUDA path of lss_wgrad (bf16 operands, fp32 accumulation, bf16 result) against the fp32 one: within
+    bf16's rounding of the operands and the result (relative error ~2⁻⁸ per element at most)."""
+    torch.manual_seed(3)
+    M, N, K = 256, 48, 80
+    codes = torch.randint(-6, 7, (2 * M, N), dtype=torch.int8)
+    scale = torch.rand(2 * M) * (torch.rand(2 * M) < 0.5)                  # half the rows dropped
+    x = torch.randint(-7, 8, (M, K), dtype=torch.int8)
+    sx = torch.tensor(0.03)
+    fp32 = lss_wgrad(codes, scale, x, sx, tensor_cores=False)
+    bf16 = lss_wgrad(codes, scale, x, sx, tensor_cores=True)
+    assert bf16.dtype == fp32.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    rel = ((bf16 - fp32).norm() / fp32.norm()).item()
+    assert rel < 2 ** -8, rel
