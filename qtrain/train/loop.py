@@ -59,29 +59,13 @@ def lr_at(step: int, cfg: TrainConfig, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-# An INT4 layer's LSQ steps (``int4_step``) get gradients scaled by LSQ's 1/√(numel·7) (made for SGD): at real
-# batch sizes they lie far below Adam's eps (4e-10 … 3e-7 at 16k tokens a GEMM, against 1e-6), so the update
-# shrank to a fraction of the learning rate and the steps stayed at their first-batch values (a tiny CPU run with
-# steps not learned ended +9.6 % above BF16, about the +9.2 % of int4 on llama-125m). In a group of their own
-# with this eps, Adam normalizes them as it does every other parameter.
-LSQ_STEP_EPS = 1e-15
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on norms, biases (1-D) or embeddings (a tied head is an embedding).
-    INT4 LSQ steps, where the model has any, in a third group: no weight decay, eps ``LSQ_STEP_EPS``."""
+    """Weight decay on matrices only: not on norms, biases (1-D) or embeddings (a tied head is an embedding)."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    lsq = {id(m.int4_step) for m in model.modules() if getattr(m, "int4_step", None) is not None}
-    decay, no_decay, steps = [], [], []
+    decay, no_decay = [], []
     for p in model.parameters():
-        if id(p) in lsq:
-            steps.append(p)
-        else:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if steps:
-        groups.append({"params": steps, "weight_decay": 0.0, "eps": LSQ_STEP_EPS})
-    return groups
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def make_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
