@@ -316,6 +316,48 @@ def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int,
     return _quantize_blockwise_sr(x, r, c, seed)
 
 
+# -------------------------------------------------------------------------------- quantize_blockwise_sr_dual
+def _quantize_blockwise_sr_dual(x, c, seed):
+    k = _kernel("blockwise", "quantize_blockwise_sr_dual", x.device)
+    return (k or quant.quantize_blockwise_sr_dual)(x, c, seed)
+
+
+@torch.library.custom_op("qtrain::quantize_blockwise_sr_dual", mutates_args=())
+def _quantize_blockwise_sr_dual_op(x: torch.Tensor, c: int, seed: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize_blockwise_sr_dual(x, c, seed)
+
+
+@_quantize_blockwise_sr_dual_op.register_fake
+def _(x, c, seed):
+    check_float(x)
+    check_2d(x)
+    check_block(1, c)
+    m, n = x.shape
+    return (x.new_empty((m, n), dtype=torch.int8), x.new_empty((m, -(-n // c)), dtype=torch.float32),
+            x.new_empty((n, m), dtype=torch.int8), x.new_empty((n, -(-m // c)), dtype=torch.float32))
+
+
+def quantize_blockwise_sr_dual(x: torch.Tensor, c: int, generator: "torch.Generator | torch.Tensor | None" = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [M, N]`` float → ``(q [M, N], s [M, ⌈N/c⌉], qt [N, M], st [N, ⌈M/c⌉])``: the 1×c SR blocks of ``x`` and
+    of ``xᵀ`` (independent roundings) from one read of ``x``; the seed as :func:`quantize_blockwise_sr` takes it;
+    see :mod:`qtrain.quant.blockwise`."""
+    if torch.compiler.is_compiling():
+        if generator is None:
+            seed = _sr_seed_op(x)
+        elif isinstance(generator, torch.Tensor):
+            seed = generator
+        else:
+            raise ValueError("under torch.compile quantize_blockwise_sr_dual takes generator=None (the project's) "
+                             "or a seed tensor, not a torch.Generator")
+        return _quantize_blockwise_sr_dual_op(x, c, seed)
+    if generator is None:
+        generator = _sr_generator(x.device)
+    seed = generator if isinstance(generator, torch.Tensor) else sr_seed(generator)
+    return _quantize_blockwise_sr_dual(x, c, seed)
+
+
 # ------------------------------------------------------------------------------------------- block_int8_gemm
 def _block_int8_gemm(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype):
     k = _kernel("block_gemm", "block_int8_gemm", a.device)

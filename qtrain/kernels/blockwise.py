@@ -13,6 +13,12 @@ the INT8 codes (no float copy), bit-exact with the reference.
 ``floor(v + u)`` with 16-bit uniforms ``u`` from Philox (``tl.randint4x``: eight per call) — the twin of the
 reference's SR in distribution (unbiased to within 2⁻¹⁷ of a step, every code within one step of ``x / scale``),
 not bit for bit: the uniforms are another stream.
+
+``quantize_blockwise_sr_dual(x [M, N], c, seed) -> (q, s, qt [N, M], st)``: the 1×c SR blocks of ``x`` and of
+``xᵀ`` (c-token blocks, ``qt`` contiguous) from one read of ``x``: each program loads a ``[TM, c]`` tile (TM a
+multiple of c), takes both absmaxes and stores both codes (``qt`` through ``tl.trans``). ``(q, s)`` are bit for bit
+``quantize_blockwise_sr(x, 1, c, seed)``'s; ``qt``'s uniforms come from the Philox counters with the high offset
+word 1 (the first direction's is 0), so the two roundings are independent. ``c`` a power of two ≤ 256.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from qtrain.quant.blockwise import check_block, check_requantize_args, check_see
 from qtrain.quant.core import check_2d, check_float
 
 MAX_C = 1024
+MAX_C_DUAL = 256
 
 
 @triton.jit
@@ -45,20 +52,28 @@ def _u16(r, shift: tl.constexpr):
 
 
 @triton.jit
-def _uniforms(seed, rows, pid_k, n_block_cols, TM: tl.constexpr, C: tl.constexpr):
+def _uniforms(seed, rows, pid_k, n_block_cols, TM: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr = 0):
     """``[TM, C]`` fp32 uniforms for the tile of rows ``rows`` and block column ``pid_k``: 16-bit uniforms
     ``(k + ½)/2¹⁶``, eight per Philox call (``tl.randint4x`` at the tile's 8-column group index). 16 bits are
     plenty for rounding: ``P(round up) = frac(v)`` to within 2⁻¹⁷ of a step; one 32-bit ``tl.rand`` per element
-    made the kernel compute-bound (15–20 % of copy bandwidth, H200). ``tl.rand`` per element where ``C < 8``."""
+    made the kernel compute-bound (15–20 % of copy bandwidth, H200). ``tl.rand`` per element where ``C < 8``.
+    ``STREAM``: the high 32 bits of the Philox offsets (another stream of the same seed, e.g. a second rounding
+    of the same elements)."""
     if C >= 8:
         groups = pid_k * (C // 8) + tl.arange(0, C // 8)
-        r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (n_block_cols * (C // 8)) + groups[None, :])
+        off = rows[:, None] * (n_block_cols * (C // 8)) + groups[None, :]
+        if STREAM != 0:
+            off = off.to(tl.int64) + (STREAM << 32)
+        r0, r1, r2, r3 = tl.randint4x(seed, off)
         u = tl.join(tl.join(tl.join(_u16(r0, 0), _u16(r0, 16)), tl.join(_u16(r1, 0), _u16(r1, 16))),
                     tl.join(tl.join(_u16(r2, 0), _u16(r2, 16)), tl.join(_u16(r3, 0), _u16(r3, 16))))
         return tl.reshape(u, [TM, C])
     else:
         cols = pid_k * C + tl.arange(0, C)
-        return tl.rand(seed, rows[:, None] * (n_block_cols * C) + cols[None, :])
+        off = rows[:, None] * (n_block_cols * C) + cols[None, :]
+        if STREAM != 0:
+            off = off.to(tl.int64) + (STREAM << 32)
+        return tl.rand(seed, off)
 
 
 @triton.jit
@@ -89,6 +104,33 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
     tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)
 
 
+@triton.jit
+def _blockwise_sr_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, seed_ptr, M, N, stride_xm, stride_xn,
+                              n_block_rows, n_block_cols, C: tl.constexpr, TM: tl.constexpr):
+    """The ``[TM, C]`` tile at ``(pid_m, pid_n)``: its ``TM`` row blocks (1×C, into ``q``/``s``) and its
+    ``TM / C · C`` column blocks (C×1, into ``qt``/``st`` transposed: ``qt[n, m]``, ``st[n, m // C]``)."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * TM + tl.arange(0, TM)
+    cols = pid_n * C + tl.arange(0, C)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xn, mask=mask,
+                other=0).to(tl.float32)
+    bits = abs_bits(x)
+    seed = tl.load(seed_ptr)
+    scale = scale_from_bits(tl.max(bits, axis=1))                                      # [TM]
+    q = quantize_sr(x, tl.broadcast_to(scale[:, None], x.shape), _uniforms(seed, rows, pid_n, n_block_cols, TM, C))
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + rows * n_block_cols + pid_n, scale, mask=rows < M)
+    scale_t = scale_from_bits(tl.max(tl.reshape(bits, [TM // C, C, C]), axis=1))     # [TM // C, C]
+    col_scale = tl.reshape(tl.broadcast_to(scale_t[:, None, :], [TM // C, C, C]), [TM, C])
+    qt = quantize_sr(x, col_scale, _uniforms(seed, rows, pid_n, n_block_cols, TM, C, 1))
+    tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qt),
+             mask=(cols[:, None] < N) & (rows[None, :] < M))
+    brow = pid_m * (TM // C) + tl.arange(0, TM // C)
+    tl.store(st_ptr + cols[None, :] * n_block_rows + brow[:, None], scale_t,
+             mask=(brow[:, None] < n_block_rows) & (cols[None, :] < N))
+
+
 def quantize_blockwise(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(x, r, c, None)
 
@@ -104,6 +146,42 @@ def requantize_blockwise_t(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in
     check_device(q)
     # element (i, j) of qᵀ is q[j, i], whose scale is scale[j // r_in, i // c_in] = scaleᵀ[i // c_in, j // r_in]
     return _launch(q.t(), r, c, None, (scale.t(), c_in, r_in))
+
+
+def quantize_blockwise_sr_dual(x: torch.Tensor, c: int, seed: torch.Tensor, config: tuple[int, int] | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``config``: ``(TM, num_warps)`` instead of :func:`dual_launch_config`'s (TM a power of two ≥ ``c``)."""
+    check_seed(seed)
+    check_float(x)
+    check_2d(x)
+    check_block(1, c)
+    check_device(x)
+    if c & (c - 1) or c > MAX_C_DUAL:
+        raise ValueError(f"the dual SR blockwise kernel takes a power-of-two c ≤ {MAX_C_DUAL}, got {c}; use the "
+                         "reference (qtrain.ops backend 'reference') for others")
+    M, N = x.shape
+    nbm, nbn = -(-M // c), -(-N // c)
+    q = torch.empty((M, N), dtype=torch.int8, device=x.device)
+    s = torch.empty((M, nbn), dtype=torch.float32, device=x.device)
+    qt = torch.empty((N, M), dtype=torch.int8, device=x.device)
+    st = torch.empty((N, nbm), dtype=torch.float32, device=x.device)
+    if M == 0 or N == 0:
+        return q, s.fill_(1.0), qt, st.fill_(1.0)
+    tm, warps = config or dual_launch_config(M, c)
+    if tm % c or tm & (tm - 1):
+        raise ValueError(f"dual blockwise tile rows {tm} must be a power of two and a multiple of c = {c}")
+    seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
+    _blockwise_sr_dual_kernel[(triton.cdiv(M, tm), nbn)](x, q, s, qt, st, seed, M, N, x.stride(0), x.stride(1),
+                                                         nbm, nbn, C=c, TM=tm, num_warps=warps)
+    return q, s, qt, st
+
+
+def dual_launch_config(M: int, c: int) -> tuple[int, int]:
+    """``(TM, num_warps)`` of the dual kernel's default tiling: ``[TM, c]`` tiles of ~8k elements, at least one
+    ``c × c`` tile (16k for c = 128, 64k for c = 256)."""
+    target = 65536 if interpreting() else 8192
+    tm = max(c, min(target // c, triton.next_power_of_2(M)))
+    return tm, 8 if tm * c >= 8192 else 4
 
 
 def launch_config(M: int, r: int, c: int) -> tuple[int, int]:

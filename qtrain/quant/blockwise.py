@@ -13,6 +13,11 @@ twin draws its uniforms with ``tl.rand`` — a different stream, so the twins ag
 bit (DESIGN.md's SR gate). :func:`qtrain.ops.quantize_blockwise_sr` draws ``seed`` from the project's SR
 generator (:func:`qtrain.nn.functional.sr_generator`).
 
+``quantize_blockwise_sr_dual(x [M, N] float, c, seed) -> (q [M, N], s [M, ⌈N/c⌉], qt [N, M], st [N, ⌈M/c⌉])``:
+both SR quantizations of a gradient the backward needs, in one call (the kernel twin reads ``x`` once):
+``(q, s)`` are ``quantize_blockwise_sr(x, 1, c, seed)`` (1×c blocks along N) and ``(qt, st)`` the 1×c blocks of
+``xᵀ`` (c-token blocks along M), ``qt`` contiguous, with uniforms independent of the first's.
+
 ``requantize_blockwise_t(q, scale, r_in, c_in, r, c) -> (qt [K, M], scale_t)``: RTN ``r × c`` blocks of the
 transpose of ``q``'s dequantization (``q [M, K]`` int8 in ``r_in × c_in`` blocks).
 """
@@ -65,3 +70,16 @@ def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -
     g = torch.Generator(device=x.device)
     g.manual_seed(int(seed.reshape(()).item()) & ((1 << 63) - 1))
     return quantize_blockwise(x, r, c, "stochastic", g)
+
+
+def quantize_blockwise_sr_dual(x: torch.Tensor, c: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor, torch.Tensor]:
+    """``(q, s)`` of ``x`` and ``(qt, st)`` of ``xᵀ`` in 1×c SR blocks; ``(q, s)`` bit-exact with
+    :func:`quantize_blockwise_sr` for ``seed``, ``(qt, st)`` from the next uniforms of the same generator."""
+    check_seed(seed)
+    check_block(1, c)
+    g = torch.Generator(device=x.device)
+    g.manual_seed(int(seed.reshape(()).item()) & ((1 << 63) - 1))
+    q, s = quantize_blockwise(x, 1, c, "stochastic", g)
+    qt, st = quantize_blockwise(x.t(), 1, c, "stochastic", g)
+    return q, s, qt, st

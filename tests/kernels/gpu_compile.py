@@ -89,6 +89,8 @@ def _blockwise(mod):
     for r, c, t in ((1, 128, _x()), (128, 128, _empty(N, K, dtype=fp32)), (32, 32, _x()), (1, 128, _xt())):
         mod.quantize_blockwise(t, r, c)
     mod.quantize_blockwise_sr(_x(), 32, 32, torch.zeros(1, dtype=torch.int64))
+    for c in (32, 128):                                            # dY of jetfire_wide; a wide tile of small c
+        mod.quantize_blockwise_sr_dual(_x(), c, torch.zeros(1, dtype=torch.int64))
     mod.requantize_blockwise_t(_empty(M, K), _empty(M, K // 128, dtype=fp32), 1, 128, 1, 128)
 
 

@@ -55,3 +55,24 @@ def test_block_gemm_rejects_bad_args():
         quant.block_int8_gemm(a, a, torch.ones(4, 1), torch.ones(4, 1), 1, 1, 2048)
     with pytest.raises(ValueError, match="positive ints"):
         quant.block_int8_gemm(a, a, s, s, 0, 1, 128)
+
+
+def test_quantize_blockwise_sr_dual_is_both_directions_sr():
+    """``(q, s)``: the 1×c SR of x for the seed; ``(qt, st)``: the 1×c SR of xᵀ from the same generator's next
+    uniforms (independent of q's), contiguous, with RTN's scales."""
+    x = torch.randn(70, 300, generator=torch.Generator().manual_seed(2)) * 3
+    x[:, 5] *= 100                                        # column blocks with scales of their own
+    seed = torch.tensor([9])
+    q, s, qt, st = quant.quantize_blockwise_sr_dual(x, 128, seed)
+    q1, s1 = quant.quantize_blockwise_sr(x, 1, 128, seed)
+    assert torch.equal(q, q1) and torch.equal(s, s1)
+    assert qt.shape == (300, 70) and qt.is_contiguous() and st.shape == (300, 1)
+    assert torch.equal(st, quant.quantize_blockwise(x.t(), 1, 128)[1])
+    g = torch.Generator().manual_seed(9)
+    quant.quantize_blockwise(x, 1, 128, "stochastic", g)
+    assert torch.equal(qt, quant.quantize_blockwise(x.t(), 1, 128, "stochastic", g)[0])
+    assert ((qt.float() - x.t() / st).abs() < 1).all()
+    with pytest.raises(ValueError, match="positive ints"):
+        quant.quantize_blockwise_sr_dual(x, 0, seed)
+    with pytest.raises(ValueError, match="seed"):
+        quant.quantize_blockwise_sr_dual(x, 128, 9)
