@@ -23,7 +23,8 @@ blocks that is fprop's quantization, transposed, exactly). The residual stream s
 dtype and attention's core (RoPE, SDPA) runs as in the original model (BF16 under autocast).
 
 Backward: each GEMM runs as the recipe says (``dY`` SR in blocks, reused transposed for wgrad when the blocks
-are square; the saved INT8 X serves wgrad transposed when its blocks are square, else it is dequantized and
+are square, quantized for dgrad and wgrad in one pass, ``ops.quantize_blockwise_sr_dual``, when both take 1×c
+blocks; the saved INT8 X serves wgrad transposed when its blocks are square, else it is dequantized and
 quantized along tokens). A dgrad output that feeds a data-flow op (the norm or activation backward) is
 quantized to INT8 SR blocks when the recipe's dgrad ``out`` is ``'int8_blocks'``; the norm/activation backward
 then runs in fp32 PyTorch on the dequantized saved INT8 input (not fused: a reference-speed step on the GPU).
@@ -126,21 +127,33 @@ def _int8_grad(plan: LinearPlan, g: torch.Tensor) -> torch.Tensor:
     return Operand("block", *ops.quantize_blockwise_sr(g, r, c), r, c).dequantize()
 
 
+def _dual_sr(plan: LinearPlan) -> bool:
+    """dgrad's and wgrad's lhs (dY and dYᵀ) are both INT8 SR ``(1, c)`` blocks with one ``c`` on the block path
+    (jetfire_wide): one ``ops.quantize_blockwise_sr_dual`` call gives both."""
+    dg, wg = plan.dgrad, plan.wgrad
+    return (dg.path == wg.path == "block" and dg.spec.lhs.rounding == wg.spec.lhs.rounding == "stochastic"
+            and dg.blocks[0] == wg.blocks[0] == 1 and dg.blocks[2] == wg.blocks[2])
+
+
 def _linear_backward(plan: LinearPlan, dy, x_op: Operand, w, b, needs: tuple[bool, bool, bool]):
     """``(dX fp32, dW, db)`` of ``y = x·Wᵀ + b`` from the INT8 X of the forward (recipe's dgrad and wgrad)."""
     dy = dy.contiguous()
     need_dx, need_dw, need_db = needs
     dx = dw = db = None
     if need_dx or need_dw:
-        g = plan.dgrad.quantize(dy, "lhs")
+        wg = plan.wgrad
+        if need_dx and need_dw and _dual_sr(plan):
+            c = wg.blocks[2]
+            q, s, qt, st = ops.quantize_blockwise_sr_dual(dy, c)     # dY read once for both GEMMs
+            g, gt = Operand("block", q, s, 1, c), Operand("block", qt, st, 1, c)
+        else:
+            g, gt = plan.dgrad.quantize(dy, "lhs"), None
         if need_dx:
             dx = plan.dgrad(g, plan.dgrad.quantize(w.t(), "rhs"), torch.float32)
         if need_dw:
-            wg = plan.wgrad
-            if wg.spec.lhs == plan.dgrad.spec.lhs and wg.blocks[0] == g.rows == g.block_k:
-                gt = g.transposed()                          # square blocks: the same SR codes, transposed
-            else:
-                gt = wg.quantize(dy.t(), "lhs")
+            if gt is None:
+                square = wg.spec.lhs == plan.dgrad.spec.lhs and wg.blocks[0] == g.rows == g.block_k
+                gt = g.transposed() if square else wg.quantize(dy.t(), "lhs")   # square: the same SR codes
             if wg.blocks[1] == x_op.rows == x_op.block_k == wg.blocks[2]:
                 xt = x_op.transposed()                       # the saved INT8 X as it is (Jetfire's reuse)
             else:

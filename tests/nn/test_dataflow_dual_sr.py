@@ -1,0 +1,81 @@
+"""jetfire_wide's linear backward quantizes dY once for dgrad and wgrad (``ops.quantize_blockwise_sr_dual``):
+the operands' scales are the two separate calls' bit for bit, dX is the previous two-call path's bit for bit (the
+same seed gives dgrad the same codes), dW agrees with it within the SR noise; jetfire (square blocks) keeps its
+transposed reuse."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qtrain import ops, quant, recipes
+from qtrain.nn import dataflow
+from qtrain.nn.functional import sr_generator
+from qtrain.nn.plan import build_plan
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def sr_state():
+    """The CPU SR generator's state, restored after the test."""
+    gen = sr_generator(CPU)
+    state = gen.get_state()
+    yield gen, state
+    gen.set_state(state)
+
+
+def _inputs(m=200, k=96, n=160):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
+    return x, w, torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+
+
+def _spy(monkeypatch, name):
+    calls, fn = [], getattr(ops, name)
+
+    def spy(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        calls.append((args, out))
+        return out
+
+    monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_jetfire_wide_backward_quantizes_dy_once(backend, monkeypatch, sr_state):
+    gen, state = sr_state
+    plan = build_plan(recipes.get("jetfire_wide"))
+    assert dataflow._dual_sr(plan) and not dataflow._dual_sr(build_plan(recipes.get("jetfire")))
+    x, w, b, dy = _inputs()
+    with ops.use_backend(backend):
+        x_op = dataflow._quantize_x(plan, x)
+        gen.set_state(state)
+        dual, single = _spy(monkeypatch, "quantize_blockwise_sr_dual"), _spy(monkeypatch, "quantize_blockwise_sr")
+        dx, dw, db = dataflow._linear_backward(plan, dy, x_op, w, b, (True, True, True))
+        assert len(dual) == 1 and not single
+        (_, (q, s, qt, st)), = dual
+        assert torch.equal(s, quant.quantize_blockwise(dy, 1, 128)[1])          # the two-call path's scales
+        assert torch.equal(st, quant.quantize_blockwise(dy.t(), 1, 128)[1])
+        monkeypatch.setattr(dataflow, "_dual_sr", lambda plan: False)           # the previous two-call path
+        gen.set_state(state)
+        dx0, dw0, db0 = dataflow._linear_backward(plan, dy, x_op, w, b, (True, True, True))
+        assert len(single) == 2 and len(dual) == 1
+    assert torch.equal(dx, dx0) and torch.equal(db, db0)
+    exact = dy.t() @ x_op.dequantize()                                        # wgrad on the same INT8 X
+    err, err0 = ((d - exact).norm() / exact.norm() for d in (dw, dw0))
+    assert err < 0.02 and err0 < 0.02 and 0.5 < err / err0 < 2, (err, err0)
+    assert not torch.equal(dw, dw0)                                           # other draws for dYᵀ
+
+
+def test_dual_only_where_both_gradients_are_needed(monkeypatch, sr_state):
+    plan = build_plan(recipes.get("jetfire_wide"))
+    x, w, b, dy = _inputs(64, 32, 48)
+    with ops.use_backend("reference"):
+        x_op = dataflow._quantize_x(plan, x)
+        dual = _spy(monkeypatch, "quantize_blockwise_sr_dual")
+        dx, dw, _ = dataflow._linear_backward(plan, dy, x_op, w, b, (True, False, False))
+        assert dx is not None and dw is None and not dual
+        square = build_plan(recipes.get("jetfire"))
+        dataflow._linear_backward(square, dy, dataflow._quantize_x(square, x), w, b, (True, True, False))
+        assert not dual
