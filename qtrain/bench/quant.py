@@ -19,6 +19,9 @@ BLOCKWISE = [
     ("W 128x128 fp32", (11008, 4096), torch.float32, (128, 128), False, False),
     ("WT 128x128 fp32", (11008, 4096), torch.float32, (128, 128), True, False),
 ]
+# dY quantized for dgrad and wgrad by one dual SR call (jetfire_wide's backward): (what, shape, dtype, c); the
+# two calls it replaces are the "dY 1x128 SR" and "dYT tokens SR" rows.
+BLOCKWISE_DUAL = [("dY dual SR", (8192, 4096), torch.bfloat16, 128)]
 
 
 def run_suite(quick: bool = False):
@@ -52,6 +55,7 @@ def run_suite(quick: bool = False):
                      "speedup_vs_torch_ref": t_ref / t_kern})
         print(rows[-1], flush=True)
     rows += _blockwise_rows(quick)
+    rows += _blockwise_dual_rows(quick)
     rows += _transpose_rows(quick)
     notes = ["Input bf16. Minimum bytes: one read of the input, one write of each output (rowwise: q + scales; "
              "tensorwise: q and qᵀ). Copy bandwidth = bytes read + written by `dst.copy_(x)` on the same tensor.",
@@ -61,6 +65,9 @@ def run_suite(quick: bool = False):
              "'transposed' rows read a transposed view, blocks along tokens); minimum bytes: one read of the input, "
              "one write of q and the scales; torch_ref_us: the reference on the GPU. SR rows check the scales "
              "against the reference, RTN rows q and scales bit for bit.",
+             "blockwise dual rows: one read of dY, the 1x128 SR blocks of dY and of dYᵀ written (q, qᵀ and both "
+             "scales: the minimum bytes); two_calls_us (JSON): the two single SR calls it replaces, in the same run; "
+             "the scales of both directions are checked against the reference.",
              "transpose rows: int8 q → qᵀ contiguous (the transposed GEMM operands of square blocks); torch_ref_us: "
              "`q.t().contiguous()`; minimum bytes: one read and one write."]
     return rows, notes
@@ -94,6 +101,33 @@ def _blockwise_rows(quick: bool, cases=BLOCKWISE, device: str = "cuda") -> list[
         rows.append({"kernel": f"blockwise {what}", "shape": f"{R}x{C}" + ("ᵀ" if transposed else ""),
                      "time_us": t_kern * 1e3, "TB_s": bw, "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw,
                      "torch_ref_us": t_ref * 1e3, "speedup_vs_torch_ref": t_ref / t_kern})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _blockwise_dual_rows(quick: bool, cases=BLOCKWISE_DUAL, device: str = "cuda") -> list[dict]:
+    from qtrain import quant
+    from qtrain.kernels.blockwise import quantize_blockwise_sr, quantize_blockwise_sr_dual
+
+    rows = []
+    seed = torch.tensor([7], device=device)
+    for what, (R, C), dtype, c in cases:
+        x = torch.randn(R, C, device=device, dtype=dtype) * torch.rand(R, 1, device=device, dtype=dtype)
+        n = x.numel()
+        _, s, _, st = quantize_blockwise_sr_dual(x, c, seed)
+        if not (torch.equal(s.cpu(), quant.quantize_blockwise(x.cpu(), 1, c)[1])
+                and torch.equal(st.cpu(), quant.quantize_blockwise(x.t().cpu(), 1, c)[1])):
+            raise RuntimeError(f"dual blockwise kernel's scales differ from the reference for {what}")
+        dst = torch.empty_like(x)
+        t_copy = bench(lambda: dst.copy_(x), quick)
+        t_kern = bench(lambda: quantize_blockwise_sr_dual(x, c, seed), quick)
+        t_two = bench(lambda: (quantize_blockwise_sr(x, 1, c, seed), quantize_blockwise_sr(x.t(), 1, c, seed)), quick)
+        t_ref = bench(lambda: quant.quantize_blockwise_sr_dual(x, c, seed), quick)
+        copy_bw = 2 * n * x.element_size() / t_copy / 1e9
+        bw = (n * x.element_size() + 2 * n + 2 * 4 * n // c) / t_kern / 1e9
+        rows.append({"kernel": f"blockwise {what}", "shape": f"{R}x{C}", "time_us": t_kern * 1e3, "TB_s": bw,
+                     "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw, "torch_ref_us": t_ref * 1e3,
+                     "speedup_vs_torch_ref": t_ref / t_kern, "two_calls_us": t_two * 1e3})
         print(rows[-1], flush=True)
     return rows
 

@@ -60,5 +60,7 @@ def test_blockwise_quant_rows_check_the_kernel(monkeypatch):
     rows = suite._blockwise_rows(False, cases, device="cpu")
     assert [r["kernel"] for r in rows] == ["blockwise x", "blockwise dYT SR", "blockwise WT"]
     assert rows[1]["shape"] == "256x64ᵀ" and all(r["time_us"] > 0 for r in rows)
+    rows = suite._blockwise_dual_rows(False, [("dY dual SR", (96, 160), torch.bfloat16, 32)], device="cpu")
+    assert rows[0]["kernel"] == "blockwise dY dual SR" and rows[0]["two_calls_us"] > 0
     rows = suite._transpose_rows(False, ((130, 70),), device="cpu")
     assert rows[0]["kernel"] == "transpose int8" and rows[0]["time_us"] > 0
