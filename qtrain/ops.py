@@ -587,6 +587,90 @@ def gelu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[t
     return _dataflow("gelu_quantize", hq, hs, r, c)
 
 
+
+@torch.library.custom_op("qtrain::swiglu_backward", mutates_args=())
+def _swiglu_backward_op(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
+                        c: int) -> torch.Tensor:
+    return _dataflow("swiglu_backward", hq, hs, gq, gs, r, c)
+
+
+@_swiglu_backward_op.register_fake
+def _(hq, hs, gq, gs, r, c):
+    return hq.new_empty(hq.shape, dtype=torch.float32)
+
+
+def swiglu_backward(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
+                    c: int) -> torch.Tensor:
+    """fp32 ``dh [M, 2F]`` of ``silu(gate)·up`` from INT8 ``h`` and the INT8 gradient ``[M, F]``, both in
+    ``(r, c)`` blocks; see :mod:`qtrain.quant.dataflow`."""
+    if torch.compiler.is_compiling():
+        return _swiglu_backward_op(hq, hs, gq, gs, r, c)
+    return _dataflow("swiglu_backward", hq, hs, gq, gs, r, c)
+
+
+@torch.library.custom_op("qtrain::gelu_backward", mutates_args=())
+def _gelu_backward_op(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
+                      c: int) -> torch.Tensor:
+    return _dataflow("gelu_backward", hq, hs, gq, gs, r, c)
+
+
+@_gelu_backward_op.register_fake
+def _(hq, hs, gq, gs, r, c):
+    return hq.new_empty(hq.shape, dtype=torch.float32)
+
+
+def gelu_backward(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
+                  c: int) -> torch.Tensor:
+    """fp32 ``dh`` of the tanh GELU from INT8 ``h`` and the INT8 gradient, both in ``(r, c)`` blocks."""
+    if torch.compiler.is_compiling():
+        return _gelu_backward_op(hq, hs, gq, gs, r, c)
+    return _dataflow("gelu_backward", hq, hs, gq, gs, r, c)
+
+
+@torch.library.custom_op("qtrain::rmsnorm_backward", mutates_args=())
+def _rmsnorm_backward_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, gq: torch.Tensor,
+                         gs: torch.Tensor, eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dataflow("rmsnorm_backward", xq, xs, weight, gq, gs, eps, r, c)
+
+
+@_rmsnorm_backward_op.register_fake
+def _(xq, xs, weight, gq, gs, eps, r, c):
+    return xq.new_empty(xq.shape, dtype=torch.float32), xq.new_empty((xq.shape[1],), dtype=torch.float32)
+
+
+def rmsnorm_backward(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor,
+                     eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(dx, dweight)`` of RMSNorm from the INT8 input and the INT8 output gradient, both in ``(r, c)``
+    blocks; see :mod:`qtrain.quant.dataflow`."""
+    if torch.compiler.is_compiling():
+        return _rmsnorm_backward_op(xq, xs, weight, gq, gs, eps, r, c)
+    return _dataflow("rmsnorm_backward", xq, xs, weight, gq, gs, eps, r, c)
+
+
+@torch.library.custom_op("qtrain::layernorm_backward", mutates_args=())
+def _layernorm_backward_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           gq: torch.Tensor, gs: torch.Tensor, eps: float, r: int,
+                           c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = _dataflow("layernorm_backward", xq, xs, weight, bias, gq, gs, eps, r, c)
+    return dx, dw, db if db is not None else dw.new_zeros(dw.shape)         # an op returns tensors only
+
+
+@_layernorm_backward_op.register_fake
+def _(xq, xs, weight, bias, gq, gs, eps, r, c):
+    k = xq.shape[1]
+    return (xq.new_empty(xq.shape, dtype=torch.float32), xq.new_empty((k,), dtype=torch.float32),
+            xq.new_empty((k,), dtype=torch.float32))
+
+
+def layernorm_backward(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       gq: torch.Tensor, gs: torch.Tensor, eps: float, r: int, c: int) -> tuple:
+    """fp32 ``(dx, dweight, dbias)`` of LayerNorm (``dbias`` None without a bias) from the INT8 input and the
+    INT8 output gradient, both in ``(r, c)`` blocks; see :mod:`qtrain.quant.dataflow`."""
+    if torch.compiler.is_compiling():
+        dx, dw, db = _layernorm_backward_op(xq, xs, weight, bias, gq, gs, eps, r, c)
+        return dx, dw, db if bias is not None else None
+    return _dataflow("layernorm_backward", xq, xs, weight, bias, gq, gs, eps, r, c)
+
 # ------------------------------------------------------------------ INT4 backward: bit splitting, LSS draws
 def _sr_generator(device: torch.device) -> torch.Generator:
     from qtrain.nn.functional import sr_generator          # qtrain.nn imports this module

@@ -6,7 +6,8 @@ pass for ``Σx²`` (RMSNorm) or two for the mean and the centred ``Σ(x − mean
 normalizes, takes each ``r × c`` block's absmax and writes the INT8 codes and scales; the INT8 input is read
 2–3 times, nothing 16-bit is written. Activations: each program owns a ``[TM, c]`` output tile (SwiGLU reads
 the gate at column ``j`` and the up projection at ``F + j`` of the ``[M, 2F]`` input, each with its block's
-scale). ``r`` and ``c`` are powers of two.
+scale). Activation backward: the same ``[TM, c]`` tiles, INT8 ``h`` and INT8 gradient in, fp32 ``dh`` out (for
+SwiGLU both halves of the tile's columns). ``r`` and ``c`` are powers of two.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
-from qtrain.quant.dataflow import check_int8_blocks, check_vector
+from qtrain.quant.dataflow import _check_backward, _check_norm_backward, check_int8_blocks, check_vector
 
 
 @triton.jit
@@ -41,12 +42,10 @@ def _store_blocks(y, yq_ptr, ys_ptr, rows, cols, mask, K, n_block_rows, nkb, pid
 
 
 @triton.jit
-def _norm_kernel(xq_ptr, xs_ptr, w_ptr, b_ptr, yq_ptr, ys_ptr, M, K, nkb, n_block_rows, eps,
-                 R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, LAYERNORM: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * TM + tl.arange(0, TM)
-    rmask = rows < M
+def _moments(xq_ptr, xs_ptr, rows, rmask, K, nkb, eps, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
+             LAYERNORM: tl.constexpr):
+    """Per row ``(mean, rstd)`` of the INT8 ``x``: one pass for ``Σx²`` (RMSNorm: mean 0) or two for the mean and
+    the centred ``Σ(x − mean)²`` (LayerNorm)."""
     acc = tl.zeros([TM], dtype=tl.float32)
     for kb in range(0, nkb):
         cols = kb * C + tl.arange(0, C)
@@ -68,6 +67,17 @@ def _norm_kernel(xq_ptr, xs_ptr, w_ptr, b_ptr, yq_ptr, ys_ptr, M, K, nkb, n_bloc
         mean = tl.zeros([TM], dtype=tl.float32)
         var = tl.math.div_rn(acc, tl.full([TM], K, tl.float32))
     rstd = tl.math.div_rn(tl.full([TM], 1.0, tl.float32), tl.sqrt_rn(var + eps))
+    return mean, rstd
+
+
+@triton.jit
+def _norm_kernel(xq_ptr, xs_ptr, w_ptr, b_ptr, yq_ptr, ys_ptr, M, K, nkb, n_block_rows, eps,
+                 R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, LAYERNORM: tl.constexpr,
+                 HAS_BIAS: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * TM + tl.arange(0, TM)
+    rmask = rows < M
+    mean, rstd = _moments(xq_ptr, xs_ptr, rows, rmask, K, nkb, eps, R, C, TM, LAYERNORM)
     for kb in range(0, nkb):
         cols = kb * C + tl.arange(0, C)
         x, mask = _deq_chunk(xq_ptr, xs_ptr, rows, cols, rmask, K, nkb, kb, R)
@@ -101,6 +111,76 @@ def _act_kernel(hq_ptr, hs_ptr, aq_ptr, as_ptr, M, F, K_in, nkb_in, nkb_out, n_b
         t = (1.0 - e) / (1.0 + e)
         a = 0.5 * g * (1.0 + tl.where(inner >= 0, t, -t))
     _store_blocks(a, aq_ptr, as_ptr, rows, cols, mask, F, n_block_rows, nkb_out, pid_m, kb, R, C, TM)
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))                                           # no overflow: sigmoid from exp(-|x|)
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _act_bwd_kernel(hq_ptr, hs_ptr, gq_ptr, gs_ptr, dh_ptr, M, F, K_in, nkb_in, nkb_g,
+                    R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr):
+    """``dh`` of the activation for the ``[TM, C]`` tile of output columns ``cols`` (SwiGLU: gate ``cols`` and
+    up ``F + cols`` of ``h`` and ``dh``)."""
+    pid_m, kb = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * TM + tl.arange(0, TM)
+    cols = kb * C + tl.arange(0, C)
+    mask = (rows[:, None] < M) & (cols[None, :] < F)
+    brow = (rows // R)[:, None]
+    rows_in = rows[:, None].to(tl.int64) * K_in
+    g = tl.load(gq_ptr + rows[:, None].to(tl.int64) * F + cols[None, :], mask=mask, other=0).to(tl.float32) * \
+        tl.load(gs_ptr + brow * nkb_g + (cols // C)[None, :], mask=mask, other=0.0)
+    h = tl.load(hq_ptr + rows_in + cols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
+        hs_ptr + brow * nkb_in + (cols // C)[None, :], mask=mask, other=0.0)
+    if SWIGLU:
+        ucols = cols + F
+        u = tl.load(hq_ptr + rows_in + ucols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
+            hs_ptr + brow * nkb_in + (ucols // C)[None, :], mask=mask, other=0.0)
+        sig = _sigmoid(h)
+        tl.store(dh_ptr + rows_in + cols[None, :], g * u * sig * (1.0 + h * (1.0 - sig)), mask=mask)
+        tl.store(dh_ptr + rows_in + ucols[None, :], g * (h * sig), mask=mask)
+    else:
+        inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        s, sn = _sigmoid(2.0 * inner), _sigmoid(-2.0 * inner)          # ½(1 + tanh), ½(1 − tanh)
+        d = s + 2.0 * h * s * sn * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+        tl.store(dh_ptr + rows_in + cols[None, :], g * d, mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(xq_ptr, xs_ptr, w_ptr, gq_ptr, gs_ptr, dx_ptr, dwp_ptr, dbp_ptr, M, K, nkb, eps,
+                     R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, LAYERNORM: tl.constexpr):
+    """dx of the program's ``TM`` rows and its partial sums over them of ``g·x̂`` (and ``g``) per feature."""
+    pid = tl.program_id(0)
+    rows = pid * TM + tl.arange(0, TM)
+    rmask = rows < M
+    mean, rstd = _moments(xq_ptr, xs_ptr, rows, rmask, K, nkb, eps, R, C, TM, LAYERNORM)
+    dot = tl.zeros([TM], dtype=tl.float32)                            # Σ_k g·w·x̂
+    gsum = tl.zeros([TM], dtype=tl.float32)                           # Σ_k g·w (LayerNorm)
+    for kb in range(0, nkb):
+        cols = kb * C + tl.arange(0, C)
+        x, mask = _deq_chunk(xq_ptr, xs_ptr, rows, cols, rmask, K, nkb, kb, R)
+        g, _ = _deq_chunk(gq_ptr, gs_ptr, rows, cols, rmask, K, nkb, kb, R)
+        gw = g * tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        dot += tl.sum(gw * tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0), axis=1)
+        gsum += tl.sum(gw, axis=1)
+    kf = tl.full([TM], K, tl.float32)
+    dot = tl.math.div_rn(dot, kf)
+    gsum = tl.math.div_rn(gsum, kf)
+    for kb in range(0, nkb):
+        cols = kb * C + tl.arange(0, C)
+        x, mask = _deq_chunk(xq_ptr, xs_ptr, rows, cols, rmask, K, nkb, kb, R)
+        g, _ = _deq_chunk(gq_ptr, gs_ptr, rows, cols, rmask, K, nkb, kb, R)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        gw = g * tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        if LAYERNORM:
+            gw = gw - gsum[:, None]
+        dx = rstd[:, None] * (gw - xhat * dot[:, None])
+        tl.store(dx_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], dx, mask=mask)
+        tl.store(dwp_ptr + pid * K + cols, tl.sum(g * xhat, axis=0), mask=cols < K)
+        if LAYERNORM:
+            tl.store(dbp_ptr + pid * K + cols, tl.sum(g, axis=0), mask=cols < K)
 
 
 def _check_pow2(r, c):
@@ -170,3 +250,55 @@ def swiglu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def gelu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _act(hq, hs, r, c, False)
+
+
+def _act_backward(hq, hs, gq, gs, r, c, swiglu):
+    _check_backward(hq, hs, gq, gs, r, c, swiglu)
+    check_device(hq)
+    _check_pow2(r, c)
+    M, K_in = hq.shape
+    F = gq.shape[1]
+    hq, hs, gq, gs = hq.contiguous(), hs.contiguous(), gq.contiguous(), gs.contiguous()
+    dh = torch.empty((M, K_in), dtype=torch.float32, device=hq.device)
+    if M == 0 or F == 0:
+        return dh
+    tm = _tile_rows(r, c, M)
+    _act_bwd_kernel[(triton.cdiv(M, tm), -(-F // c))](hq, hs, gq, gs, dh, M, F, K_in, hs.shape[1], gs.shape[1],
+                                                     R=r, C=c, TM=tm, SWIGLU=swiglu,
+                                                     num_warps=8 if tm * c >= 8192 else 4)
+    return dh
+
+
+def swiglu_backward(hq, hs, gq, gs, r: int, c: int) -> torch.Tensor:
+    return _act_backward(hq, hs, gq, gs, r, c, True)
+
+
+def gelu_backward(hq, hs, gq, gs, r: int, c: int) -> torch.Tensor:
+    return _act_backward(hq, hs, gq, gs, r, c, False)
+
+
+def _norm_backward(xq, xs, weight, bias, gq, gs, eps, r, c, layernorm):
+    _check_norm_backward(xq, xs, weight, bias, gq, gs, r, c)
+    check_device(xq)
+    _check_pow2(r, c)
+    M, K = xq.shape
+    xq, xs, gq, gs = xq.contiguous(), xs.contiguous(), gq.contiguous(), gs.contiguous()
+    dx = torch.empty((M, K), dtype=torch.float32, device=xq.device)
+    target = 16384 if interpreting() else 2048
+    tm = max(r, min(max(1, target // c), triton.next_power_of_2(max(M, 1))))
+    grid = triton.cdiv(M, tm)
+    partial = torch.empty((2 if layernorm else 1, grid, K), dtype=torch.float32, device=xq.device)
+    if M and K:
+        _norm_bwd_kernel[(grid,)](xq, xs, weight.contiguous(), gq, gs, dx, partial[0], partial[-1], M, K,
+                                  xs.shape[1], float(eps), R=r, C=c, TM=tm, LAYERNORM=layernorm,
+                                  num_warps=8 if tm * c >= 8192 else 4)
+    sums = partial.sum(1)                                         # [2 or 1, K]: deterministic, no atomics
+    return dx, sums[0], (sums[1] if layernorm and bias is not None else None)
+
+
+def rmsnorm_backward(xq, xs, weight, gq, gs, eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _norm_backward(xq, xs, weight, None, gq, gs, eps, r, c, False)[:2]
+
+
+def layernorm_backward(xq, xs, weight, bias, gq, gs, eps: float, r: int, c: int) -> tuple:
+    return _norm_backward(xq, xs, weight, bias, gq, gs, eps, r, c, True)

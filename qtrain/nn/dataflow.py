@@ -26,8 +26,9 @@ Backward: each GEMM runs as the recipe says (``dY`` SR in blocks, reused transpo
 are square, quantized for dgrad and wgrad in one pass, ``ops.quantize_blockwise_sr_dual``, when both take 1×c
 blocks; the saved INT8 X serves wgrad transposed when its blocks are square, else it is dequantized and
 quantized along tokens). A dgrad output that feeds a data-flow op (the norm or activation backward) is
-quantized to INT8 SR blocks when the recipe's dgrad ``out`` is ``'int8_blocks'``; the norm/activation backward
-then runs in fp32 PyTorch on the dequantized saved INT8 input (not fused: a reference-speed step on the GPU).
+quantized to INT8 SR blocks when the recipe's dgrad ``out`` is ``'int8_blocks'``; the activation backward then
+and the norm backward each run as one fused op on the saved INT8 input and the INT8 gradient
+(``ops.swiglu_backward``/``gelu_backward``, ``ops.rmsnorm_backward``/``layernorm_backward``).
 
 :class:`LlamaDataflowBlock` and :class:`GPT2DataflowBlock` take over the children of a
 :class:`qtrain.models.llama.Block` / :class:`qtrain.models.gpt2.Block` (same Parameters, same ``state_dict``
@@ -36,8 +37,6 @@ keys) and run their forward through these Functions; :func:`qtrain.convert` swap
 error of its forward (:meth:`_DataflowBlock.linears`, ``stats``; shown by :func:`qtrain.report`).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +48,7 @@ from qtrain.models import llama as _llama
 from qtrain.nn.functional import Operand
 from qtrain.nn.plan import LinearPlan, build_plan
 from qtrain.quant.core import FLOAT_DTYPES, relative_error, sqnr
+from qtrain.quant.dataflow import activation_vjp, norm_vjp
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -88,43 +88,35 @@ def _act_fp32(kind: str, h):
     return F.gelu(h, approximate="tanh")
 
 
-def _norm_vjp(kind: str, x, w, b, eps: float, g) -> tuple:
-    """fp32 ``(dx, dw, db)`` of :func:`_norm_fp32` for the output gradient ``g`` (explicit, so torch.compile traces
-    it; ``db`` None for RMSNorm or without a bias)."""
-    x, g, w = x.float(), g.float(), w.float()
-    gw = g * w
-    if kind == "rms":
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = x * r
-        dx = r * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
-        return dx, (g * xhat).sum(0), None
-    mu = x.mean(-1, keepdim=True)
-    r = torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + eps)
-    xhat = (x - mu) * r
-    dx = r * (gw - gw.mean(-1, keepdim=True) - xhat * (gw * xhat).mean(-1, keepdim=True))
-    return dx, (g * xhat).sum(0), (g.sum(0) if b is not None else None)
-
-
-def _act_vjp(kind: str, h, g) -> torch.Tensor:
-    """fp32 ``dh`` of :func:`_act_fp32` for the output gradient ``g`` (explicit, as :func:`_norm_vjp`)."""
-    h, g = h.float(), g.float()
-    if kind == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        return torch.cat((g * up * sig * (1 + gate * (1 - sig)), g * silu), dim=-1)
-    c = math.sqrt(2.0 / math.pi)
-    t = torch.tanh(c * (h + 0.044715 * h.pow(3)))
-    return g * (0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h * h))
-
-
-def _int8_grad(plan: LinearPlan, g: torch.Tensor) -> torch.Tensor:
+def _int8_grad_op(plan: LinearPlan, g: torch.Tensor) -> Operand | torch.Tensor:
     """A dgrad output on its way into a data-flow op's backward: INT8 SR blocks (dgrad ``out='int8_blocks'``,
-    in the gradient operand's blocks), dequantized; unchanged for ``'dequant'``."""
+    in the gradient operand's blocks); unchanged for ``'dequant'``."""
     if plan.dgrad.spec.out != "int8_blocks":
         return g
     r, c = plan.dgrad.blocks[0], plan.dgrad.blocks[2]
-    return Operand("block", *ops.quantize_blockwise_sr(g, r, c), r, c).dequantize()
+    return Operand("block", *ops.quantize_blockwise_sr(g, r, c), r, c)
+
+
+def _norm_backward(kind: str, x_op: Operand, w, b, eps: float, plan: LinearPlan, dy: torch.Tensor) -> tuple:
+    """fp32 ``(dx, dw, db)`` of the norm: one fused op (``ops.rmsnorm_backward``/``layernorm_backward``: INT8 ``x``
+    and INT8 gradient in) where the gradient is INT8 in ``x``'s blocks, else the fp32 VJP on the dequantized
+    inputs (``db`` None for RMSNorm or without a bias)."""
+    g = _int8_grad_op(plan, dy)
+    if isinstance(g, Operand) and (g.rows, g.block_k) == (x_op.rows, x_op.block_k):
+        if kind == "rms":
+            return (*ops.rmsnorm_backward(x_op.q, x_op.scale, w, g.q, g.scale, eps, x_op.rows, x_op.block_k), None)
+        return ops.layernorm_backward(x_op.q, x_op.scale, w, b, g.q, g.scale, eps, x_op.rows, x_op.block_k)
+    return norm_vjp(kind, x_op.dequantize(), w, b, eps, g.dequantize() if isinstance(g, Operand) else g)
+
+
+def _act_backward(act: str, h_op: Operand, plan: LinearPlan, da: torch.Tensor) -> torch.Tensor:
+    """fp32 ``dh`` of the activation: one fused op (``ops.swiglu_backward``/``gelu_backward``: INT8 ``h`` and
+    INT8 gradient in) where the gradient is INT8 in ``h``'s blocks, else the fp32 VJP on the dequantized inputs."""
+    g = _int8_grad_op(plan, da)
+    if isinstance(g, Operand) and (g.rows, g.block_k) == (h_op.rows, h_op.block_k):
+        fn = ops.swiglu_backward if act == "swiglu" else ops.gelu_backward
+        return fn(h_op.q, h_op.scale, g.q, g.scale, h_op.rows, h_op.block_k)
+    return activation_vjp(act, h_op.dequantize(), g.dequantize() if isinstance(g, Operand) else g)
 
 
 def _dual_sr(plan: LinearPlan) -> bool:
@@ -201,7 +193,7 @@ class NormLinearFunction(torch.autograd.Function):
         dy, dw, db = _linear_backward(plan, dout, y_op, w, b, (any(need[:3]), need[3], need[4]))
         dx = dnw = dnb = None
         if dy is not None:
-            dx, dnw, dnb = _norm_vjp(kind, x_op.dequantize(), norm_w, norm_b, eps, _int8_grad(plan, dy))
+            dx, dnw, dnb = _norm_backward(kind, x_op, norm_w, norm_b, eps, plan, dy)
         return (_cast(dx, ctx.x_dtype), _cast(dnw, norm_w), _cast(dnb, norm_b), dw, db,
                 None, None, None, None)
 
@@ -254,13 +246,13 @@ class NormMLPFunction(torch.autograd.Function):
         del a_op
         dx = dnw = dnb = dw1 = db1 = None
         if up:
-            dh = _act_vjp(act, h_op.dequantize(), _int8_grad(plan, da))
+            dh = _act_backward(act, h_op, plan, da)
             del da
             x_op = Operand("block", xq, xs, *ctx.blocks)
             y_op = _norm(kind, x_op, norm_w, norm_b, eps)
             dy, dw1, db1 = _linear_backward(plan, dh, y_op, w1, b1, (any(need[:3]), need[3], need[4]))
             if dy is not None:
-                dx, dnw, dnb = _norm_vjp(kind, x_op.dequantize(), norm_w, norm_b, eps, _int8_grad(plan, dy))
+                dx, dnw, dnb = _norm_backward(kind, x_op, norm_w, norm_b, eps, plan, dy)
         return (_cast(dx, ctx.x_dtype), _cast(dnw, norm_w), _cast(dnb, norm_b), dw1, db1, dw2, db2,
                 None, None, None, None, None)
 

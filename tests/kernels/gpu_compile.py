@@ -105,6 +105,12 @@ def _dataflow(mod):
     r, c = 1, 128                                                  # jetfire_wide blocks, a GPT-2 block
     mod.layernorm_quantize(_empty(M, K), scales(K, r, c), w, w, 1e-5, r, c)
     mod.gelu_quantize(_empty(M, F), scales(F, r, c), r, c)
+    mod.gelu_backward(_empty(M, F), scales(F, r, c), _empty(M, F), scales(F, r, c), r, c)
+    r, c = 32, 32
+    mod.swiglu_backward(_empty(M, 2 * F), scales(2 * F, r, c), _empty(M, F), scales(F, r, c), r, c)
+    mod.rmsnorm_backward(_empty(M, K), scales(K, r, c), w, _empty(M, K), scales(K, r, c), 1e-6, r, c)
+    r, c = 1, 128
+    mod.layernorm_backward(_empty(M, K), scales(K, r, c), w, w, _empty(M, K), scales(K, r, c), 1e-5, r, c)
 
 
 def _hadamard(mod):
