@@ -587,44 +587,34 @@ def gelu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[t
     return _dataflow("gelu_quantize", hq, hs, r, c)
 
 
+def _activation_backward(name: str, doc: str):
+    """``ops.<name>`` (``swiglu_backward``/``gelu_backward``): fp32 ``dh`` from INT8 ``h`` and the INT8 gradient,
+    both in ``(r, c)`` blocks; an opaque custom op under torch.compile."""
+    @torch.library.custom_op(f"qtrain::{name}", mutates_args=())
+    def op(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int, c: int) -> torch.Tensor:
+        return _dataflow(name, hq, hs, gq, gs, r, c)
 
-@torch.library.custom_op("qtrain::swiglu_backward", mutates_args=())
-def _swiglu_backward_op(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
-                        c: int) -> torch.Tensor:
-    return _dataflow("swiglu_backward", hq, hs, gq, gs, r, c)
+    @op.register_fake
+    def _(hq, hs, gq, gs, r, c):
+        return hq.new_empty(hq.shape, dtype=torch.float32)
 
+    def backward(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
+                 c: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return op(hq, hs, gq, gs, r, c)
+        return _dataflow(name, hq, hs, gq, gs, r, c)
 
-@_swiglu_backward_op.register_fake
-def _(hq, hs, gq, gs, r, c):
-    return hq.new_empty(hq.shape, dtype=torch.float32)
-
-
-def swiglu_backward(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
-                    c: int) -> torch.Tensor:
-    """fp32 ``dh [M, 2F]`` of ``silu(gate)·up`` from INT8 ``h`` and the INT8 gradient ``[M, F]``, both in
-    ``(r, c)`` blocks; see :mod:`qtrain.quant.dataflow`."""
-    if torch.compiler.is_compiling():
-        return _swiglu_backward_op(hq, hs, gq, gs, r, c)
-    return _dataflow("swiglu_backward", hq, hs, gq, gs, r, c)
-
-
-@torch.library.custom_op("qtrain::gelu_backward", mutates_args=())
-def _gelu_backward_op(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
-                      c: int) -> torch.Tensor:
-    return _dataflow("gelu_backward", hq, hs, gq, gs, r, c)
+    backward.__name__ = backward.__qualname__ = name
+    backward.__doc__ = doc
+    return backward
 
 
-@_gelu_backward_op.register_fake
-def _(hq, hs, gq, gs, r, c):
-    return hq.new_empty(hq.shape, dtype=torch.float32)
-
-
-def gelu_backward(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
-                  c: int) -> torch.Tensor:
-    """fp32 ``dh`` of the tanh GELU from INT8 ``h`` and the INT8 gradient, both in ``(r, c)`` blocks."""
-    if torch.compiler.is_compiling():
-        return _gelu_backward_op(hq, hs, gq, gs, r, c)
-    return _dataflow("gelu_backward", hq, hs, gq, gs, r, c)
+swiglu_backward = _activation_backward(
+    "swiglu_backward", "fp32 ``dh [M, 2F]`` of ``silu(gate)·up`` from INT8 ``h`` and the INT8 gradient ``[M, F]``, "
+                       "both in ``(r, c)`` blocks; see :mod:`qtrain.quant.dataflow`.")
+gelu_backward = _activation_backward(
+    "gelu_backward", "fp32 ``dh`` of the tanh GELU from INT8 ``h`` and the INT8 gradient, both in ``(r, c)`` "
+                     "blocks; see :mod:`qtrain.quant.dataflow`.")
 
 
 @torch.library.custom_op("qtrain::rmsnorm_backward", mutates_args=())
