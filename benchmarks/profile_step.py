@@ -1,7 +1,8 @@
-"""Where a training step's GPU time goes: torch.profiler over eager steps of `qtrain bench e2e`'s LLaMA shapes.
+"""Where a training step's GPU time goes: torch.profiler over steps of `qtrain bench e2e`'s LLaMA shapes.
 
-Usage (on the GPU, PYTHONPATH=.): python benchmarks/profile_step.py [SHAPE] RECIPE...   (SHAPE: 7b or 1b, default
-7b; RECIPE: bf16 or a preset / recipe file). Per recipe: the step time, then the kernels by total GPU time
+Usage (on the GPU, PYTHONPATH=.): python benchmarks/profile_step.py [--compile] [SHAPE] RECIPE...   (SHAPE: 7b or
+1b, default 7b; RECIPE: bf16 or a preset / recipe file; --compile: `torch.compile` of the model as `qtrain bench
+e2e --modes compile` does, Inductor's fused kernels then appear as `triton_*`). Per recipe: the step time, then the kernels by total GPU time
 (2 profiled steps after 2 warm-up steps), the top 25, and the share of GEMM kernels, quantize kernels and the rest;
 then the aten ops with the most GPU time of their own, by input shapes (where copies and casts come from).
 """
@@ -27,10 +28,12 @@ def kind(name: str) -> str:
     return "other"
 
 
-def profile_recipe(shape: e2e.Shape, name: str) -> None:
+def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
     recipe = None if name == "bf16" else resolve_recipe(name)
-    step, converted = e2e.build_step(shape, recipe, "eager", "cuda")
-    for _ in range(2):
+    if mode == "compile":
+        torch._dynamo.reset()
+    step, converted = e2e.build_step(shape, recipe, mode, "cuda")
+    for _ in range(3 if mode == "compile" else 2):            # compile: the first steps compile (int4: twice)
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -42,7 +45,7 @@ def profile_recipe(shape: e2e.Shape, name: str) -> None:
     total = sum(e.device_time_total for e in events) / STEPS / 1e3
     timer = e2e.CudaTimer()
     ms = sorted(timer.time_ms(step) for _ in range(5))[2]
-    print(f"\n## {shape.name} eager {name} ({converted} converted): step {ms:.1f} ms, kernels {total:.1f} ms/step")
+    print(f"\n## {shape.name} {mode} {name} ({converted} converted): step {ms:.1f} ms, kernels {total:.1f} ms/step")
     shares = {}
     for e in events:
         shares[kind(e.key)] = shares.get(kind(e.key), 0.0) + e.device_time_total / STEPS / 1e3
@@ -61,11 +64,13 @@ def profile_recipe(shape: e2e.Shape, name: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    mode = "compile" if "--compile" in argv else "eager"
+    argv = [a for a in argv if a != "--compile"]
     shape = e2e.SHAPES["7b"]
     if argv and argv[0] in e2e.SHAPES:
         shape, argv = e2e.SHAPES[argv[0]], argv[1:]
     for name in argv or ["bf16", "switchback"]:
-        profile_recipe(shape, name)
+        profile_recipe(shape, name, mode)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ for step in "${steps[@]}"; do
     host-profile) python benchmarks/host_profile.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     optimizer) python benchmarks/optimizer.py 2>&1 | tee -a "$OUT/run.log" ;;
-    # profile-SHAPE:RECIPE,RECIPE: benchmarks/profile_step.py (eager kernel and aten-op times of one step)
+    # profile-SHAPE:RECIPE,RECIPE: benchmarks/profile_step.py (eager kernel and aten-op times of one step);
+    # profilec-SHAPE:RECIPE,...: the same under torch.compile
+    profilec-*) spec="${step#profilec-}"; python benchmarks/profile_step.py --compile "${spec%%:*}" \
+                  $(echo "${spec#*:}" | tr , ' ') 2>&1 | tee -a "$OUT/run.log" ;;
     profile-*) spec="${step#profile-}"; python benchmarks/profile_step.py "${spec%%:*}" $(echo "${spec#*:}" | tr , ' ') \
                  2>&1 | tee -a "$OUT/run.log" ;;
     *) python -m qtrain.bench "${step#bench-}" --quick --out "$OUT/results" 2>&1 | tee -a "$OUT/run.log" ;;
