@@ -178,10 +178,11 @@ def quantize_blockwise_sr_dual(x: torch.Tensor, c: int, seed: torch.Tensor, conf
 
 def dual_launch_config(M: int, c: int) -> tuple[int, int]:
     """``(TM, num_warps)`` of the dual kernel's default tiling: ``[TM, c]`` tiles of ~8k elements, at least one
-    ``c × c`` tile (16k for c = 128, 64k for c = 256)."""
+    ``c × c`` tile (16k for c = 128, 64k for c = 256); 16 warps from 16k elements (the single SR kernel spilled
+    registers at 16k-element tiles with 4 warps and ran 10× slower; not yet measured for this kernel)."""
     target = 65536 if interpreting() else 8192
     tm = max(c, min(target // c, triton.next_power_of_2(M)))
-    return tm, 8 if tm * c >= 8192 else 4
+    return tm, 16 if tm * c >= 16384 else 8 if tm * c >= 8192 else 4
 
 
 def launch_config(M: int, r: int, c: int) -> tuple[int, int]:
