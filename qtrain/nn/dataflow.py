@@ -119,14 +119,6 @@ def _act_backward(act: str, h_op: Operand, plan: LinearPlan, da: torch.Tensor) -
     return activation_vjp(act, h_op.dequantize(), g.dequantize() if isinstance(g, Operand) else g)
 
 
-def _dual_sr(plan: LinearPlan) -> bool:
-    """dgrad's and wgrad's lhs (dY and dYᵀ) are both INT8 SR ``(1, c)`` blocks with one ``c`` on the block path
-    (jetfire_wide): one ``ops.quantize_blockwise_sr_dual`` call gives both."""
-    dg, wg = plan.dgrad, plan.wgrad
-    return (dg.path == wg.path == "block" and dg.spec.lhs.rounding == wg.spec.lhs.rounding == "stochastic"
-            and dg.blocks[0] == wg.blocks[0] == 1 and dg.blocks[2] == wg.blocks[2])
-
-
 def _linear_backward(plan: LinearPlan, dy, x_op: Operand, w, b, needs: tuple[bool, bool, bool]):
     """``(dX fp32, dW, db)`` of ``y = x·Wᵀ + b`` from the INT8 X of the forward (recipe's dgrad and wgrad)."""
     dy = dy.contiguous()
@@ -134,10 +126,8 @@ def _linear_backward(plan: LinearPlan, dy, x_op: Operand, w, b, needs: tuple[boo
     dx = dw = db = None
     if need_dx or need_dw:
         wg = plan.wgrad
-        if need_dx and need_dw and _dual_sr(plan):
-            c = wg.blocks[2]
-            q, s, qt, st = ops.quantize_blockwise_sr_dual(dy, c)     # dY read once for both GEMMs
-            g, gt = Operand("block", q, s, 1, c), Operand("block", qt, st, 1, c)
+        if need_dx and need_dw and plan.dual_sr_grad:
+            g, gt = plan.quantize_grad(dy)                           # dY read once for both GEMMs
         else:
             g, gt = plan.dgrad.quantize(dy, "lhs"), None
         if need_dx:

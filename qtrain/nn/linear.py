@@ -73,19 +73,22 @@ class QuantLinearFunction(torch.autograd.Function):
         plan, cd = ctx.plan, ctx.out_dtype
         dy = dy.contiguous()
         dx = dw = db = None
+        g = gt = None
+        if ctx.needs_input_grad[0] and ctx.needs_input_grad[1] and plan.dual_sr_grad:
+            g, gt = plan.quantize_grad(dy)                               # dY read once for both GEMMs
         if ctx.needs_input_grad[0]:
             dg = plan.dgrad
             if wtq is not None:
                 wt = Operand(ctx.wt_meta[0], wtq, wts, ctx.wt_meta[1], ctx.wt_meta[2])
             else:
                 wt = dg.quantize(weight if ctx.w_kn else weight.t(), "rhs")
-            a = dg.quantize(dy, "lhs", _slot(ctx.tau, "dgrad"), ctx.update)
+            a = g if g is not None else dg.quantize(dy, "lhs", _slot(ctx.tau, "dgrad"), ctx.update)
             _record_ratio(ctx.ratio, "dgrad", a)
             dx = dg(a, wt, ctx.x_dtype if dg.spec.quantized else cd).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             wg = plan.wgrad
             x = Operand("int8", x_saved, xs_saved).dequantize(cd) if xs_saved is not None else x_saved
-            a = wg.quantize(dy.t(), "lhs", _slot(ctx.tau, "wgrad"), ctx.update)
+            a = gt if gt is not None else wg.quantize(dy.t(), "lhs", _slot(ctx.tau, "wgrad"), ctx.update)
             _record_ratio(ctx.ratio, "wgrad", a)
             dw = wg(a, wg.quantize(x.t(), "rhs"), weight.dtype if wg.spec.quantized else cd).to(weight.dtype)
             if ctx.w_kn:

@@ -123,6 +123,20 @@ class LinearPlan:
         """fprop quantizes W with a kernel (so a reused quantization saves work)."""
         return self.fprop.path in ("int8", "block", "fallback")
 
+    @property
+    def dual_sr_grad(self) -> bool:
+        """dgrad's and wgrad's lhs (dY and dYᵀ) are both INT8 SR ``(1, c)`` blocks with one ``c`` on the block
+        path (jetfire_wide): one ``ops.quantize_blockwise_sr_dual`` call gives both (:meth:`quantize_grad`)."""
+        dg, wg = self.dgrad, self.wgrad
+        return (dg.path == wg.path == "block" and dg.spec.lhs.rounding == wg.spec.lhs.rounding == "stochastic"
+                and dg.blocks[0] == wg.blocks[0] == 1 and dg.blocks[2] == wg.blocks[2])
+
+    def quantize_grad(self, dy: torch.Tensor) -> tuple[Operand, Operand]:
+        """dgrad's ``dY`` and wgrad's ``dYᵀ`` operands from one read of ``dy`` (needs :attr:`dual_sr_grad`)."""
+        c = self.wgrad.blocks[2]
+        q, s, qt, st = ops.quantize_blockwise_sr_dual(dy, c)
+        return Operand("block", q, s, 1, c), Operand("block", qt, st, 1, c)
+
     def quantize_weight(self, w: torch.Tensor) -> tuple[Operand | torch.Tensor, Operand | None]:
         """fprop's ``W`` operand (``w`` itself where fprop takes floats) and, if dgrad reuses it, ``Wᵀ``'s."""
         if self.fprop.path == "int8" and self.fprop.spec.rhs.granularity.kind == "tensor":

@@ -46,7 +46,7 @@ def _spy(monkeypatch, name):
 def test_jetfire_wide_backward_quantizes_dy_once(backend, monkeypatch, sr_state):
     gen, state = sr_state
     plan = build_plan(recipes.get("jetfire_wide"))
-    assert dataflow._dual_sr(plan) and not dataflow._dual_sr(build_plan(recipes.get("jetfire")))
+    assert plan.dual_sr_grad and not build_plan(recipes.get("jetfire")).dual_sr_grad
     x, w, b, dy = _inputs()
     with ops.use_backend(backend):
         x_op = dataflow._quantize_x(plan, x)
@@ -57,7 +57,7 @@ def test_jetfire_wide_backward_quantizes_dy_once(backend, monkeypatch, sr_state)
         (_, (q, s, qt, st)), = dual
         assert torch.equal(s, quant.quantize_blockwise(dy, 1, 128)[1])          # the two-call path's scales
         assert torch.equal(st, quant.quantize_blockwise(dy.t(), 1, 128)[1])
-        monkeypatch.setattr(dataflow, "_dual_sr", lambda plan: False)           # the previous two-call path
+        monkeypatch.setattr(type(plan), "dual_sr_grad", property(lambda self: False))   # the two-call path
         gen.set_state(state)
         dx0, dw0, db0 = dataflow._linear_backward(plan, dy, x_op, w, b, (True, True, True))
         assert len(single) == 2 and len(dual) == 1
@@ -79,3 +79,15 @@ def test_dual_only_where_both_gradients_are_needed(monkeypatch, sr_state):
         square = build_plan(recipes.get("jetfire"))
         dataflow._linear_backward(square, dy, dataflow._quantize_x(square, x), w, b, (True, True, False))
         assert not dual
+
+
+def test_quantlinear_jetfire_wide_quantizes_dy_once(monkeypatch, sr_state):
+    """A jetfire_wide QuantLinear (a linear outside the data-flow blocks) takes the same single read of dY."""
+    from qtrain.nn.linear import QuantLinear
+
+    layer = QuantLinear.from_module(torch.nn.Linear(128, 96), "jetfire_wide")
+    x = torch.randn(64, 128, requires_grad=True)
+    with ops.use_backend("reference"):
+        dual, single = _spy(monkeypatch, "quantize_blockwise_sr_dual"), _spy(monkeypatch, "quantize_blockwise_sr")
+        layer(x).square().sum().backward()
+    assert len(dual) == 1 and not single and x.grad is not None and layer.weight.grad is not None
