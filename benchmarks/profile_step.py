@@ -2,9 +2,10 @@
 
 Usage (on the GPU, PYTHONPATH=.): python benchmarks/profile_step.py [--compile] [SHAPE] RECIPE...   (SHAPE: 7b or
 1b, default 7b; RECIPE: bf16 or a preset / recipe file; --compile: `torch.compile` of the model as `qtrain bench
-e2e --modes compile` does, Inductor's fused kernels then appear as `triton_*`). Per recipe: the step time, then the kernels by total GPU time
-(2 profiled steps after 2 warm-up steps), the top 25, and the share of GEMM kernels, quantize kernels and the rest;
-then the aten ops with the most GPU time of their own, by input shapes (where copies and casts come from).
+e2e --modes compile` does, Inductor's fused kernels then appear as `triton_*`). Per recipe: the step time, then
+the kernels by total GPU time (2 profiled steps after 2 warm-up steps, 3 when compiled), the top 25, and the share
+of GEMM kernels, quantize kernels and the rest; then the aten ops with the most GPU time of their own, by input
+shapes (where copies and casts come from).
 """
 from __future__ import annotations
 
