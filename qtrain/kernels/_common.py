@@ -21,6 +21,17 @@ def check_device(x: torch.Tensor) -> None:
 
 
 @triton.jit
+def load_tile(x_ptr, M, K, stride_m, stride_k, TM: tl.constexpr, TK: tl.constexpr):
+    """The ``[TM, TK]`` tile of the 2-D ``x [M, K]`` (any strides) at ``(program_id(0), program_id(1))``, as fp32
+    (0 outside ``x``): ``(rows, cols, mask, x)``."""
+    rows = tl.program_id(0) * TM + tl.arange(0, TM)
+    cols = tl.program_id(1) * TK + tl.arange(0, TK)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_k, mask=mask, other=0)
+    return rows, cols, mask, x.to(tl.float32)
+
+
+@triton.jit
 def abs_bits(x):
     """|x| of an fp32 tensor as int32 bits. Non-negative floats order like their bits, and every NaN with its
     sign cleared sorts above +Inf, so an integer max of these is the absmax with NaN propagated."""

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
+from qtrain.kernels._common import (abs_bits, check_device, interpreting, load_tile, quantize_rtn,
+                                   scale_from_bits)
 from qtrain.quant.blockwise import check_block, check_requantize_args, check_seed
 from qtrain.quant.core import check_2d, check_float
 
@@ -83,11 +84,7 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
     """``SR``: stochastic rounding with uniforms from ``seed`` (:func:`_uniforms`); else round to nearest.
     ``SCALED_INPUT``: ``x`` holds int8 codes whose value is ``x[i, j] · xs[i // XR, j // XC]`` (fp32)."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * TM + tl.arange(0, TM)
-    cols = pid_k * C + tl.arange(0, C)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
-                other=0).to(tl.float32)
+    rows, cols, mask, x = load_tile(x_ptr, M, K, stride_xm, stride_xk, TM, C)
     if SCALED_INPUT:
         xs = tl.load(xs_ptr + (rows // XR)[:, None].to(tl.int64) * stride_sm + (cols // XC)[None, :] * stride_sk,
                      mask=mask, other=0.0)
@@ -110,11 +107,7 @@ def _blockwise_sr_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, seed_ptr, M, 
     """The ``[TM, C]`` tile at ``(pid_m, pid_n)``: its ``TM`` row blocks (1×C, into ``q``/``s``) and its
     ``TM / C · C`` column blocks (C×1, into ``qt``/``st`` transposed: ``qt[n, m]``, ``st[n, m // C]``)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * TM + tl.arange(0, TM)
-    cols = pid_n * C + tl.arange(0, C)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xn, mask=mask,
-                other=0).to(tl.float32)
+    rows, cols, mask, x = load_tile(x_ptr, M, N, stride_xm, stride_xn, TM, C)
     bits = abs_bits(x)
     seed = tl.load(seed_ptr)
     scale = scale_from_bits(tl.max(bits, axis=1))                                      # [TM]

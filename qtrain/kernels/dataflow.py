@@ -164,10 +164,12 @@ def _norm_bwd_kernel(xq_ptr, xs_ptr, w_ptr, gq_ptr, gs_ptr, dx_ptr, dwp_ptr, dbp
         g, _ = _deq_chunk(gq_ptr, gs_ptr, rows, cols, rmask, K, nkb, kb, R)
         gw = g * tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
         dot += tl.sum(gw * tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0), axis=1)
-        gsum += tl.sum(gw, axis=1)
+        if LAYERNORM:
+            gsum += tl.sum(gw, axis=1)
     kf = tl.full([TM], K, tl.float32)
     dot = tl.math.div_rn(dot, kf)
-    gsum = tl.math.div_rn(gsum, kf)
+    if LAYERNORM:
+        gsum = tl.math.div_rn(gsum, kf)
     for kb in range(0, nkb):
         cols = kb * C + tl.arange(0, C)
         x, mask = _deq_chunk(xq_ptr, xs_ptr, rows, cols, rmask, K, nkb, kb, R)

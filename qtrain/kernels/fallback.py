@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels import block_gemm as _block_gemm
-from qtrain.kernels._common import abs_bits, check_device, quantize_rtn, scale_from_bits
+from qtrain.kernels._common import abs_bits, check_device, load_tile, quantize_rtn, scale_from_bits
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 
 
@@ -26,11 +26,7 @@ from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallbac
 def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_ptr, tmax_ptr, M, K, stride_xm,
                            stride_xk, nk, GR: tl.constexpr, C: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * GR + tl.arange(0, GR)
-    cols = pid_k * C + tl.arange(0, C)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
-                other=0.0).to(tl.float32)
+    rows, cols, mask, x = load_tile(x_ptr, M, K, stride_xm, stride_xk, GR, C)
     row_bits = tl.max(abs_bits(x), axis=1)                                            # [GR]
     scale = scale_from_bits(row_bits)
     q = quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape))

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import check_device, interpreting
+from qtrain.kernels._common import check_device, interpreting, load_tile
 from qtrain.quant.core import check_2d, check_float
 from qtrain.quant.hadamard import check_hadamard_block, check_step, inv_sqrt
 
@@ -20,12 +20,7 @@ from qtrain.quant.hadamard import check_hadamard_block, check_step, inv_sqrt
 @triton.jit
 def _hadamard_kernel(x_ptr, step_ptr, out_ptr, M, K, KP, stride_m, stride_k, inv,
                      B: tl.constexpr, LOG_B: tl.constexpr, BM: tl.constexpr, QUANTIZE: tl.constexpr):
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_m * BM + tl.arange(0, BM)
-    cols = pid_k * B + tl.arange(0, B)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_k, mask=mask,
-                other=0.0).to(tl.float32)
+    rows, cols, _, x = load_tile(x_ptr, M, K, stride_m, stride_k, BM, B)
     for s in tl.static_range(LOG_B):
         v = tl.permute(tl.reshape(x, [BM, B >> (s + 1), 2, 1 << s]), [0, 1, 3, 2])
         u, w = tl.split(v)

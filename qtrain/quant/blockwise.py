@@ -65,21 +65,24 @@ def requantize_blockwise_t(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in
     return quantize_blockwise(dequantize(q, scale, block(r_in, c_in)).t(), r, c)
 
 
-def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _seeded(seed: torch.Tensor, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded by the one-element integer tensor ``seed`` (checked)."""
     check_seed(seed)
-    g = torch.Generator(device=x.device)
+    g = torch.Generator(device=device)
     g.manual_seed(int(seed.reshape(()).item()) & ((1 << 63) - 1))
-    return quantize_blockwise(x, r, c, "stochastic", g)
+    return g
+
+
+def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_blockwise(x, r, c, "stochastic", _seeded(seed, x.device))
 
 
 def quantize_blockwise_sr_dual(x: torch.Tensor, c: int, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                                      torch.Tensor, torch.Tensor]:
     """``(q, s)`` of ``x`` and ``(qt, st)`` of ``xᵀ`` in 1×c SR blocks; ``(q, s)`` bit-exact with
     :func:`quantize_blockwise_sr` for ``seed``, ``(qt, st)`` from the next uniforms of the same generator."""
-    check_seed(seed)
     check_block(1, c)
-    g = torch.Generator(device=x.device)
-    g.manual_seed(int(seed.reshape(()).item()) & ((1 << 63) - 1))
+    g = _seeded(seed, x.device)
     q, s = quantize_blockwise(x, 1, c, "stochastic", g)
     qt, st = quantize_blockwise(x.t(), 1, c, "stochastic", g)
     return q, s, qt, st
