@@ -18,10 +18,19 @@ from qtrain.recipes import OperandSpec, block
 _SR_GENERATORS: dict[torch.device, torch.Generator] = {}
 
 
-def sr_generator(device: torch.device) -> torch.Generator:
-    """The generator stochastic rounding draws from on ``device``, seeded from torch's default generator the
-    first time it is used (so ``torch.manual_seed`` makes runs reproducible); :func:`reseed` resets it."""
+def _generator_key(device) -> torch.device:
+    """``device`` with its index: ``cuda`` and ``cuda:0`` (when current) name one generator."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def sr_generator(device: torch.device) -> torch.Generator:
+    """The generator stochastic rounding draws from on ``device`` (``cuda`` means the current CUDA device),
+    seeded from torch's default generator the first time it is used (so ``torch.manual_seed`` makes runs
+    reproducible); :func:`reseed` resets it."""
+    device = _generator_key(device)
     if device not in _SR_GENERATORS:
         g = torch.Generator(device=device)
         g.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
@@ -30,9 +39,10 @@ def sr_generator(device: torch.device) -> torch.Generator:
 
 
 def reseed(seed: int) -> None:
-    """Reset every stochastic-rounding generator to ``seed``."""
+    """Reset the stochastic-rounding generators of the CPU and of every visible CUDA device to ``seed``."""
     _SR_GENERATORS.clear()
-    for dev in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for dev in devices:
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
         _SR_GENERATORS[torch.device(dev)] = g
