@@ -31,20 +31,25 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def operands(M, K, N, rb, seed=0):
+def operands(M, K, N, rb, seed=0, block_k=128):
     g = torch.Generator(device="cuda").manual_seed(seed)
     a = torch.randint(-127, 128, (M, K), generator=g, device="cuda", dtype=torch.int8)
     b = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)
-    nk = triton.cdiv(K, 128)
+    nk = triton.cdiv(K, block_k)
     sa = torch.rand(M, nk, generator=g, device="cuda") * 1e-3 + 1e-4
     sb = torch.rand(triton.cdiv(N, rb), nk, generator=g, device="cuda") * 1e-3 + 1e-4
     return a, b, sa, sb
 
 
 def variants(rb):
-    """(name, launch keyword arguments) of the Gluon kernel; the first is the default configuration."""
-    return [("gluon", {}), ("gluon-magic", {"magic": True}), ("gluon-order2-magic", {"order": 2, "magic": True}),
-            ("gluon-lockstep", {"order": 0}), ("gluon-s4", {"stages": 4})]
+    """(name, launch keyword arguments) of the Gluon kernel; the first is the default configuration; a
+    ``block_k`` of 256 promotes once per two 128-deep steps (256-wide scale blocks)."""
+    common = [("gluon", {}), ("gluon-k256", {"block_k": 256}), ("gluon-lockstep", {"order": 0}),
+              ("gluon-magic", {"magic": True})]
+    if rb == 1:
+        return common + [("gluon-sbcvt", {"sb_cvt": True}), ("gluon-k256-sbcvt", {"block_k": 256, "sb_cvt": True}),
+                         ("gluon-g4", {"group": 4}), ("gluon-g16", {"group": 16})]
+    return common + [("gluon-s4", {"stages": 4})]
 
 
 def save(rows, info, path):
@@ -62,28 +67,37 @@ def gemm_rows(shapes, rb, label, rows, bad, done=lambda: None):
         x16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         ops = 2 * M * N * K
-        row = {"M": M, "K": K, "N": N, "blocks": label}
+        row = {"M": M, "K": K, "N": N, "blocks": label, "rb": rb}
         t_bf16 = bench(lambda: x16 @ w16.t())
         row["bf16_tflops"] = ops / t_bf16 / 1e9
         t_tri = bench(lambda: tri.launch(a, b, sa, sb, 1, rb, 128, None, torch.bfloat16))
         row["triton_tops"] = ops / t_tri / 1e9
         ref = quant.block_int8_gemm(a, b, sa, sb, 1, rb, 128, None, torch.float32)
         best = None
+        scales = {128: (sa, sb)}
         for name, kw in variants(rb):
             if name in bad:
                 continue
+            bk = kw.get("block_k", 128)
+            if bk not in scales:
+                scales[bk] = operands(M, K, N, rb, block_k=bk)[2:]
+                t_tri_k = bench(lambda: tri.launch(a, b, *scales[bk], 1, rb, bk, None, torch.bfloat16))
+                row[f"triton_k{bk}_tops"] = ops / t_tri_k / 1e9
+            vsa, vsb = scales[bk]
             try:
-                err = quant.relative_error(ref, glu.launch(a, b, sa, sb, rb, None, torch.float32, **kw))
+                vref = ref if bk == 128 else quant.block_int8_gemm(a, b, vsa, vsb, 1, rb, bk, None, torch.float32)
+                err = quant.relative_error(vref, glu.launch(a, b, vsa, vsb, rb, None, torch.float32, **kw))
                 if not err <= 1e-5:
                     row[f"{name}_error"] = err
                     print(f"{M}x{K}x{N} {name}: WRONG rel err {err:.2e}", flush=True)
                     continue
-                t = bench(lambda: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, **kw))
+                t = bench(lambda: glu.launch(a, b, vsa, vsb, rb, None, torch.bfloat16, **kw))
             except Exception:
                 bad.add(name)
                 traceback.print_exc(limit=4)
                 continue
             row[f"{name}_tops"] = ops / t / 1e9
+            row[f"{name}_vs_bf16"] = t_bf16 / t
             if name == "gluon":
                 row["gluon_rel_err_fp32"] = err
                 best = t
@@ -149,22 +163,25 @@ def fallback_rows(rows, done=lambda: None):
 def markdown(rows, info):
     lines = [f"# Gluon block-scaled INT8 GEMM — {info['gpu']}, torch {info['torch']}, triton {info['triton']}",
              "", "TOP/s by 2·M·N·K; median of triton.testing.do_bench (L2 flushed); bf16 output; all columns from "
-             "the same run.", "",
-             "| M×K×N | blocks | BF16 TFLOP/s | Triton block | Gluon | Gluon / BF16 | Gluon / Triton "
-             "| variants: magic / order 2 + magic / lockstep / 4 stages | row-scaled Gluon INT8 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "the same run; variants as TOP/s (× BF16).", ""]
     f = lambda r, k: f"{r[k]:.0f}" if k in r else "—"                                          # noqa: E731
     x = lambda r, k: f"{r.get(k, 0):.2f}×"                                                      # noqa: E731
-    for r in rows:
-        if "ratio" in r:
+    for rb in (128, 1):
+        group = [r for r in rows if "ratio" not in r and r.get("rb") == rb]
+        if not group:
             continue
-        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['blocks']} | {f(r, 'bf16_tflops')} | {f(r, 'triton_tops')}"
-                     f" | {f(r, 'gluon_tops')} | {x(r, 'gluon_vs_bf16')} | {x(r, 'gluon_vs_triton')}"
-                     f" | {f(r, 'gluon-magic_tops')} / {f(r, 'gluon-order2-magic_tops')}"
-                     f" / {f(r, 'gluon-lockstep_tops')}"
-                     f" / {f(r, 'gluon-s4_tops')}"
-                     f" | {f(r, 'int8_gluon_rowscaled_tops')} |")
-    lines += ["", "Fallback (second A operand on flagged 128-row × 128-K tiles), 1×128 · 128×128:", "",
+        names = [n for n, _ in variants(rb)[1:]]
+        lines += ["| M×K×N | blocks | BF16 TFLOP/s | Triton block | Gluon | Gluon / BF16 | Gluon / Triton | "
+                  + " | ".join(names) + " | Triton k256 | row-scaled Gluon INT8 |",
+                  "|---" * (9 + len(names)) + "|"]
+        for r in group:
+            lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['blocks']} | {f(r, 'bf16_tflops')} | "
+                         f"{f(r, 'triton_tops')} | {f(r, 'gluon_tops')} | {x(r, 'gluon_vs_bf16')} | "
+                         f"{x(r, 'gluon_vs_triton')} | "
+                         + " | ".join(f"{f(r, n + '_tops')} ({x(r, n + '_vs_bf16')})" for n in names)
+                         + f" | {f(r, 'triton_k256_tops')} | {f(r, 'int8_gluon_rowscaled_tops')} |")
+        lines.append("")
+    lines += ["Fallback (second A operand on flagged 128-row × 128-K tiles), 1×128 · 128×128:", "",
               "| M×K×N | flagged | Gluon no-fallback | Gluon fallback | time vs no-fallback | vs BF16 "
               "| Triton fallback | Gluon / Triton |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

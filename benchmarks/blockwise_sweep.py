@@ -3,15 +3,19 @@
 Runs every block quantize call of a 7B-width step (``qtrain.bench.quant.BLOCKWISE``) with tiles of ``TM × c``
 elements, TM from 2k to 32k elements' worth, 4/8 warps. Each config's output (scales, and codes for RTN) is
 checked equal to the default config's (itself checked against the CPU reference by `qtrain bench quant`).
-Prints one markdown table; the default is the row marked ``default``.
+Prints one markdown table; the default is the row marked ``default``. Then the dual SR quantize of dY
+(``quantize_blockwise_sr_dual``: dY's and dYᵀ's 1×128 blocks from one read) per (TM, warps), against the two single
+SR calls it replaces (``blockwise_sweep.py dual``: that part alone).
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import triton
 import triton.testing
 
-from qtrain.bench.quant import BLOCKWISE
+from qtrain.bench.quant import BLOCKWISE, BLOCKWISE_DUAL
 from qtrain.kernels import blockwise
 
 
@@ -47,6 +51,35 @@ def main() -> None:
             print(f"| {what} | {R}x{C}{'ᵀ' if transposed else ''} | {name} {cfg} | {ms * 1e3:.1f} | {bw:.2f} | "
                   f"{100 * bw / copy_bw:.1f} |", flush=True)
 
+    dual()
+
+
+def dual() -> None:
+    print("\n| dual SR call | shape | config (TM, warps) | us | two single calls us | dual / two |\n"
+          "|---|---|---|---|---|---|")
+    seed = torch.tensor([7], device="cuda")
+    for what, (R, C), dtype, c in BLOCKWISE_DUAL:
+        for cols in (C, 11008):
+            x = torch.randn(R, cols, device="cuda", dtype=dtype) * torch.rand(R, 1, device="cuda", dtype=dtype)
+            two = triton.testing.do_bench(lambda: (blockwise.quantize_blockwise_sr(x, 1, c, seed),
+                                                   blockwise.quantize_blockwise_sr(x.t(), 1, c, seed)),
+                                          return_mode="median")
+            s0 = blockwise.quantize_blockwise_sr_dual(x, c, seed)[1]
+            configs = [("default", blockwise.dual_launch_config(R, c))]
+            configs += [(f"TM {tm} w{w}", (tm, w)) for tm in (128, 256) for w in (4, 8, 16)
+                        if (tm, w) != configs[0][1]]
+            for name, cfg in configs:
+                try:
+                    if not torch.equal(blockwise.quantize_blockwise_sr_dual(x, c, seed, config=cfg)[1], s0):
+                        raise RuntimeError(f"{what}: config {cfg} gives other scales than the default")
+                    ms = triton.testing.do_bench(lambda: blockwise.quantize_blockwise_sr_dual(x, c, seed, config=cfg),
+                                                 return_mode="median")
+                except Exception as e:  # noqa: BLE001 - a config that fails is reported, the sweep goes on
+                    print(f"| {what} | {R}x{cols} | {name} {cfg} | failed: {type(e).__name__} | | |", flush=True)
+                    continue
+                print(f"| {what} | {R}x{cols} | {name} {cfg} | {ms * 1e3:.1f} | {two * 1e3:.1f} | {ms / two:.2f} |",
+                      flush=True)
+
 
 if __name__ == "__main__":
-    main()
+    dual() if sys.argv[1:] == ["dual"] else main()

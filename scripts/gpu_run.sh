@@ -30,6 +30,9 @@ for step in "${steps[@]}"; do
     gluon) python benchmarks/gluon_gemm.py 2>&1 | tee -a "$OUT/run.log" ;;
     rowwise-sweep) python benchmarks/rowwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
     blockwise-sweep) python benchmarks/blockwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
+    dual-sweep) python benchmarks/blockwise_sweep.py dual 2>&1 | tee -a "$OUT/run.log" ;;
+    block-gluon) python benchmarks/block_gemm_gluon.py --skip fallback --out "$OUT/results/block-gluon.json" 2>&1 \
+                   | tee -a "$OUT/run.log" ;;
     host-profile) python benchmarks/host_profile.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     optimizer) python benchmarks/optimizer.py 2>&1 | tee -a "$OUT/run.log" ;;

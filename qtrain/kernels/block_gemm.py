@@ -89,7 +89,7 @@ GLUON_MIN_OPS = 2 ** 38     # 2·M·N·K from which Hopper calls go to the Gluon
 def use_gluon(a: torch.Tensor, b: torch.Tensor, a_rows: int, b_rows: int, block_k: int,
               out_dtype: torch.dtype) -> bool:
     """Whether a call goes to the warp-specialized Gluon kernel (``kernels.block_gemm_gluon``): on a Hopper GPU
-    (capability 9.0), large enough, and a case it supports (1×128 · 128×128 or 1×128 · 1×128 blocks, TMA-aligned
+    (capability 9.0), large enough, and a case it supports (1×c · 128×c or 1×c · 1×c blocks, c 128 or 256, TMA-aligned
     operands); everything else stays on this Triton kernel."""
     if interpreting() or a.device.type != "cuda" or 2 * a.shape[0] * a.shape[1] * b.shape[0] < GLUON_MIN_OPS:
         return False
@@ -108,7 +108,7 @@ def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
         from qtrain.kernels import block_gemm_gluon
 
         return block_gemm_gluon.launch(a, b, a_scale.contiguous(), b_scale.contiguous(), b_rows,
-                                       bias.contiguous() if bias is not None else None, out_dtype)
+                                       bias.contiguous() if bias is not None else None, out_dtype, block_k=block_k)
     return launch(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
 
 

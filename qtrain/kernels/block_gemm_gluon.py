@@ -1,8 +1,8 @@
 """Gluon (Hopper) block-scaled INT8 GEMM, with an optional second (fallback) A operand.
 
 Same contract as :func:`qtrain.quant.block_gemm.block_int8_gemm` for the cases the recipes use — ``a_rows`` 1
-(1×128 activation/gradient blocks), ``b_rows`` ∈ {1, 128} (128×128 weight blocks, or 1×128 along tokens for
-wgrad), ``block_k`` 128 — and :func:`fallback_block_gemm` (METHODS.md § Fallback)::
+(1×c activation/gradient blocks), ``b_rows`` ∈ {1, 128} (128×c weight blocks, or 1×c along tokens for
+wgrad), ``block_k`` c ∈ {128, 256} — and :func:`fallback_block_gemm` (METHODS.md § Fallback)::
 
     out[m, n] = Σ_j (a_j·b_j)[m, n]·a_scale[m, j]·b_scale[n // rb, j]
               + Σ_j flags[m // 128, j]·(a2_j·b_j)[m, n]·a2_scale[m, j]·b_scale[n // rb, j]   (+ bias[n])
@@ -13,14 +13,15 @@ tiles; per program three partitions (``gl.warp_specialize``):
 * a 1-warp **producer** that TMA-loads, for each 128-wide K block, the A tile (two 64-row halves), the B tile
   and — only where the tile's flag is set — the A2 tile into a ring of ``STAGES`` shared-memory stages
   (``ready``/``empty`` mbarriers; the expected byte count follows the flag);
-* two **consumer warpgroups**, each owning 64 rows of the tile: per K block one async ``warpgroup_mma`` into an
-  int32 partial (exact: |partial| ≤ 128·127² < 2²²), then the promotion ``acc += f32(partial)·a_scale·b_scale``
-  into the fp32 accumulator; a flagged block adds the A2 product reusing the B tile already in shared memory.
+* two **consumer warpgroups**, each owning 64 rows of the tile: per scale block (``KP`` = c / 128 ring steps)
+  ``KP`` chained async ``warpgroup_mma`` into an int32 partial (exact: |partial| ≤ 256·127² < 2²²), then the
+  promotion ``acc += f32(partial)·a_scale·b_scale`` into the fp32 accumulator — 256-wide scale blocks halve the
+  promotions per MMA; a flagged block (c = 128 only) adds the A2 product reusing the B tile in shared memory.
 
 The overlap Triton's pipeliner cannot give INT8 dots (GPU.md) comes from the two warpgroups taking turns
-(``ORDER`` 1): warpgroup 1 issues a K block's wgmma only once warpgroup 0's has finished (a ``turn`` mbarrier per
-stage), so one warpgroup promotes while the other's wgmma runs; left alone (``ORDER`` 0) they drift into lockstep
-and both promote while the tensor cores idle. ``ORDER`` 2 (strict alternation, a second barrier) and the exact
+(``ORDER`` 1): warpgroup 1 issues a scale block's wgmmas only once warpgroup 0's have finished (a ``turn``
+mbarrier ring), so one warpgroup promotes while the other's wgmma runs; left alone (``ORDER`` 0) they drift into
+lockstep and both promote while the tensor cores idle. Strict alternation (a second barrier) and the exact
 magic-number conversion ``bits(p + 0x4B400000) − 1.5·2²³`` (``MAGIC``) instead of ``cvt`` measured slower on the
 H200 (benchmarks/results/2026-12-01-h200-block-gluon.md). Keeping two int32 partials per warpgroup (the next K
 block's wgmma in flight during the promotion) does not compile well: ptxas serializes every wgmma when a
@@ -29,7 +30,7 @@ Epilogue per warpgroup: bias, output cast, shared memory, TMA store.
 
 Scales are read with plain loads: ``a_scale`` as given ([M, nk], two values per thread per K block),
 ``b_scale`` per 128-column block (one scalar) when ``b_rows`` is 128, or — for ``b_rows`` 1 — transposed on the
-host to [nk, N] so each K block's column scales are contiguous.
+host to [nk, N] so each scale block's column scales are contiguous.
 
 GPU only (Gluon does not run in Triton's interpreter); the module imports on CPU and :func:`supported` is False
 there. Tested by ``tests/kernels/test_block_gemm_gluon.py``; measured by ``benchmarks/block_gemm_gluon.py``.
@@ -51,15 +52,17 @@ from qtrain.quant.fallback import check_fallback_gemm_args
 
 _GL_OUT = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
+BLOCK_KS = (128, 256)             # scale blocks along K: one or two 128-deep ring steps per promotion
 HALF_M = 64                       # rows per consumer warpgroup
 SMEM_BYTES = 225 * 1024           # H100/H200: 227 KB per block, less room for barriers
 MAX_STAGES = 6
 GROUP_M = 8
 MAGIC = False         # int32 → fp32 by cvt (I2F); True: the exact magic-number add (more instructions, slower)
-ORDER = 1             # 1: warpgroup 1 starts a K block's wgmma once warpgroup 0's is done; 2: and vice versa
+ORDER = 1             # 1: warpgroup 1 starts a scale block's wgmmas once warpgroup 0's are done; 0: unordered
 CONSUMER_REGS = gl.constexpr(240)     # setmaxnreg of the second consumer warpgroup (the first gets the rest)
 PRODUCER_REGS = gl.constexpr(24)
 MAXNREG = 168                          # 12 warps (3 warpgroups) × 32 × 168 ≤ 64K registers
+SB_CVT = False        # 1-row column scales: 32 loads a thread (False) or one a thread + a layout conversion
 
 
 @gluon.jit
@@ -83,7 +86,7 @@ def _to_f32(p, MAGIC: gl.constexpr):
 
 @gluon.jit
 def _producer(a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, flags_ptr, stride_fm, M, N, K,
-              FALLBACK: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr):
+              FALLBACK: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, KP: gl.constexpr):
     BM: gl.constexpr = 2 * a_desc.block_type.shape[0]
     HM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -92,7 +95,7 @@ def _producer(a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, fl
     A2_BYTES: gl.constexpr = 2 * a_desc.block_type.nbytes
     num_m = gl.cdiv(M, BM)
     num_n = gl.cdiv(N, BN)
-    nk = gl.cdiv(K, BK)
+    nk = gl.cdiv(K, BK * KP) * KP          # ring steps: whole scale blocks (TMA zero-fills K beyond the end)
     it = 0
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP)
@@ -119,12 +122,20 @@ def _producer(a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, fl
 
 
 @gluon.jit
-def _scales(sa_ptr, sb_ptr, sa_offs, rmask, sb_base, sb_offs, j, stride_saj, stride_sbj, RB: gl.constexpr):
-    """K block ``j``'s row scales (this warpgroup's 64 rows) and column scale(s). For a 128-row weight block
-    the row scales come back already multiplied by the block's scale."""
+def _scales(sa_ptr, sb_ptr, sa_offs, rmask, sb_base, j, stride_saj, stride_sbj, BN: gl.constexpr,
+            col_l: gl.constexpr, RB: gl.constexpr, SB_CVT: gl.constexpr):
+    """Scale block ``j``'s row scales (this warpgroup's 64 rows) and column scale(s). For a 128-row weight block
+    the row scales come back already multiplied by the block's scale. ``SB_CVT``: the 1-row column scales are
+    loaded one per thread and moved into the accumulator's column layout through shared memory (instead of 32
+    loads a thread)."""
     sa = gl.load(sa_ptr + (sa_offs + j * stride_saj), mask=rmask, other=0.0)
     if RB == 1:
-        sb = gl.load(sb_ptr + (sb_base + j * stride_sbj + sb_offs))
+        if SB_CVT:
+            vec_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+            sb = gl.convert_layout(gl.load(sb_ptr + (sb_base + j * stride_sbj + gl.arange(0, BN, layout=vec_l))),
+                                   col_l)
+        else:
+            sb = gl.load(sb_ptr + (sb_base + j * stride_sbj + gl.arange(0, BN, layout=col_l)))
     else:
         sb = gl.load(sb_ptr + (sb_base + j * stride_sbj))
         sa = sa * sb
@@ -141,24 +152,26 @@ def _promote(acc, p, sa, sb, RB: gl.constexpr, MAGIC: gl.constexpr):
 
 
 @gluon.jit
-def _issue(a_smem, b_smem, ready, it, regs, WG: gl.constexpr, STAGES: gl.constexpr):
-    """Wait for ring step ``it`` and start its wgmma into a fresh int32 partial (asynchronous, ``use_acc=False``
-    over the dead partial ``regs``)."""
-    s = it % STAGES
-    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-    return warpgroup_mma(a_smem.index(2 * s + WG), b_smem.index(s).permute((1, 0)), regs, use_acc=False,
-                         is_async=True)
+def _issue(a_smem, b_smem, ready, it, regs, WG: gl.constexpr, STAGES: gl.constexpr, KP: gl.constexpr):
+    """Wait for ring steps ``it … it + KP − 1`` (one scale block) and start their wgmmas, chained into a fresh
+    int32 partial (asynchronous; the first with ``use_acc=False`` over the dead partial ``regs``)."""
+    for sub in gl.static_range(KP):
+        s = (it + sub) % STAGES
+        mbarrier.wait(ready.index(s), ((it + sub) // STAGES) & 1)
+        regs = warpgroup_mma(a_smem.index(2 * s + WG), b_smem.index(s).permute((1, 0)), regs, use_acc=sub > 0,
+                             is_async=True)
+    return regs
 
 
 @gluon.jit
 def _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, flags_ptr, flag_row,
              stride_sa2j, WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, MAGIC: gl.constexpr,
-             STAGES: gl.constexpr):
-    """After K block ``j`` (ring step ``it``, partial ``p``) was promoted: its fallback term if the tile is
-    flagged (a second wgmma on the B tile still in shared memory, into ``p``'s registers), then the stage goes
-    back to the producer. Returns the accumulator and the partial's registers."""
-    s = it % STAGES
+             STAGES: gl.constexpr, KP: gl.constexpr):
+    """After scale block ``j`` (ring steps ``it …``, partial ``p``) was promoted: its fallback term if the tile is
+    flagged (``KP`` 1: a second wgmma on the B tile still in shared memory, into ``p``'s registers), then the
+    stages go back to the producer. Returns the accumulator and the partial's registers."""
     if FALLBACK:
+        s = it % STAGES
         fv = gl.load(flags_ptr + (flag_row + j))
         if fv != 0:
             sa2 = gl.load(sa2_ptr + (sa2_offs + j * stride_sa2j), mask=rmask, other=0.0)
@@ -168,9 +181,10 @@ def _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask
                               is_async=True)
             p = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
             acc = _promote(acc, p, sa2, sb, RB, MAGIC)
-    # every warp of this warpgroup is past its wgmma wait before the stage is handed back
+    # every warp of this warpgroup is past its wgmma wait before the stages are handed back
     gl.thread_barrier()
-    mbarrier.arrive(empty.index(s), count=1)
+    for sub in gl.static_range(KP):
+        mbarrier.arrive(empty.index((it + sub) % STAGES), count=1)
     return acc, p
 
 
@@ -178,7 +192,8 @@ def _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask
 def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr, bias_ptr,
               M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
               WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
-              MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr, turn, turn1):
+              MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr,
+              KP: gl.constexpr, SB_CVT: gl.constexpr, turn):
     HM: gl.constexpr = c_desc.block_type.shape[0]
     BN: gl.constexpr = c_desc.block_type.shape[1]
     BM: gl.constexpr = 2 * HM
@@ -189,9 +204,10 @@ def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_
 
     num_m = gl.cdiv(M, BM)
     num_n = gl.cdiv(N, BN)
-    nk = gl.cdiv(K, BK)
+    nkb = gl.cdiv(K, BK * KP)                   # scale blocks, KP ring steps each
     p = gl.zeros([HM, BN], gl.int32, mma)        # the partial's registers, reused by every wgmma
     it = 0
+    g = 0                                        # scale blocks done: the turn barriers' ring
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP)
         off_m = pid_m * BM + WG * HM
@@ -202,34 +218,27 @@ def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_
         sa_offs = rows * stride_sam
         sa2_offs = rows * stride_sa2m
         flag_row = pid_m * stride_fm
-        sb_offs = gl.arange(0, BN, layout=col_l)
-        if RB == 1:       # [nk, N padded to BN]: contiguous per K block, no mask (keeps 32 pointers out of registers)
+        if RB == 1:       # [nkb, N padded to BN]: contiguous per scale block, no mask (keeps pointers out of registers)
             sb_base = off_n
         else:
             sb_base = (off_n // RB) * stride_sbn
         acc = gl.zeros([HM, BN], gl.float32, mma)
-        for j in range(nk):
-            sa, sb = _scales(sa_ptr, sb_ptr, sa_offs, rmask, sb_base, sb_offs, j, stride_saj, stride_sbj, RB)
-            s = it % STAGES
-            if ORDER >= 1:
-                if WG == 1:   # start this K block's wgmma once warpgroup 0's has finished (see ORDER)
-                    mbarrier.wait(turn.index(s), (it // STAGES) & 1)
-            if ORDER == 2:
-                if WG == 0:   # ... and warpgroup 0's once warpgroup 1's of the previous K block has
-                    mbarrier.wait(turn1.index((it + STAGES - 1) % STAGES), ((it + STAGES - 1) // STAGES + 1) & 1,
-                                  pred=it > 0)
-            p = _issue(a_smem, b_smem, ready, it, p, WG, STAGES)
+        for j in range(nkb):
+            sa, sb = _scales(sa_ptr, sb_ptr, sa_offs, rmask, sb_base, j, stride_saj, stride_sbj, BN, col_l, RB,
+                             SB_CVT)
+            if ORDER == 1:
+                if WG == 1:   # start this scale block's wgmmas once warpgroup 0's have finished (see ORDER)
+                    mbarrier.wait(turn.index(g % STAGES), (g // STAGES) & 1)
+            p = _issue(a_smem, b_smem, ready, it, p, WG, STAGES, KP)
             p = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
-            if ORDER >= 1:
+            if ORDER == 1:
                 if WG == 0:
-                    mbarrier.arrive(turn.index(s), count=1)
-            if ORDER == 2:
-                if WG == 1:
-                    mbarrier.arrive(turn1.index(s), count=1)
+                    mbarrier.arrive(turn.index(g % STAGES), count=1)
             acc = _promote(acc, p, sa, sb, RB, MAGIC)
             acc, p = _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, flags_ptr,
-                              flag_row, stride_sa2j, WG, RB, FALLBACK, MAGIC, STAGES)
-            it += 1
+                              flag_row, stride_sa2j, WG, RB, FALLBACK, MAGIC, STAGES, KP)
+            it += KP
+            g += 1
 
         if HAS_BIAS:             # (column indices made here: 32 registers a thread not held through the K loop)
             cols = off_n + gl.arange(0, BN, layout=col_l)
@@ -252,7 +261,8 @@ _INT_ARGS = ["M", "N", "K", "stride_sam", "stride_saj", "stride_sbn", "stride_sb
 def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, sa_ptr, sb_ptr, sa2_ptr, flags_ptr, bias_ptr, M, N, K,
                           stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
                           RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr, MAGIC: gl.constexpr,
-                          STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr):
+                          STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr, KP: gl.constexpr,
+                          SB_CVT: gl.constexpr):
     HM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     BK: gl.constexpr = b_desc.block_type.shape[1]
@@ -267,22 +277,20 @@ def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, sa_ptr, sb_ptr, sa2_p
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn1 = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)         # one arrival per consumer warpgroup
-        mbarrier.init(turn.index(i), count=1)          # warpgroup 0's wgmma of this step is done
-        mbarrier.init(turn1.index(i), count=1)         # warpgroup 1's wgmma of this step is done
+        mbarrier.init(turn.index(i), count=1)          # warpgroup 0's wgmmas of a scale block are done
 
     gl.warp_specialize([
         (_consumer, (c_desc, a_smem, b_smem, a2_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
                      bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j,
-                     stride_fm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, turn, turn1)),
+                     stride_fm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, KP, SB_CVT, turn)),
         (_consumer, (c_desc, a_smem, b_smem, a2_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
                      bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j,
-                     stride_fm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, turn, turn1)),
+                     stride_fm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, KP, SB_CVT, turn)),
         (_producer, (a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, flags_ptr, stride_fm, M, N, K,
-                     FALLBACK, STAGES, GROUP)),
+                     FALLBACK, STAGES, GROUP, KP)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -299,13 +307,16 @@ def _aligned(t: torch.Tensor) -> bool:
 def supported(a: torch.Tensor, b: torch.Tensor, a_rows: int, b_rows: int, block_k: int,
               out_dtype: torch.dtype = torch.bfloat16, a2: torch.Tensor | None = None) -> bool:
     """Whether the Gluon kernel can run this call: a Hopper GPU (capability 9.0), ``a_rows`` 1, ``b_rows`` 1 or
-    128, ``block_k`` 128, int8 operands contiguous along K with 16-byte aligned rows (K % 16 == 0), an output
-    whose rows are 16-byte aligned, and M, N, K > 0. False on CPU tensors."""
+    128, ``block_k`` in :data:`BLOCK_KS` (128 with a fallback operand), int8 operands contiguous along K with
+    16-byte aligned rows (K % 16 == 0), an output whose rows are 16-byte aligned, and M, N, K > 0. False on CPU
+    tensors."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.device.type != "cuda":
         return False
     if a.dim() != 2 or b.dim() != 2 or a.dtype != torch.int8 or b.dtype != torch.int8:
         return False
-    if a_rows != 1 or b_rows not in (1, 128) or block_k != BLOCK_K or out_dtype not in _GL_OUT:
+    if a_rows != 1 or b_rows not in (1, 128) or block_k not in BLOCK_KS or out_dtype not in _GL_OUT:
+        return False
+    if a2 is not None and block_k != BLOCK_K:
         return False
     (M, K), N = a.shape, b.shape[0]
     if M == 0 or N == 0 or K == 0 or b.shape[1] != K or (N * torch.empty((), dtype=out_dtype).element_size()) % 16:
@@ -335,17 +346,20 @@ def _desc(t: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block), _layout(block, t.dtype))
 
 
-def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=None, flags=None, *, magic=None,
-           stages=None, grid_size=None, order=None) -> torch.Tensor:
+def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=None, flags=None, *, block_k=BLOCK_K,
+           magic=None, stages=None, grid_size=None, order=None, sb_cvt=None, group=None) -> torch.Tensor:
     """The kernel without argument checks (callers checked the contract and :func:`supported`)."""
     (M, K), N = a.shape, b.shape[0]
     fallback = a2 is not None
+    magic = MAGIC if magic is None else magic
+    if magic and block_k != BLOCK_K:
+        raise ValueError(f"the magic-number promotion is exact for 128-deep partials only, got block_k {block_k}")
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     a_desc = _desc(a, (HALF_M, BLOCK_K))
     b_desc = _desc(b, (BLOCK_N, BLOCK_K))
     a2_desc = _desc(a2, (HALF_M, BLOCK_K)) if fallback else a_desc
     c_desc = _desc(out, (HALF_M, BLOCK_N))
-    if b_rows == 1:                       # [nk, N padded to BLOCK_N]: one K block's column scales contiguous
+    if b_rows == 1:                       # [nkb, N padded to BLOCK_N]: one scale block's column scales contiguous
         n_pad = triton.cdiv(N, BLOCK_N) * BLOCK_N
         sb = b_scale.new_empty((b_scale.shape[1], n_pad))
         sb[:, :N].copy_(b_scale.t())
@@ -362,12 +376,14 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
         fl, sa2, sa2_strides, fm = a_scale, a_scale, (0, 0), 0
     tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
     grid = (min(tiles, grid_size or _num_sms(a.device.index if a.device.index is not None else 0)),)
+    kp = block_k // BLOCK_K
+    n_stages = stages or stages_for(out_dtype, fallback)
     _block_gemm_ws_kernel[grid](
         a_desc, b_desc, a2_desc, c_desc, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
         a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm,
-        RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=MAGIC if magic is None else magic,
-        STAGES=stages or stages_for(out_dtype, fallback), GROUP=GROUP_M, ORDER=int(ORDER if order is None else order),
-        num_warps=4, maxnreg=MAXNREG)
+        RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=magic,
+        STAGES=max(n_stages, kp), GROUP=group or GROUP_M, ORDER=int(ORDER if order is None else order), KP=kp,
+        SB_CVT=SB_CVT if sb_cvt is None else sb_cvt, num_warps=4, maxnreg=MAXNREG)
     return out
 
 
@@ -400,7 +416,8 @@ def block_int8_gemm(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_s
     if not supported(a, b, a_rows, b_rows, block_k, out_dtype):
         raise _unsupported("block_int8_gemm", a, b, a_rows, b_rows, block_k, out_dtype)
     return launch(a, b, a_scale.contiguous(), b_scale.contiguous(), b_rows,
-                  bias.contiguous() if bias is not None else None, out_dtype, magic=magic, stages=stages)
+                  bias.contiguous() if bias is not None else None, out_dtype, block_k=block_k, magic=magic,
+                  stages=stages)
 
 
 def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor, a2_scale: torch.Tensor,

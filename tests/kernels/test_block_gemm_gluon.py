@@ -39,19 +39,19 @@ def test_declines_cpu_and_unsupported_blockings():
     assert torch.equal(out, bias.expand(64, 32))
 
 
-def _operands(m, n, k, rb, bias, seed=0, device="cuda"):
+def _operands(m, n, k, rb, bias, seed=0, device="cuda", bk=128):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g) * torch.logspace(-2, 2, m)[:, None]
     w = torch.randn(n, k, generator=g) * torch.logspace(1, -1, k)[None, :]
-    qa, sa = quant.quantize_blockwise(x, 1, 128)
-    qb, sb = quant.quantize_blockwise(w, rb, 128)
+    qa, sa = quant.quantize_blockwise(x, 1, bk)
+    qb, sb = quant.quantize_blockwise(w, rb, bk)
     bb = torch.randn(n, generator=g) if bias else None
     return x, [t if t is None else t.to(device) for t in (qa, qb, sa, sb, bb)]
 
 
-def _expand(q, s, rows):
+def _expand(q, s, rows, bk=128):
     M, K = q.shape
-    return q.float().abs() * s.repeat_interleave(rows, 0)[:M].repeat_interleave(128, 1)[:, :K]
+    return q.float().abs() * s.repeat_interleave(rows, 0)[:M].repeat_interleave(bk, 1)[:, :K]
 
 
 def _check(out, ref32, out_dtype, magnitude, nk):
@@ -68,14 +68,18 @@ def _check(out, ref32, out_dtype, magnitude, nk):
 @needs_hopper
 @pytest.mark.parametrize("out_dtype", FLOATS, ids=str)
 @pytest.mark.parametrize("rb", [128, 1])
+@pytest.mark.parametrize("bk", [128, 256])
 @pytest.mark.parametrize("mkn,bias", [((37, 208, 72), True), ((300, 640, 200), False), ((1000, 1008, 1040), True),
-                                      ((130, 128, 264), True), ((4096, 2048, 384), False)], ids=str)
-def test_block_gemm_gates(mkn, bias, rb, out_dtype):
+                                      ((130, 128, 264), True), ((4096, 2048, 384), False), ((260, 400, 136), True)],
+                         ids=str)
+def test_block_gemm_gates(mkn, bias, bk, rb, out_dtype):
+    """K ragged against both the 128-deep ring steps and the 256-wide scale blocks (400: a last scale block with
+    one real step and one TMA-zero-filled)."""
     M, K, N = mkn
-    _, (qa, qb, sa, sb, bb) = _operands(M, N, K, rb, bias)
-    out = glu.block_int8_gemm(qa, qb, sa, sb, 1, rb, 128, bb, out_dtype)
-    ref32 = quant.block_int8_gemm(qa, qb, sa, sb, 1, rb, 128, bb, torch.float32)
-    magnitude = _expand(qa, sa, 1) @ _expand(qb, sb, rb).t() + (bb.abs() if bb is not None else 0)
+    _, (qa, qb, sa, sb, bb) = _operands(M, N, K, rb, bias, bk=bk)
+    out = glu.block_int8_gemm(qa, qb, sa, sb, 1, rb, bk, bb, out_dtype)
+    ref32 = quant.block_int8_gemm(qa, qb, sa, sb, 1, rb, bk, bb, torch.float32)
+    magnitude = _expand(qa, sa, 1, bk) @ _expand(qb, sb, rb, bk).t() + (bb.abs() if bb is not None else 0)
     _check(out, ref32, out_dtype, magnitude, -(-K // 128))
 
 
@@ -98,11 +102,21 @@ def test_block_gemm_7b_shape_and_persistent_loop(rb):
     a, b, sa, sb = a[:m, :k], b[:n, :k].contiguous(), sa[:m, :k // 128].contiguous(), sb[:, :k // 128]
     sb = sb[:-(-n // rb)].contiguous()
     ref = quant.block_int8_gemm(a, b, sa, sb, 1, rb, 128, None, torch.float32)
-    for grid_size, stages, order, magic in ((3, 2, 2, True), (5, 3, 2, True), (1, 4, 2, True), (7, None, 0, False),
-                                            (4, None, 1, False), (2, 2, 0, True), (6, 2, 1, True)):
+    for grid_size, stages, order, magic, sb_cvt in ((3, 2, 1, True, True), (5, 3, 0, True, False),
+                                                    (1, 4, 1, True, True), (7, None, 0, False, True),
+                                                    (4, None, 1, False, False), (2, 2, 0, True, False),
+                                                    (6, 2, 1, True, True)):
         out = glu.launch(a, b, sa, sb, rb, None, torch.float32, stages=stages, grid_size=grid_size, order=order,
-                         magic=magic)
-        assert quant.relative_error(ref, out) <= 1e-5, (grid_size, stages, order, magic)
+                         magic=magic, sb_cvt=sb_cvt)
+        assert quant.relative_error(ref, out) <= 1e-5, (grid_size, stages, order, magic, sb_cvt)
+    sa2, sb2 = sa[:, ::2].contiguous() * 2, sb[:, ::2].contiguous() * 3            # 256-wide scale blocks
+    ref = quant.block_int8_gemm(a, b, sa2, sb2, 1, rb, 256, None, torch.float32)
+    for grid_size, stages, order, sb_cvt in ((3, 2, 1, True), (5, 3, 0, False), (1, 5, 1, False), (7, None, 1, True)):
+        out = glu.launch(a, b, sa2, sb2, rb, None, torch.float32, block_k=256, stages=stages, grid_size=grid_size,
+                         order=order, sb_cvt=sb_cvt)
+        assert quant.relative_error(ref, out) <= 1e-5, (grid_size, stages, order, sb_cvt)
+    with pytest.raises(ValueError, match="magic"):
+        glu.launch(a, b, sa2, sb2, rb, None, torch.float32, block_k=256, magic=True)
 
 
 @pytest.mark.gpu

@@ -3,8 +3,9 @@
 GPU needed (the interpreter runs code the compiler rejects, e.g. a ``tl.constexpr`` assigned in a loop).
 
 One subprocess (:mod:`gpu_compile`, interpreter off) captures the launches of the public launchers and compiles the
-distinct ones; each test reads its kernel's results. Gluon kernels (``*_gluon.py``) are not covered: they need
-Gluon's front end. A kernel no launcher call reaches fails :func:`test_every_kernel_is_launched`.
+distinct ones; each test reads its kernel's results. Gluon kernels (``*_gluon.py``) need Gluon's front end:
+``test_gluon_compile.py`` compiles those. A kernel no launcher call reaches fails
+:func:`test_every_kernel_is_launched`.
 """
 from __future__ import annotations
 
