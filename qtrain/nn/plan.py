@@ -47,6 +47,10 @@ from qtrain.quant.fallback import update_threshold
 from qtrain.recipes import GemmSpec, OperandSpec, Recipe
 
 GEMMS = ("fprop", "dgrad", "wgrad")
+# Quantize dY for dgrad and wgrad in one dual SR call where both take SR (1, c) blocks (``LinearPlan.dual_sr_grad``).
+# Off: on the H200 the dual kernel took 1.37-1.39x the time of the two single SR calls it replaces, whatever its
+# tiling (benchmarks/results/2026-12-01-h200-dual-sr-sweep.md); the seam stays for a faster dual kernel.
+DUAL_SR_GRAD = False
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,10 @@ class LinearPlan:
     @property
     def dual_sr_grad(self) -> bool:
         """dgrad's and wgrad's lhs (dY and dYᵀ) are both INT8 SR ``(1, c)`` blocks with one ``c`` on the block
-        path (jetfire_wide): one ``ops.quantize_blockwise_sr_dual`` call gives both (:meth:`quantize_grad`)."""
+        path (jetfire_wide), and :data:`DUAL_SR_GRAD` is on: one ``ops.quantize_blockwise_sr_dual`` call gives
+        both (:meth:`quantize_grad`)."""
         dg, wg = self.dgrad, self.wgrad
-        return (dg.path == wg.path == "block" and dg.spec.lhs.rounding == wg.spec.lhs.rounding == "stochastic"
+        return (DUAL_SR_GRAD and dg.path == wg.path == "block" and dg.spec.lhs.rounding == wg.spec.lhs.rounding == "stochastic"
                 and dg.blocks[0] == wg.blocks[0] == 1 and dg.blocks[2] == wg.blocks[2])
 
     def quantize_grad(self, dy: torch.Tensor) -> tuple[Operand, Operand]:

@@ -10,9 +10,16 @@ import torch
 from qtrain import ops, quant, recipes
 from qtrain.nn import dataflow
 from qtrain.nn.functional import sr_generator
+from qtrain.nn import plan as plan_module
 from qtrain.nn.plan import build_plan
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def dual_on(monkeypatch):
+    """These tests exercise the dual path, off by default (``plan.DUAL_SR_GRAD``)."""
+    monkeypatch.setattr(plan_module, "DUAL_SR_GRAD", True)
 
 
 @pytest.fixture
@@ -91,3 +98,8 @@ def test_quantlinear_jetfire_wide_quantizes_dy_once(monkeypatch, sr_state):
         dual, single = _spy(monkeypatch, "quantize_blockwise_sr_dual"), _spy(monkeypatch, "quantize_blockwise_sr")
         layer(x).square().sum().backward()
     assert len(dual) == 1 and not single and x.grad is not None and layer.weight.grad is not None
+
+
+def test_dual_path_is_off_by_default(monkeypatch):
+    monkeypatch.undo()
+    assert not plan_module.DUAL_SR_GRAD and not build_plan(recipes.get("jetfire_wide")).dual_sr_grad
