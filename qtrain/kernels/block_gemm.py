@@ -83,7 +83,8 @@ def _block_gemm_kernel(a, b, out, sa_ptr, sb_ptr, bias_ptr, a2, sa2_ptr, flag_pt
     tl.store(out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], acc.to(OUT_DTYPE), mask=mask)
 
 
-GLUON_MIN_OPS = 2 ** 38     # 2·M·N·K from which Hopper calls go to the Gluon kernel (slower at 8192×2048×2048)
+GLUON_MIN_OPS = 2 ** 37     # 2·M·N·K from which Hopper calls go to the Gluon kernel (8192×2048×2048: Gluon
+                            # 890–911 TOP/s, Triton 548–551 in two H200 runs; a third run had Gluon at 406)
 
 
 def use_gluon(a: torch.Tensor, b: torch.Tensor, a_rows: int, b_rows: int, block_k: int,

@@ -126,7 +126,7 @@ def test_triton_block_gemm_routes_to_gluon_on_hopper():
     and everything else to the Triton kernel."""
     from qtrain.kernels import block_gemm as kbg
 
-    M, K, N = 8192, 4096, 4096                                       # 2·M·N·K = 2³⁸, the threshold
+    M, K, N = 8192, 4096, 4096                                       # 2·M·N·K = 2³⁸, above the threshold
     _, (qa, qb, sa, sb, bb) = _operands(M, N, K, 128, True)
     assert torch.equal(kbg.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, bb, torch.bfloat16),
                        glu.block_int8_gemm(qa, qb, sa, sb, 1, 128, 128, bb, torch.bfloat16))

@@ -1,8 +1,12 @@
-"""jetfire_wide's linear backward quantizes dY once for dgrad and wgrad (``ops.quantize_blockwise_sr_dual``):
+"""With the dual path on (``plan.DUAL_SR_GRAD``), a data-flow recipe whose dgrad and wgrad take dY in the same 1×c
+SR blocks (jetfire_wide with 1×128 wgrad token blocks, :data:`WIDE128`) quantizes dY once for both
+(``ops.quantize_blockwise_sr_dual``):
 the operands' scales are the two separate calls' bit for bit, dX is the previous two-call path's bit for bit (the
 same seed gives dgrad the same codes), dW agrees with it within the SR noise; jetfire (square blocks) keeps its
 transposed reuse."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +18,9 @@ from qtrain.nn import plan as plan_module
 from qtrain.nn.plan import build_plan
 
 CPU = torch.device("cpu")
+WIDE128 = dataclasses.replace(recipes.JETFIRE_WIDE, name="jetfire_wide_128",
+                              wgrad=recipes.GemmSpec(lhs=recipes.int8(recipes.block(1, 128), "stochastic"),
+                                                     rhs=recipes.int8(recipes.block(1, 128))))
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +59,9 @@ def _spy(monkeypatch, name):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_jetfire_wide_backward_quantizes_dy_once(backend, monkeypatch, sr_state):
     gen, state = sr_state
-    plan = build_plan(recipes.get("jetfire_wide"))
+    plan = build_plan(WIDE128)
     assert plan.dual_sr_grad and not build_plan(recipes.get("jetfire")).dual_sr_grad
+    assert not build_plan(recipes.get("jetfire_wide")).dual_sr_grad        # 1×256 wgrad blocks: two calls
     x, w, b, dy = _inputs()
     with ops.use_backend(backend):
         x_op = dataflow._quantize_x(plan, x)
@@ -76,7 +84,7 @@ def test_jetfire_wide_backward_quantizes_dy_once(backend, monkeypatch, sr_state)
 
 
 def test_dual_only_where_both_gradients_are_needed(monkeypatch, sr_state):
-    plan = build_plan(recipes.get("jetfire_wide"))
+    plan = build_plan(WIDE128)
     x, w, b, dy = _inputs(64, 32, 48)
     with ops.use_backend("reference"):
         x_op = dataflow._quantize_x(plan, x)
@@ -89,10 +97,10 @@ def test_dual_only_where_both_gradients_are_needed(monkeypatch, sr_state):
 
 
 def test_quantlinear_jetfire_wide_quantizes_dy_once(monkeypatch, sr_state):
-    """A jetfire_wide QuantLinear (a linear outside the data-flow blocks) takes the same single read of dY."""
+    """A QuantLinear of that recipe (a linear outside the data-flow blocks) takes the same single read of dY."""
     from qtrain.nn.linear import QuantLinear
 
-    layer = QuantLinear.from_module(torch.nn.Linear(128, 96), "jetfire_wide")
+    layer = QuantLinear.from_module(torch.nn.Linear(128, 96), WIDE128)
     x = torch.randn(64, 128, requires_grad=True)
     with ops.use_backend("reference"):
         dual, single = _spy(monkeypatch, "quantize_blockwise_sr_dual"), _spy(monkeypatch, "quantize_blockwise_sr")
@@ -102,4 +110,4 @@ def test_quantlinear_jetfire_wide_quantizes_dy_once(monkeypatch, sr_state):
 
 def test_dual_path_is_off_by_default(monkeypatch):
     monkeypatch.undo()
-    assert not plan_module.DUAL_SR_GRAD and not build_plan(recipes.get("jetfire_wide")).dual_sr_grad
+    assert not plan_module.DUAL_SR_GRAD and not build_plan(WIDE128).dual_sr_grad

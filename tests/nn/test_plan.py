@@ -82,7 +82,7 @@ def test_sr_block_operands_take_the_block_path():
 
 def test_jetfire_presets_plan():
     for name, blocks in (("jetfire", ((32, 32, 32),) * 3), ("jetfire_wide", ((1, 128, 128), (1, 128, 128),
-                                                                             (1, 1, 128)))):
+                                                                             (1, 1, 256)))):
         r = recipes.get(name)
         plan = build_plan(r)
         assert r.dataflow and (plan.fprop.path, plan.dgrad.path, plan.wgrad.path) == ("block",) * 3
