@@ -45,9 +45,9 @@ def variants(rb):
     """(name, launch keyword arguments) of the Gluon kernel; the first is the default configuration; a
     ``block_k`` of 256 promotes once per two 128-deep steps (256-wide scale blocks)."""
     common = [("gluon", {}), ("gluon-k256", {"block_k": 256}), ("gluon-lockstep", {"order": 0}),
-              ("gluon-magic", {"magic": True})]
+              ("gluon-k256-lockstep", {"block_k": 256, "order": 0}), ("gluon-magic", {"magic": True})]
     if rb == 1:
-        return common + [("gluon-sbcvt", {"sb_cvt": True}), ("gluon-k256-sbcvt", {"block_k": 256, "sb_cvt": True}),
+        return common + [("gluon-loads", {"sb_cvt": False}), ("gluon-k256-loads", {"block_k": 256, "sb_cvt": False}),
                          ("gluon-g4", {"group": 4}), ("gluon-g16", {"group": 16})]
     return common + [("gluon-s4", {"stages": 4})]
 

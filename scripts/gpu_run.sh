@@ -31,8 +31,11 @@ for step in "${steps[@]}"; do
     rowwise-sweep) python benchmarks/rowwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
     blockwise-sweep) python benchmarks/blockwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
     dual-sweep) python benchmarks/blockwise_sweep.py dual 2>&1 | tee -a "$OUT/run.log" ;;
+    # block-gluon: fprop and wgrad layouts, every variant; block-gluon-quick: one shape each
     block-gluon) python benchmarks/block_gemm_gluon.py --skip fallback --out "$OUT/results/block-gluon.json" 2>&1 \
                    | tee -a "$OUT/run.log" ;;
+    block-gluon-quick) python benchmarks/block_gemm_gluon.py --quick --skip fallback \
+                         --out "$OUT/results/block-gluon.json" 2>&1 | tee -a "$OUT/run.log" ;;
     host-profile) python benchmarks/host_profile.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     optimizer) python benchmarks/optimizer.py 2>&1 | tee -a "$OUT/run.log" ;;
