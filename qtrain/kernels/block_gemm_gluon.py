@@ -21,14 +21,16 @@ tiles; per program three partitions (``gl.warp_specialize``):
 The overlap Triton's pipeliner cannot give INT8 dots (GPU.md) comes from the two warpgroups taking turns
 (``ORDER`` 1): warpgroup 1 issues a scale block's wgmmas only once warpgroup 0's have finished (a ``turn``
 mbarrier ring), so one warpgroup promotes while the other's wgmma runs; left alone (``ORDER`` 0) they drift into
-lockstep and both promote while the tensor cores idle. Strict alternation (a second barrier) and the exact
-magic-number conversion ``bits(p + 0x4B400000) − 1.5·2²³`` (``MAGIC``) instead of ``cvt`` measured slower on the
-H200 (benchmarks/results/2026-12-01-h200-block-gluon.md). Keeping two int32 partials per warpgroup (the next K
-block's wgmma in flight during the promotion) does not compile well: ptxas serializes every wgmma when a
-finished accumulator is read while another is in flight in this code (its notes C7514/C7512), so it was dropped.
+lockstep and both promote while the tensor cores idle — measured better on the wgrad layout, where the promotion
+is longest (two per-element scales); on 128-row weight blocks lockstep measured faster (:data:`ORDER`). Strict
+alternation (a second barrier) and the exact magic-number conversion ``bits(p + 0x4B400000) − 1.5·2²³``
+(``MAGIC``) instead of ``cvt`` measured slower on the H200 (benchmarks/results/2026-12-01-h200-block-gluon.md).
+Keeping two int32 partials per warpgroup (the next K block's wgmma in flight during the promotion) does not
+compile well: ptxas serializes every wgmma when a finished accumulator is read while another is in flight in this
+code (its notes C7514/C7512), so it was dropped.
 Epilogue per warpgroup: bias, output cast, shared memory, TMA store.
 
-Scales are read with plain loads: ``a_scale`` as given ([M, nk], two values per thread per K block),
+Scales are read with plain loads: ``a_scale`` as given ([M, nk], two values per thread per scale block),
 ``b_scale`` per 128-column block (one scalar) when ``b_rows`` is 128, or — for ``b_rows`` 1 — transposed on the
 host to [nk, N] so each scale block's column scales are contiguous.
 
@@ -58,7 +60,10 @@ SMEM_BYTES = 225 * 1024           # H100/H200: 227 KB per block, less room for b
 MAX_STAGES = 6
 GROUP_M = 8
 MAGIC = False         # int32 → fp32 by cvt (I2F); True: the exact magic-number add (more instructions, slower)
-ORDER = 1             # 1: warpgroup 1 starts a scale block's wgmmas once warpgroup 0's are done; 0: unordered
+# per b_rows: 1 — warpgroup 1 starts a scale block's wgmmas once warpgroup 0's are done; 0 — unordered. Measured on
+# the H200 over three runs: unordered won 6 of 8 comparisons on 128-row weight blocks, ordered every one on the
+# wgrad layout (benchmarks/results/2026-12-01-h200-profile-7b-compile-k256-fallback.md)
+ORDER = {128: 0, 1: 1}
 CONSUMER_REGS = gl.constexpr(240)     # setmaxnreg of the second consumer warpgroup (the first gets the rest)
 PRODUCER_REGS = gl.constexpr(24)
 MAXNREG = 168                          # 12 warps (3 warpgroups) × 32 × 168 ≤ 64K registers
@@ -383,7 +388,8 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
         a_desc, b_desc, a2_desc, c_desc, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
         a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm,
         RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=magic,
-        STAGES=max(n_stages, kp), GROUP=group or GROUP_M, ORDER=int(ORDER if order is None else order), KP=kp,
+        STAGES=max(n_stages, kp), GROUP=group or GROUP_M, KP=kp,
+        ORDER=int(ORDER[b_rows] if order is None else order),
         SB_CVT=SB_CVT if sb_cvt is None else sb_cvt, num_warps=4, maxnreg=MAXNREG)
     return out
 

@@ -133,7 +133,8 @@ class LinearPlan:
         path (jetfire_wide), and :data:`DUAL_SR_GRAD` is on: one ``ops.quantize_blockwise_sr_dual`` call gives
         both (:meth:`quantize_grad`)."""
         dg, wg = self.dgrad, self.wgrad
-        return (DUAL_SR_GRAD and dg.path == wg.path == "block" and dg.spec.lhs.rounding == wg.spec.lhs.rounding == "stochastic"
+        return (DUAL_SR_GRAD and dg.path == wg.path == "block"
+                and dg.spec.lhs.rounding == wg.spec.lhs.rounding == "stochastic"
                 and dg.blocks[0] == wg.blocks[0] == 1 and dg.blocks[2] == wg.blocks[2])
 
     def quantize_grad(self, dy: torch.Tensor) -> tuple[Operand, Operand]:

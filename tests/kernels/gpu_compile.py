@@ -12,7 +12,8 @@ OUT.json gets the kernels found and every launch's error (or null). Uses Triton 
 (``create_function_from_signature``, ``JITFunction._pack_args``).
 
 Checked on an H200: each Triton compile :func:`run_launchers` caused there (JIT post-compile hook) was one of the
-sm90 launches captured here. Modules ``*_gluon.py`` are left out: Gluon kernels need Gluon's front end (``gluon_compile.py``).
+sm90 launches captured here. Modules ``*_gluon.py`` are left out: Gluon kernels need Gluon's front end
+(``gluon_compile.py``).
 """
 from __future__ import annotations
 

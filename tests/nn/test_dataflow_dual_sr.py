@@ -17,7 +17,8 @@ from qtrain.nn.functional import sr_generator
 from qtrain.nn import plan as plan_module
 from qtrain.nn.plan import build_plan
 
-CPU = torch.device("cpu")
+# the Triton backend runs on the GPU where there is one, else in the interpreter on CPU tensors
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WIDE128 = dataclasses.replace(recipes.JETFIRE_WIDE, name="jetfire_wide_128",
                               wgrad=recipes.GemmSpec(lhs=recipes.int8(recipes.block(1, 128), "stochastic"),
                                                      rhs=recipes.int8(recipes.block(1, 128))))
@@ -31,8 +32,8 @@ def dual_on(monkeypatch):
 
 @pytest.fixture
 def sr_state():
-    """The CPU SR generator's state, restored after the test."""
-    gen = sr_generator(CPU)
+    """The SR generator's state (of the test device), restored after the test."""
+    gen = sr_generator(DEV)
     state = gen.get_state()
     yield gen, state
     gen.set_state(state)
@@ -41,7 +42,7 @@ def sr_state():
 def _inputs(m=200, k=96, n=160):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5
-    return x, w, torch.randn(n, generator=g), torch.randn(m, n, generator=g)
+    return tuple(t.to(DEV) for t in (x, w, torch.randn(n, generator=g), torch.randn(m, n, generator=g)))
 
 
 def _spy(monkeypatch, name):
@@ -100,8 +101,8 @@ def test_quantlinear_jetfire_wide_quantizes_dy_once(monkeypatch, sr_state):
     """A QuantLinear of that recipe (a linear outside the data-flow blocks) takes the same single read of dY."""
     from qtrain.nn.linear import QuantLinear
 
-    layer = QuantLinear.from_module(torch.nn.Linear(128, 96), WIDE128)
-    x = torch.randn(64, 128, requires_grad=True)
+    layer = QuantLinear.from_module(torch.nn.Linear(128, 96), WIDE128).to(DEV)
+    x = torch.randn(64, 128, device=DEV, requires_grad=True)
     with ops.use_backend("reference"):
         dual, single = _spy(monkeypatch, "quantize_blockwise_sr_dual"), _spy(monkeypatch, "quantize_blockwise_sr")
         layer(x).square().sum().backward()
