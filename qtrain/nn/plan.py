@@ -48,8 +48,9 @@ from qtrain.recipes import GemmSpec, OperandSpec, Recipe
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 # Quantize dY for dgrad and wgrad in one dual SR call where both take SR (1, c) blocks (``LinearPlan.dual_sr_grad``).
-# Off: on the H200 the dual kernel took 1.37-1.39x the time of the two single SR calls it replaces, whatever its
-# tiling (benchmarks/results/2026-12-01-h200-dual-sr-sweep.md); the seam stays for a faster dual kernel.
+# Off: on the H200 the dual kernel took 1.37-1.39x the time of the two single SR calls it replaces at c = 128,
+# whatever its tiling, and 2.5-11x with 256-row tiles, the smallest it takes at c = 256 (jetfire_wide's blocks)
+# (benchmarks/results/2026-12-01-h200-dual-sr-sweep.md); the seam stays for a faster dual kernel.
 DUAL_SR_GRAD = False
 
 

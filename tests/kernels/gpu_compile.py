@@ -87,12 +87,15 @@ def _tensorwise(mod):
 
 
 def _blockwise(mod):
-    for r, c, t in ((1, 128, _x()), (128, 128, _empty(N, K, dtype=fp32)), (32, 32, _x()), (1, 128, _xt())):
+    for r, c, t in ((1, 128, _x()), (128, 128, _empty(N, K, dtype=fp32)), (32, 32, _x()), (1, 128, _xt()),
+                    (128, 256, _empty(N, K, dtype=fp32)), (1, 256, _xt())):  # ... jetfire_wide's W and Xᵀ
         mod.quantize_blockwise(t, r, c)
     mod.quantize_blockwise_sr(_x(), 32, 32, torch.zeros(1, dtype=torch.int64))
+    mod.quantize_blockwise_sr(_xt(), 1, 256, torch.zeros(1, dtype=torch.int64))       # jetfire_wide's dYᵀ
     for c in (32, 128):                                            # dY of jetfire_wide; a wide tile of small c
         mod.quantize_blockwise_sr_dual(_x(), c, torch.zeros(1, dtype=torch.int64))
     mod.requantize_blockwise_t(_empty(M, K), _empty(M, K // 128, dtype=fp32), 1, 128, 1, 128)
+    mod.requantize_blockwise_t(_empty(M, K), _empty(M, K // 256, dtype=fp32), 1, 256, 1, 256)
 
 
 def _dataflow(mod):
@@ -112,6 +115,11 @@ def _dataflow(mod):
     mod.rmsnorm_backward(_empty(M, K), scales(K, r, c), w, _empty(M, K), scales(K, r, c), 1e-6, r, c)
     r, c = 1, 128
     mod.layernorm_backward(_empty(M, K), scales(K, r, c), w, w, _empty(M, K), scales(K, r, c), 1e-5, r, c)
+    r, c = 1, 256                                                  # jetfire_wide blocks, a LLaMA block
+    mod.rmsnorm_quantize(_empty(M, K), scales(K, r, c), w, 1e-6, r, c)
+    mod.swiglu_quantize(_empty(M, 2 * F), scales(2 * F, r, c), r, c)
+    mod.swiglu_backward(_empty(M, 2 * F), scales(2 * F, r, c), _empty(M, F), scales(F, r, c), r, c)
+    mod.rmsnorm_backward(_empty(M, K), scales(K, r, c), w, _empty(M, K), scales(K, r, c), 1e-6, r, c)
 
 
 def _hadamard(mod):

@@ -1,6 +1,6 @@
 """With the dual path on (``plan.DUAL_SR_GRAD``), a data-flow recipe whose dgrad and wgrad take dY in the same 1×c
-SR blocks (jetfire_wide with 1×128 wgrad token blocks, :data:`WIDE128`) quantizes dY once for both
-(``ops.quantize_blockwise_sr_dual``):
+SR blocks (jetfire_wide's structure with 1×128 blocks, :data:`WIDE128`) quantizes dY once for both
+(``ops.quantize_blockwise_sr_dual``, whose default tiling is sized for c = 128):
 the operands' scales are the two separate calls' bit for bit, dX is the previous two-call path's bit for bit (the
 same seed gives dgrad the same codes), dW agrees with it within the SR noise; jetfire (square blocks) keeps its
 transposed reuse."""
@@ -19,9 +19,11 @@ from qtrain.nn.plan import build_plan
 
 # the Triton backend runs on the GPU where there is one, else in the interpreter on CPU tensors
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_X, _G = recipes.int8(recipes.block(1, 128)), recipes.int8(recipes.block(1, 128), "stochastic")
+_W = recipes.int8(recipes.block(128, 128))
 WIDE128 = dataclasses.replace(recipes.JETFIRE_WIDE, name="jetfire_wide_128",
-                              wgrad=recipes.GemmSpec(lhs=recipes.int8(recipes.block(1, 128), "stochastic"),
-                                                     rhs=recipes.int8(recipes.block(1, 128))))
+                              fprop=recipes.GemmSpec(_X, _W, out="int8_blocks"),
+                              dgrad=recipes.GemmSpec(_G, _W, out="int8_blocks"), wgrad=recipes.GemmSpec(_G, _X))
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +64,7 @@ def test_jetfire_wide_backward_quantizes_dy_once(backend, monkeypatch, sr_state)
     gen, state = sr_state
     plan = build_plan(WIDE128)
     assert plan.dual_sr_grad and not build_plan(recipes.get("jetfire")).dual_sr_grad
-    assert not build_plan(recipes.get("jetfire_wide")).dual_sr_grad        # 1×256 wgrad blocks: two calls
+    assert build_plan(recipes.get("jetfire_wide")).dual_sr_grad             # the preset's blocks (1×256) qualify
     x, w, b, dy = _inputs()
     with ops.use_backend(backend):
         x_op = dataflow._quantize_x(plan, x)

@@ -81,12 +81,12 @@ def test_sr_block_operands_take_the_block_path():
 
 
 def test_jetfire_presets_plan():
-    for name, blocks in (("jetfire", ((32, 32, 32),) * 3), ("jetfire_wide", ((1, 128, 128), (1, 128, 128),
-                                                                             (1, 1, 256)))):
+    for name, blocks, reuse_wt in (("jetfire", ((32, 32, 32),) * 3, True),
+                                   ("jetfire_wide", ((1, 128, 256), (1, 128, 256), (1, 1, 256)), False)):
         r = recipes.get(name)
         plan = build_plan(r)
         assert r.dataflow and (plan.fprop.path, plan.dgrad.path, plan.wgrad.path) == ("block",) * 3
-        assert (plan.fprop.blocks, plan.dgrad.blocks, plan.wgrad.blocks) == blocks and plan.reuse_wt
+        assert (plan.fprop.blocks, plan.dgrad.blocks, plan.wgrad.blocks) == blocks and plan.reuse_wt == reuse_wt
         assert r.dgrad.lhs.rounding == r.wgrad.lhs.rounding == "stochastic" and r.fprop.lhs.rounding == "nearest"
         QuantLinear(64, 64, recipe=r)                 # a plain layer runs the same GEMMs (dequantized outputs)
 
