@@ -126,7 +126,8 @@ class Int4LinearFunction(torch.autograd.Function):
     ``F.linear`` keeps) and the INT4 ``Q(WH)`` (int8, weight-sized): the backward recomputes ``XH`` (LSQ's step
     gradient needs the unrounded ``XH/s``, which INT4 codes cannot give back) and its codes, bit for bit.
 
-    dgrad/wgrad (``bitsplit_lss``): ``dY`` split into INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.split_stacked`),
+    dgrad/wgrad (``bitsplit_lss``; or ``hp``: ``dY`` in fp32 against the same quantized operands, the ablation of
+    the gradient quantization): ``dY`` split into INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.split_stacked`),
     the ``2M`` stacked rows sampled by leverage score (each GEMM its own sample, both drawn in one call where their
     :class:`~qtrain.recipes.BitSplit` agree) from the stochastic-rounding generator; ``∂L/∂X̂h = dY·Ŵh`` on
     ``ops.int4_gemm`` (over the kept rows on the CPU and from :data:`LSS_GATHER_MIN_OPS`, else over all rows with
@@ -177,19 +178,27 @@ def _int4_backward(dy, x, weight, bias, step, qw, plan, w_kn, b, need):
     learn_x, learn_w = need_step and fp.lhs.step.learn, need_step and fp.rhs.step.learn
     run_dgrad, run_wgrad = need_dx or learn_x, need_dw or learn_w
     dx = dw = db = dstep = dsx = dsw = None
+    split = plan.dgrad.path == "bitsplit_lss"          # else "hp": full-precision dY (the ablation of the split)
     if run_dgrad or run_wgrad:
-        codes, s, norms = ops.bit_split(dy.contiguous())
         xh = ops.block_hadamard(x, b)
         qx, inside_x, r_x = _lsq.lsq_quantize(xh, sx, residual=learn_x)
-        scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
+        if split:
+            codes, s, norms = ops.bit_split(dy.contiguous())
+            scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
     if run_dgrad:
-        gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * xh.shape[1])
-        gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
+        if split:
+            gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * xh.shape[1])
+            gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
+        else:
+            gx = dy.float() @ (qw.float() * sw)
         dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x))
         if need_dx:
             dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
     if run_wgrad:
-        gw = _lss.lss_wgrad(codes, scale["wgrad"], qx, sx.reshape(()))
+        if split:
+            gw = _lss.lss_wgrad(codes, scale["wgrad"], qx, sx.reshape(()))
+        else:
+            gw = dy.float().t() @ (qx.float() * sx)
         wh = ops.block_hadamard(w, b)
         _, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)
         dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w))

@@ -18,7 +18,8 @@ hq_int4    fprop only (the ``int4`` preset): X and W INT4 per tensor, both with 
            :class:`qtrain.nn.linear.Int4LinearFunction`
 bitsplit_lss dgrad/wgrad with an hq_int4 fprop: lhs dY with :class:`~qtrain.recipes.BitSplit` (INT4 per tensor,
            SR), rhs fprop's quantized W (dgrad) or X (wgrad) reused (``rhs == fprop.rhs`` / ``fprop.lhs``) →
-           :mod:`qtrain.quant.lss` (dgrad on ``ops.int4_gemm``, wgrad in fp32 over the sampled codes)
+           :mod:`qtrain.quant.lss` (dgrad on ``ops.int4_gemm``, wgrad in fp32 over the sampled codes); or both
+           ``hp`` with an hq_int4 fprop (the ablation of the gradient quantization: fp32 dY against fprop's codes)
 emulated   other quantized specs (SR rows/tensors, INT4, other blocks, mixed kinds): reference quantize-dequantize,
            fp32 matmul
 ========== =====================================================================================================
@@ -239,15 +240,20 @@ def _int4_gemm_plan(recipe: Recipe, name: str, spec: GemmSpec) -> GemmPlan | Non
     return GemmPlan(name, spec, "bitsplit_lss")
 
 
+INT4_PATHS = (("hq_int4", "bitsplit_lss", "bitsplit_lss"), ("hq_int4", "hp", "hp"))
+
+
 def _check_int4(recipe: Recipe, fprop: GemmPlan, dgrad: GemmPlan, wgrad: GemmPlan) -> None:
-    """An ``hq_int4`` fprop comes with ``bitsplit_lss`` dgrad and wgrad (its backward runs the straight-through
-    estimator of the quantizer and the LSQ step gradients) and keeps X in floating point."""
+    """An ``hq_int4`` fprop comes with ``bitsplit_lss`` dgrad and wgrad, or with both ``hp`` (the ablation of the
+    gradient quantization: full-precision dY against fprop's quantized operands); its backward runs the
+    straight-through estimator of the quantizer and the LSQ step gradients, and it keeps X in floating point."""
     paths = (fprop.path, dgrad.path, wgrad.path)
     if "hq_int4" not in paths and "bitsplit_lss" not in paths:
         return
-    if paths != ("hq_int4", "bitsplit_lss", "bitsplit_lss"):
+    if paths not in INT4_PATHS:
         raise ValueError(f"recipe {recipe.name!r}: the INT4 paths go together; accepted: fprop 'hq_int4' with "
-                         f"dgrad and wgrad 'bitsplit_lss' (see qtrain.nn.plan); got {'/'.join(paths)}")
+                         f"dgrad and wgrad both 'bitsplit_lss' or both 'hp' (see qtrain.nn.plan); got "
+                         f"{'/'.join(paths)}")
     if recipe.save_int8_input:
         raise ValueError(f"recipe {recipe.name!r}: save_int8_input with the INT4 paths is not implemented (the "
                          "backward recomputes the INT4 X from the saved X); accepted: save_int8_input=False")

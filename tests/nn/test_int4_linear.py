@@ -38,6 +38,9 @@ def with_split(sampling=True, budget=1.0):
                                wgrad=GemmSpec(bs, INT4.wgrad.rhs))
 
 
+FPROP_ONLY = dataclasses.replace(INT4, name="int4_fprop_only", dgrad=GemmSpec(), wgrad=GemmSpec())
+
+
 def _layer(ref, recipe):
     """A QuantLinear with copies of ``ref``'s parameters (so gradients do not mix)."""
     q = QuantLinear.from_module(nn.Linear(ref.in_features, ref.out_features), recipe)
@@ -113,6 +116,33 @@ def test_backward_is_unbiased_around_the_lsq_reference():
     full.int4_step.data.copy_(layer.int4_step.data)
     g = _step(full, x, dy)
     assert sqnr(want[0], g[1]) > 25 and sqnr(want[1], g[2]) > 25                 # no sampling: bit split only
+
+
+def test_fprop_only_ablation_is_the_lsq_reference_exactly():
+    """dgrad/wgrad 'hp' (the ablation of the gradient quantization): full-precision dY against fprop's quantized
+    operands — autograd through fake_quantize_lsq(XH)·fake_quantize_lsq(WH)ᵀ, up to fp32 rounding."""
+    plan = qtrain.nn.plan.build_plan(FPROP_ONLY)
+    assert (plan.fprop.path, plan.dgrad.path, plan.wgrad.path) == ("hq_int4", "hp", "hp") and plan.int4
+    torch.manual_seed(0)
+    ref = nn.Linear(128, 96)
+    x = outlier_data(256, 128, magnitude=20.0, seed=2)
+    dy = torch.randn(256, 96)
+    layer = _layer(ref, FPROP_ONLY)
+    layer(x)                                                                      # calibrates
+    b = layer._hq_b
+    st = layer.int4_step.detach().clone().requires_grad_()
+    xr, wr = x.clone().requires_grad_(), ref.weight.detach().clone().requires_grad_()
+    h = torch.block_diag(*[hadamard_matrix(b)] * (128 // b))
+    yr = fake_quantize_lsq(xr @ h, st[0:1]) @ fake_quantize_lsq(wr @ h, st[1:2]).t() + ref.bias.detach()
+    yr.backward(dy)
+    xx = x.clone().requires_grad_()
+    y = layer(xx)
+    y.backward(dy)
+    assert sqnr(yr.detach(), y.detach()) > 100
+    for want, got in ((xr.grad, xx.grad), (wr.grad, layer.weight.grad), (st.grad, layer.int4_step.grad)):
+        assert sqnr(want, got) > 60, sqnr(want, got)
+    with pytest.raises(ValueError, match="both 'bitsplit_lss' or both 'hp'"):
+        qtrain.nn.plan.build_plan(dataclasses.replace(FPROP_ONLY, wgrad=INT4.wgrad))
 
 
 def test_int4_state_in_state_dict_and_plain_checkpoints():
