@@ -16,7 +16,9 @@ tiles; per program three partitions (``gl.warp_specialize``):
 * two **consumer warpgroups**, each owning 64 rows of the tile: per scale block (``KP`` = c / 128 ring steps)
   ``KP`` chained async ``warpgroup_mma`` into an int32 partial (exact: |partial| ≤ 256·127² < 2²²), then the
   promotion ``acc += f32(partial)·a_scale·b_scale`` into the fp32 accumulator — 256-wide scale blocks halve the
-  promotions per MMA; a flagged block (c = 128 only) adds the A2 product reusing the B tile in shared memory.
+  promotions per MMA; a flagged block adds the A2 product reusing the B tiles in shared memory (with c = 256:
+  compiled for sm_90 and GPU-tested through :func:`launch` only — :func:`supported` declines it until that test
+  has run on a Hopper GPU).
 
 The overlap Triton's pipeliner cannot give INT8 dots (GPU.md) comes from the two warpgroups taking turns
 (``ORDER`` 1): warpgroup 1 issues a scale block's wgmmas only once warpgroup 0's have finished (a ``turn``
@@ -112,8 +114,8 @@ def _producer(a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, fl
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             k = j * BK
-            if FALLBACK:
-                fv = gl.load(flags_ptr + pid_m * stride_fm + j)
+            if FALLBACK:                    # the flag of scale block j // KP
+                fv = gl.load(flags_ptr + pid_m * stride_fm + j // KP)
                 f = fv != 0
                 mbarrier.expect(bar, AB_BYTES + A2_BYTES, pred=f)
                 mbarrier.expect(bar, AB_BYTES, pred=fv == 0)
@@ -173,18 +175,19 @@ def _issue(a_smem, b_smem, ready, it, regs, WG: gl.constexpr, STAGES: gl.constex
 def _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, flags_ptr, flag_row,
              stride_sa2j, WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, MAGIC: gl.constexpr,
              STAGES: gl.constexpr, KP: gl.constexpr):
-    """After scale block ``j`` (ring steps ``it …``, partial ``p``) was promoted: its fallback term if the tile is
-    flagged (``KP`` 1: a second wgmma on the B tile still in shared memory, into ``p``'s registers), then the
-    stages go back to the producer. Returns the accumulator and the partial's registers."""
+    """After scale block ``j`` (ring steps ``it … it + KP − 1``, partial ``p``) was promoted: its fallback term if
+    the tile is flagged (``KP`` chained wgmmas of the A2 tiles on the B tiles still in shared memory, into ``p``'s
+    registers), then the stages go back to the producer. Returns the accumulator and the partial's registers."""
     if FALLBACK:
-        s = it % STAGES
         fv = gl.load(flags_ptr + (flag_row + j))
         if fv != 0:
             sa2 = gl.load(sa2_ptr + (sa2_offs + j * stride_sa2j), mask=rmask, other=0.0)
             if RB != 1:
                 sa2 = sa2 * sb
-            p = warpgroup_mma(a2_smem.index(2 * s + WG), b_smem.index(s).permute((1, 0)), p, use_acc=False,
-                              is_async=True)
+            for sub in gl.static_range(KP):
+                s = (it + sub) % STAGES
+                p = warpgroup_mma(a2_smem.index(2 * s + WG), b_smem.index(s).permute((1, 0)), p, use_acc=sub > 0,
+                                  is_async=True)
             p = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
             acc = _promote(acc, p, sa2, sb, RB, MAGIC)
     # every warp of this warpgroup is past its wgmma wait before the stages are handed back
@@ -322,7 +325,7 @@ def supported(a: torch.Tensor, b: torch.Tensor, a_rows: int, b_rows: int, block_
         return False
     if a_rows != 1 or b_rows not in (1, 128) or block_k not in BLOCK_KS or out_dtype not in _GL_OUT:
         return False
-    if a2 is not None and block_k != BLOCK_K:
+    if a2 is not None and block_k != BLOCK_K:          # the fallback term at c = 256: not yet run on a GPU
         return False
     (M, K), N = a.shape, b.shape[0]
     if M == 0 or N == 0 or K == 0 or b.shape[1] != K or (N * torch.empty((), dtype=out_dtype).element_size()) % 16:

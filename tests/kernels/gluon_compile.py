@@ -59,6 +59,10 @@ def run_launchers() -> None:
     a, b, sa, sb = _block_operands(128, 128)
     bg.launch(a, b, sa, sb, 128, torch.zeros(512), torch.float32, grid_size=132, magic=True)
     bg.launch(a, b, sa, sb, 128, None, torch.bfloat16, a, sa, torch.zeros(4, 8, dtype=torch.uint8), grid_size=132)
+    for rb in (128, 1):                                     # the fallback term over 256-wide scale blocks
+        a, b, sa, sb = _block_operands(rb, 256)
+        bg.launch(a, b, sa, sb, rb, None, torch.bfloat16, a, sa, torch.zeros(4, 4, dtype=torch.uint8), block_k=256,
+                  grid_size=132)
     a, b = torch.zeros(512, 1024, dtype=torch.int8), torch.zeros(512, 1024, dtype=torch.int8)
     ig.launch(a, b, torch.ones(512), torch.ones(512), torch.zeros(512), torch.bfloat16)
     ig.launch(a, b, torch.ones(512), torch.ones(()), None, torch.float32)

@@ -164,21 +164,21 @@ def test_block_gemm_nan_scales_non_contiguous_and_errors():
     assert quant.relative_error(ref, out) <= 1e-5
 
 
-def _fallback_case(m, n, k, rb, ratio, bias, seed=0):
+def _fallback_case(m, n, k, rb, ratio, bias, seed=0, bk=128):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     x[torch.rand(m, k, generator=g) < 0.002] *= 300.0                       # scattered outliers
     x = x.cuda()
-    tmax = qfb.tile_absmax(x, 128)
+    tmax = qfb.tile_absmax(x, bk)
     if ratio == 0:
         tau = torch.tensor([float("inf")], device="cuda")
     elif ratio == 1:
         tau = torch.tensor([-1.0], device="cuda")
     else:
         tau = torch.quantile(tmax.flatten(), 1 - ratio).reshape(1)
-    q, s, q2, s2, flags, _ = qfb.quantize_fallback(x, tau)
+    q, s, q2, s2, flags, _ = qfb.quantize_fallback(x, tau, bk)
     w = torch.randn(n, k, generator=g).cuda()
-    qb, sb = quant.quantize_blockwise(w, rb, 128)
+    qb, sb = quant.quantize_blockwise(w, rb, bk)
     bb = torch.randn(n, generator=g).cuda() if bias else None
     return q, s, q2, s2, flags, qb, sb, bb
 
@@ -206,6 +206,27 @@ def test_fallback_gemm(mkn, ratio, rb, out_dtype):
         _check(out, ref32, out_dtype, magnitude, -(-K // 128))
     if ratio == 0.0:                      # no flagged tile: the plain block GEMM, bit for bit
         assert torch.equal(out, glu.block_int8_gemm(q, qb, s, sb, 1, rb, 128, bb, out_dtype))
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("rb", [128, 1])
+@pytest.mark.parametrize("ratio", [0.0, 0.05, 1.0])
+@pytest.mark.parametrize("mkn", [(1000, 1152, 520), (4096, 4096, 1024), (300, 400, 136)], ids=str)
+def test_fallback_gemm_wide_scale_blocks(mkn, ratio, rb):
+    """The fallback term over 256-wide scale blocks (two chained 128-deep A2 steps per flagged block), run through
+    ``launch`` (``supported`` declines it until this test has passed on a Hopper GPU); poisoned unflagged residuals
+    as above; fp32 output within 1e-5 of the reference."""
+    M, K, N = mkn
+    q, s, q2, s2, flags, qb, sb, bb = _fallback_case(M, N, K, rb, ratio, bias=True, bk=256)
+    ref32 = qfb.fallback_block_gemm(q, s, q2, s2, flags, qb, sb, rb, 256, bb, torch.float32)
+    cols = qfb.expand_tiles(flags, M).repeat_interleave(256, 1)[:, :K]
+    q2 = torch.where(cols, q2, torch.randint_like(q2, -127, 128))
+    s2 = torch.where(qfb.expand_tiles(flags, M), s2, torch.full_like(s2, float("nan")))
+    for stages in (None, 2, 3):
+        out = glu.launch(q, qb, s, sb, rb, bb, torch.float32, q2, s2, flags, block_k=256, stages=stages)
+        assert quant.relative_error(ref32, out) <= 1e-5, stages
+    assert not glu.supported(q, qb, 1, rb, 256, torch.float32, a2=q2)
 
 
 @pytest.mark.gpu

@@ -58,6 +58,16 @@ def test_wide_scale_blocks_halve_promotions_per_mma(rows, rb):
     assert two["IGMMA"] == 2 * one["IGMMA"]                          # ... over twice the MMAs
 
 
+@pytest.mark.parametrize("rb", [128, 1])
+def test_fallback_term_chains_both_steps_of_a_wide_block(rows, rb):
+    one = _find(rows, RB=128, KP=1, FALLBACK=True)
+    two = _find(rows, RB=rb, KP=2, FALLBACK=True)
+    if not one:
+        pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
+    assert two["IGMMA"] == 2 * one["IGMMA"]             # A·B and A2·B: two 128-deep steps each per scale block
+    assert two["STL"] == 0 and two["LDL"] == 0
+
+
 def test_column_scale_conversion_replaces_global_loads(rows):
     plain, cvt = _find(rows, RB=1, KP=1, SB_CVT=False), _find(rows, RB=1, KP=1, SB_CVT=True)
     if not plain:
