@@ -79,6 +79,18 @@ def test_int4_forward_backward_sqnr_and_hq_beats_plain():
     assert all(s >= 2 for s in results["normal", "int4"] + results["outlier", "int4"])  # one LSS draw: noisy
 
 
+def _lsq_reference(layer, ref, x, dy):
+    """``(y, (dx, dw, dstep))`` of autograd through fake_quantize_lsq(XH)·fake_quantize_lsq(WH)ᵀ + b with the
+    calibrated ``layer``'s Hadamard block and steps (``ref``'s weight and bias)."""
+    b, K = layer._hq_b, x.shape[1]
+    st = layer.int4_step.detach().clone().requires_grad_()
+    xr, wr = x.clone().requires_grad_(), ref.weight.detach().clone().requires_grad_()
+    h = torch.block_diag(*[hadamard_matrix(b)] * (K // b))
+    yr = fake_quantize_lsq(xr @ h, st[0:1]) @ fake_quantize_lsq(wr @ h, st[1:2]).t() + ref.bias.detach()
+    yr.backward(dy)
+    return yr.detach(), (xr.grad, wr.grad, st.grad)
+
+
 def test_backward_is_unbiased_around_the_lsq_reference():
     """The mean of many sampled backward passes converges to autograd through fake_quantize_lsq(XH)·(WH)ᵀ."""
     torch.manual_seed(0)
@@ -89,13 +101,7 @@ def test_backward_is_unbiased_around_the_lsq_reference():
     layer = _layer(ref, INT4)
     xx = x.clone().requires_grad_()
     layer(xx)                                                                     # calibrates
-    b = layer._hq_b
-    st = layer.int4_step.detach().clone().requires_grad_()
-    xr, wr = x.clone().requires_grad_(), ref.weight.detach().clone().requires_grad_()
-    h = torch.block_diag(*[hadamard_matrix(b)] * (128 // b))
-    yr = fake_quantize_lsq(xr @ h, st[0:1]) @ fake_quantize_lsq(wr @ h, st[1:2]).t() + ref.bias.detach()
-    yr.backward(dy)
-    want = (xr.grad, wr.grad, st.grad)
+    yr, want = _lsq_reference(layer, ref, x, dy)
     sums, errs = None, {}
     for n in range(1, 65):
         for t in (xx, layer.weight, layer.int4_step):
@@ -106,7 +112,7 @@ def test_backward_is_unbiased_around_the_lsq_reference():
         sums = got if sums is None else tuple(a + g for a, g in zip(sums, got))
         if n in (4, 64):
             errs[n] = [sqnr(w, s / n) for w, s in zip(want, sums)]
-    assert sqnr(yr.detach(), y.detach()) > 100                                   # forward: the same numbers
+    assert sqnr(yr, y.detach()) > 100                                   # forward: the same numbers
     print("SQNR vs LSQ reference (dx, dw, dstep) after 4 / 64 draws:", errs)
     for a, c in zip(errs[4], errs[64]):
         assert c > a + 6                                                          # 16× draws: ~12 dB
@@ -129,18 +135,13 @@ def test_fprop_only_ablation_is_the_lsq_reference_exactly():
     dy = torch.randn(256, 96)
     layer = _layer(ref, FPROP_ONLY)
     layer(x)                                                                      # calibrates
-    b = layer._hq_b
-    st = layer.int4_step.detach().clone().requires_grad_()
-    xr, wr = x.clone().requires_grad_(), ref.weight.detach().clone().requires_grad_()
-    h = torch.block_diag(*[hadamard_matrix(b)] * (128 // b))
-    yr = fake_quantize_lsq(xr @ h, st[0:1]) @ fake_quantize_lsq(wr @ h, st[1:2]).t() + ref.bias.detach()
-    yr.backward(dy)
+    yr, want = _lsq_reference(layer, ref, x, dy)
     xx = x.clone().requires_grad_()
     y = layer(xx)
     y.backward(dy)
-    assert sqnr(yr.detach(), y.detach()) > 100
-    for want, got in ((xr.grad, xx.grad), (wr.grad, layer.weight.grad), (st.grad, layer.int4_step.grad)):
-        assert sqnr(want, got) > 60, sqnr(want, got)
+    assert sqnr(yr, y.detach()) > 100
+    for w, g in zip(want, (xx.grad, layer.weight.grad, layer.int4_step.grad)):
+        assert sqnr(w, g) > 60, sqnr(w, g)
     with pytest.raises(ValueError, match="both 'bitsplit_lss' or both 'hp'"):
         qtrain.nn.plan.build_plan(dataclasses.replace(FPROP_ONLY, wgrad=INT4.wgrad))
 
