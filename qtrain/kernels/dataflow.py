@@ -191,8 +191,10 @@ def _check_pow2(r, c):
                          "reference (qtrain.ops backend 'reference') for others")
 
 
-def _tile_rows(r: int, c: int, M: int) -> int:
-    target = 65536 if interpreting() else 4096
+def _tile_rows(r: int, c: int, M: int, elems: int = 4096, interp_elems: int = 65536) -> int:
+    """Rows ``TM`` of a ``[TM, c]`` tile of about ``elems`` elements (``interp_elems`` under the interpreter),
+    at least one block row ``r``, at most ``M`` rounded up to a power of two."""
+    target = interp_elems if interpreting() else elems
     return max(r, min(max(1, target // c), triton.next_power_of_2(max(M, 1))))
 
 
@@ -208,8 +210,7 @@ def _norm(xq, xs, weight, bias, eps, r, c, layernorm):
     ys = torch.empty(xs.shape, dtype=torch.float32, device=xq.device)
     if M == 0 or K == 0:
         return yq, ys.fill_(1.0)
-    target = 16384 if interpreting() else 4096
-    tm = max(r, min(max(1, target // c), triton.next_power_of_2(M)))
+    tm = _tile_rows(r, c, M, 4096, 16384)
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w
     _norm_kernel[(triton.cdiv(M, tm),)](xq, xs, w, b, yq, ys, M, K, xs.shape[1], xs.shape[0], float(eps),
@@ -286,8 +287,7 @@ def _norm_backward(xq, xs, weight, bias, gq, gs, eps, r, c, layernorm):
     M, K = xq.shape
     xq, xs, gq, gs = xq.contiguous(), xs.contiguous(), gq.contiguous(), gs.contiguous()
     dx = torch.empty((M, K), dtype=torch.float32, device=xq.device)
-    target = 16384 if interpreting() else 2048
-    tm = max(r, min(max(1, target // c), triton.next_power_of_2(max(M, 1))))
+    tm = _tile_rows(r, c, M, 2048, 16384)
     grid = triton.cdiv(M, tm)
     partial = torch.empty((2 if layernorm else 1, grid, K), dtype=torch.float32, device=xq.device)
     if M and K:
