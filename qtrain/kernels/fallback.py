@@ -18,38 +18,69 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels import block_gemm as _block_gemm
-from qtrain.kernels._common import abs_bits, check_device, load_tile, quantize_rtn, scale_from_bits
+from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 
 
 @triton.jit
-def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_ptr, tmax_ptr, M, K, stride_xm,
-                           stride_xk, nk, GR: tl.constexpr, C: tl.constexpr):
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rows, cols, mask, x = load_tile(x_ptr, M, K, stride_xm, stride_xk, GR, C)
-    row_bits = tl.max(abs_bits(x), axis=1)                                            # [GR]
-    scale = scale_from_bits(row_bits)
-    q = quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape))
-    out_offs = rows[:, None].to(tl.int64) * K + cols[None, :]
-    tl.store(q_ptr + out_offs, q, mask=mask)
-    tl.store(s_ptr + rows * nk + pid_k, scale, mask=rows < M)
+def _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols):
+    """fp32 ``x[rows, cols]`` (0 outside ``x``), its mask and each row's absmax bits."""
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0).to(tl.float32)
+    return x, mask, tl.max(abs_bits(x), axis=1)
 
-    tmax = tl.max(row_bits, axis=0).to(tl.float32, bitcast=True)
+
+@triton.jit
+def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_ptr, tmax_ptr, M, K, stride_xm,
+                           stride_xk, nk, GR: tl.constexpr, C: tl.constexpr, TM: tl.constexpr):
+    """The tile of ``GR`` rows × ``C`` columns at ``(pid_m, pid_k)`` in ``[TM, C]`` chunks: pass 1 stores each
+    chunk's codes and scales and keeps the tile's absmax; pass 2, on a flagged tile only, reloads the chunks (from
+    L2), recomputes their codes and stores the residual's. Chunks keep registers low enough for several programs
+    per SM (one ``[128, 128]`` tile in registers took 165 registers a thread: one program per SM, latency-bound)."""
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    cols = pid_k * C + tl.arange(0, C)
+    tile_bits = tl.zeros([TM], tl.int32)
+    for r0 in tl.range(0, GR, TM):
+        rows = pid_m * GR + r0 + tl.arange(0, TM)
+        x, mask, row_bits = _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
+        scale = scale_from_bits(row_bits)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                 quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape)), mask=mask)
+        tl.store(s_ptr + rows * nk + pid_k, scale, mask=rows < M)
+        tile_bits = tl.maximum(tile_bits, row_bits)
+
+    tmax = tl.max(tile_bits, axis=0).to(tl.float32, bitcast=True)
     tau = tl.load(tau_ptr)
     flag = (tmax > tau) | (tau < 0)
     tl.store(tmax_ptr + pid_m * nk + pid_k, tmax)
     tl.store(flag_ptr + pid_m * nk + pid_k, flag.to(tl.uint8))
     if flag:
-        resid = x - q.to(tl.float32) * scale[:, None]
-        scale2 = scale_from_bits(tl.max(abs_bits(resid), axis=1))
-        q2 = quantize_rtn(resid, tl.broadcast_to(scale2[:, None], x.shape))
-        tl.store(q2_ptr + out_offs, q2, mask=mask)
-        tl.store(s2_ptr + rows * nk + pid_k, scale2, mask=rows < M)
+        for r0 in tl.range(0, GR, TM):
+            rows = pid_m * GR + r0 + tl.arange(0, TM)
+            x, mask, row_bits = _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
+            scale = scale_from_bits(row_bits)
+            q = quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape))
+            resid = x - q.to(tl.float32) * scale[:, None]
+            scale2 = scale_from_bits(tl.max(abs_bits(resid), axis=1))
+            tl.store(q2_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                     quantize_rtn(resid, tl.broadcast_to(scale2[:, None], x.shape)), mask=mask)
+            tl.store(s2_ptr + rows * nk + pid_k, scale2, mask=rows < M)
     else:
+        rows = pid_m * GR + tl.arange(0, GR)
         tl.store(s2_ptr + rows * nk + pid_k, tl.zeros([GR], tl.float32), mask=rows < M)
 
 
-def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128, group_rows: int = GROUP_ROWS):
+def launch_config(block_k: int, group_rows: int = GROUP_ROWS) -> tuple[int, int]:
+    """``(TM, num_warps)``: ``[TM, block_k]`` chunks of ~4k elements (the whole tile under the interpreter)."""
+    if interpreting():
+        return group_rows, 4
+    return max(1, min(group_rows, 4096 // block_k)), 4
+
+
+def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128, group_rows: int = GROUP_ROWS,
+                      config: tuple[int, int] | None = None):
+    """``config``: ``(TM, num_warps)`` instead of :func:`launch_config`'s (benchmarks)."""
     check_fallback_args(x, tau, block_k, group_rows)
     check_device(x)
     if tau.device != x.device:
@@ -64,9 +95,12 @@ def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128, gr
     tmax = torch.empty((gm, nk), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:
         return q, scale.fill_(1.0), q2, scale2.zero_(), flags, tmax
+    tm, warps = config or launch_config(block_k, group_rows)
+    if group_rows % tm or tm & (tm - 1):
+        raise ValueError(f"fallback chunk rows {tm} must be a power of two dividing group_rows = {group_rows}")
     _fallback_quant_kernel[(gm, nk)](x, tau, q, scale, q2, scale2, flags.view(torch.uint8), tmax, M, K,
-                                     x.stride(0), x.stride(1), nk, GR=group_rows, C=block_k,
-                                     num_warps=8 if block_k >= 128 else 4, enable_fp_fusion=False)
+                                     x.stride(0), x.stride(1), nk, GR=group_rows, C=block_k, TM=tm,
+                                     num_warps=warps, enable_fp_fusion=False)
     return q, scale, q2, scale2, flags, tmax
 
 

@@ -20,8 +20,8 @@ from .helpers import FLOATS, assert_one_rounding, assert_same  # noqa: E402
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_quantizer(x, tau, c=128):
-    got = kfb.quantize_fallback(x, tau, c)
+def _check_quantizer(x, tau, c=128, config=None):
+    got = kfb.quantize_fallback(x, tau, c, config=config)
     ref = rfb.quantize_fallback(x, tau, c)
     for name, g, r in zip(("q", "scale", "q2", "scale2", "flags", "tile_absmax"), got, ref):
         if name == "q2":
@@ -47,6 +47,19 @@ def test_quantize_fallback_transposed_nan_inf_and_block_64():
     _check_quantizer(x, torch.tensor(20.0, device=DEV), c=64)
     q, s, q2, s2, flags, tmax = kfb.quantize_fallback(torch.empty(0, 8, device=DEV), torch.tensor(1.0, device=DEV))
     assert q.shape == (0, 8) and flags.shape == (0, 1)
+
+
+@pytest.mark.parametrize("config", [(32, 4), (8, 2), (128, 4)], ids=str)
+def test_quantize_fallback_row_chunks(config):
+    """The GPU tiling (a tile in chunks of ``TM`` rows; the interpreter's default is one chunk): NaN/Inf in a
+    later chunk, a ragged last tile, a transposed view, fixed and unset τ."""
+    x = outlier_data(300, 260, magnitude=100.0, pattern="scattered", seed=6, device=DEV)
+    x[70, 3], x[299, 259] = float("nan"), float("inf")
+    for tau in (-1.0, 20.0, 1e9):
+        _check_quantizer(x, torch.tensor(tau, device=DEV), config=config)
+    _check_quantizer(x.t(), torch.tensor(20.0, device=DEV), c=64, config=config)
+    with pytest.raises(ValueError, match="chunk rows 48"):
+        kfb.quantize_fallback(x, torch.tensor(1.0, device=DEV), config=(48, 4))
 
 
 @pytest.mark.parametrize("out_dtype", FLOATS, ids=str)
