@@ -15,6 +15,8 @@ BLOCKWISE = [
     ("h 1x128 fp32", (8192, 22016), torch.float32, (1, 128), False, False),
     ("dY 1x128 SR", (8192, 4096), torch.bfloat16, (1, 128), False, True),
     ("dYT tokens SR", (8192, 4096), torch.bfloat16, (1, 128), True, True),
+    ("dY 1x256 SR", (8192, 4096), torch.bfloat16, (1, 256), False, True),
+    ("dYT 256 tokens SR", (8192, 4096), torch.bfloat16, (1, 256), True, True),
     ("XT tokens fp32", (8192, 11008), torch.float32, (1, 128), True, False),
     ("W 128x128 fp32", (11008, 4096), torch.float32, (128, 128), False, False),
     ("WT 128x128 fp32", (11008, 4096), torch.float32, (128, 128), True, False),
@@ -22,6 +24,10 @@ BLOCKWISE = [
 # dY quantized for dgrad and wgrad by one dual SR call (jetfire_wide's backward): (what, shape, dtype, c); the
 # two calls it replaces are the "dY 1x128 SR" and "dYT tokens SR" rows.
 BLOCKWISE_DUAL = [("dY dual SR", (8192, 4096), torch.bfloat16, 128)]
+# Fallback quantize calls (recipe fallback): (what, shape, transposed, flagged fraction); τ is set to the tile-absmax
+# quantile that flags that fraction of the 128×128 tiles.
+FALLBACK = [("x 1x128", (8192, 4096), False, 0.05), ("h 1x128", (8192, 11008), False, 0.05),
+            ("dYT tokens", (8192, 4096), True, 0.05), ("x 1x128 all", (8192, 4096), False, 1.0)]
 
 
 def run_suite(quick: bool = False):
@@ -56,6 +62,7 @@ def run_suite(quick: bool = False):
         print(rows[-1], flush=True)
     rows += _blockwise_rows(quick)
     rows += _blockwise_dual_rows(quick)
+    rows += _fallback_rows(quick)
     rows += _transpose_rows(quick)
     notes = ["Input bf16. Minimum bytes: one read of the input, one write of each output (rowwise: q + scales; "
              "tensorwise: q and qᵀ). Copy bandwidth = bytes read + written by `dst.copy_(x)` on the same tensor.",
@@ -68,6 +75,9 @@ def run_suite(quick: bool = False):
              "blockwise dual rows: one read of dY, the 1x128 SR blocks of dY and of dYᵀ written (q, qᵀ and both "
              "scales: the minimum bytes); two_calls_us (JSON): the two single SR calls it replaces, in the same run; "
              "the scales of both directions are checked against the reference.",
+             "fallback rows: quantize_fallback of bf16 input with outliers, τ flagging the named fraction of "
+             "128×128 tiles; minimum bytes: one read, q and the scales written, q2 on flagged tiles; checked bit "
+             "for bit against the reference (q2 on flagged tiles).",
              "transpose rows: int8 q → qᵀ contiguous (the transposed GEMM operands of square blocks); torch_ref_us: "
              "`q.t().contiguous()`; minimum bytes: one read and one write."]
     return rows, notes
@@ -128,6 +138,39 @@ def _blockwise_dual_rows(quick: bool, cases=BLOCKWISE_DUAL, device: str = "cuda"
         rows.append({"kernel": f"blockwise {what}", "shape": f"{R}x{C}", "time_us": t_kern * 1e3, "TB_s": bw,
                      "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw, "torch_ref_us": t_ref * 1e3,
                      "speedup_vs_torch_ref": t_ref / t_kern, "two_calls_us": t_two * 1e3})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _fallback_rows(quick: bool, cases=FALLBACK, device: str = "cuda") -> list[dict]:
+    from qtrain.kernels.fallback import quantize_fallback
+    from qtrain.quant import fallback as ref
+    from qtrain.quant.testing import outlier_data
+
+    rows = []
+    for what, (R, C), transposed, frac in cases[::2] if quick else cases:
+        base = outlier_data(R, C, magnitude=50.0, pattern="scattered", seed=3, dtype=torch.bfloat16, device=device)
+        x = base.t() if transposed else base
+        tmax = ref.tile_absmax(x, 128)
+        tau = torch.quantile(tmax.flatten(), 1 - frac).reshape(1) if frac < 1 else torch.full((1,), -1.0)
+        tau = tau.to(device=device, dtype=torch.float32)
+        got, want = quantize_fallback(x, tau), ref.quantize_fallback(x.cpu(), tau.cpu())
+        flagged = ref.expand_tiles(want[4], x.shape[0]).repeat_interleave(128, 1)[:, :x.shape[1]]
+        for name, g, w in zip(("q", "scale", "q2", "scale2", "flags", "tile_absmax"), got, want):
+            g = g.cpu()
+            if not torch.equal(g[flagged] if name == "q2" else g, w[flagged] if name == "q2" else w):
+                raise RuntimeError(f"fallback kernel's {name} differs from the reference for {what}")
+        n, f = x.numel(), want[4].float().mean().item()
+        dst = torch.empty_like(base)
+        t_copy = bench(lambda: dst.copy_(base), quick)
+        t_kern = bench(lambda: quantize_fallback(x, tau), quick)
+        t_ref = bench(lambda: ref.quantize_fallback(x, tau), quick)
+        copy_bw = 4 * n / t_copy / 1e9
+        bw = (2 * n + n * (1 + f) + 4 * n // 128 * 2) / t_kern / 1e9
+        rows.append({"kernel": f"fallback {what}", "shape": f"{R}x{C}" + ("ᵀ" if transposed else ""),
+                     "flagged": f, "time_us": t_kern * 1e3, "TB_s": bw, "copy_TB_s": copy_bw,
+                     "pct_of_copy": 100 * bw / copy_bw, "torch_ref_us": t_ref * 1e3,
+                     "speedup_vs_torch_ref": t_ref / t_kern})
         print(rows[-1], flush=True)
     return rows
 
