@@ -316,7 +316,7 @@ def _aligned(t: torch.Tensor) -> bool:
 def supported(a: torch.Tensor, b: torch.Tensor, a_rows: int, b_rows: int, block_k: int,
               out_dtype: torch.dtype = torch.bfloat16, a2: torch.Tensor | None = None) -> bool:
     """Whether the Gluon kernel can run this call: a Hopper GPU (capability 9.0), ``a_rows`` 1, ``b_rows`` 1 or
-    128, ``block_k`` in :data:`BLOCK_KS` (128 with a fallback operand), int8 operands contiguous along K with
+    128, ``block_k`` in :data:`BLOCK_KS`, int8 operands contiguous along K with
     16-byte aligned rows (K % 16 == 0), an output whose rows are 16-byte aligned, and M, N, K > 0. False on CPU
     tensors."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.device.type != "cuda":
@@ -324,8 +324,6 @@ def supported(a: torch.Tensor, b: torch.Tensor, a_rows: int, b_rows: int, block_
     if a.dim() != 2 or b.dim() != 2 or a.dtype != torch.int8 or b.dtype != torch.int8:
         return False
     if a_rows != 1 or b_rows not in (1, 128) or block_k not in BLOCK_KS or out_dtype not in _GL_OUT:
-        return False
-    if a2 is not None and block_k != BLOCK_K:          # the fallback term at c = 256: not yet run on a GPU
         return False
     (M, K), N = a.shape, b.shape[0]
     if M == 0 or N == 0 or K == 0 or b.shape[1] != K or (N * torch.empty((), dtype=out_dtype).element_size()) % 16:
