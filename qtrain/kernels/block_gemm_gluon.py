@@ -355,8 +355,12 @@ def _desc(t: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
 
 def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=None, flags=None, *, block_k=BLOCK_K,
            magic=None, stages=None, grid_size=None, order=None, sb_cvt=None, group=None) -> torch.Tensor:
-    """The kernel without argument checks (callers checked the contract and :func:`supported`)."""
+    """The kernel without argument checks (callers checked the contract and :func:`supported`), but for the one
+    that costs nothing and turns a wrong ``block_k`` into an error instead of out-of-bounds scale reads."""
     (M, K), N = a.shape, b.shape[0]
+    if a_scale.shape[-1] != -(-K // block_k) or (a2_scale is not None and a2_scale.shape[-1] != a_scale.shape[-1]):
+        raise ValueError(f"block_k {block_k} needs {-(-K // block_k)} scale columns for K = {K}, got "
+                         f"{a_scale.shape[-1]}" + ("" if a2_scale is None else f" and {a2_scale.shape[-1]}"))
     fallback = a2 is not None
     magic = MAGIC if magic is None else magic
     if magic and block_k != BLOCK_K:

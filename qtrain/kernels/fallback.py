@@ -115,6 +115,6 @@ def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor
         if block_gemm_gluon.supported(a, b, 1, b_rows, block_k, out_dtype, a2=a2):
             return block_gemm_gluon.launch(a, b, a_scale.contiguous(), b_scale.contiguous(), b_rows,
                                            bias.contiguous() if bias is not None else None, out_dtype,
-                                           a2, a2_scale.contiguous(), flags.contiguous())
+                                           a2, a2_scale.contiguous(), flags.contiguous(), block_k=block_k)
     return _block_gemm.launch(a, b, a_scale, b_scale, 1, b_rows, block_k, bias, out_dtype,
                               fallback=(a2, a2_scale, flags))

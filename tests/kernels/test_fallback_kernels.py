@@ -106,3 +106,27 @@ def test_ops_dispatch_fallback():
             a = ops.quantize_fallback(x, tau)
             outs.append(ops.fallback_block_gemm(*a[:5], qw, sw, 128, 128, None, torch.float32))
     assert ((outs[0] - outs[1]).norm() / outs[0].norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_fallback_gemm_hands_block_k_to_gluon(block_k, monkeypatch):
+    """Where the Gluon kernel takes the call, it gets the call's ``block_k`` (256-wide scale blocks once went in as
+    128: out-of-bounds scale reads on the GPU). Dispatch only: Gluon's admission and launch are stand-ins."""
+    from qtrain.kernels import block_gemm as kbg
+    glu = pytest.importorskip("qtrain.kernels.block_gemm_gluon")
+    seen = {}
+    monkeypatch.setattr(kbg, "use_gluon", lambda *args: True)
+    monkeypatch.setattr(glu, "supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(glu, "launch", lambda *args, **kwargs: seen.update(kwargs) or "gluon")
+    x = outlier_data(130, 512, magnitude=60.0, device=DEV)
+    q, s, q2, s2, flags, _ = rfb.quantize_fallback(x, torch.tensor(30.0, device=DEV), block_k)
+    qw, sw = quantize_blockwise(torch.randn(64, 512, device=DEV), 128, block_k)
+    assert kfb.fallback_block_gemm(q, s, q2, s2, flags, qw, sw, 128, block_k) == "gluon"
+    assert seen["block_k"] == block_k
+
+
+def test_gluon_launch_refuses_scales_of_another_block_k():
+    glu = pytest.importorskip("qtrain.kernels.block_gemm_gluon")
+    a, b = torch.zeros(128, 512, dtype=torch.int8), torch.zeros(128, 512, dtype=torch.int8)
+    with pytest.raises(ValueError, match="block_k 128 needs 4 scale columns for K = 512, got 2"):
+        glu.launch(a, b, torch.ones(128, 2), torch.ones(1, 2), 128, None, torch.bfloat16, block_k=128)
