@@ -78,15 +78,32 @@ def _uniforms(seed, rows, pid_k, n_block_cols, TM: tl.constexpr, C: tl.constexpr
         if STREAM != 0:
             off = off.to(tl.int64) + (STREAM << 32)
         r0, r1, r2, r3 = tl.randint4x(seed, off, PHILOX_ROUNDS)
-        u = tl.join(tl.join(tl.join(_u16(r0, 0), _u16(r0, 16)), tl.join(_u16(r1, 0), _u16(r1, 16))),
-                    tl.join(tl.join(_u16(r2, 0), _u16(r2, 16)), tl.join(_u16(r3, 0), _u16(r3, 16))))
-        return tl.reshape(u, [TM, C])
+        return tl.reshape(_eight(r0, r1, r2, r3), [TM, C])
     else:
         cols = pid_k * C + tl.arange(0, C)
         off = rows[:, None] * (n_block_cols * C) + cols[None, :]
         if STREAM != 0:
             off = off.to(tl.int64) + (STREAM << 32)
         return tl.rand(seed, off, PHILOX_ROUNDS) + 1.0
+
+
+@triton.jit
+def _uniforms_down(seed, pid_m, cols, n_row_groups, TM: tl.constexpr, C: tl.constexpr):
+    """:func:`_uniforms` for a tile read down its columns (a transposed view: rows are the contiguous dim): one
+    Philox call for 8 consecutive rows of one column, at counter ``col · n_row_groups + row group``, so each
+    thread's uniforms lie along the rows it loaded (grouped along columns they had to cross threads through
+    shared memory: 24 of the transposed kernel's 43 shared-memory stores). ``TM`` a multiple of 8."""
+    groups = pid_m * (TM // 8) + tl.arange(0, TM // 8)
+    r0, r1, r2, r3 = tl.randint4x(seed, cols[None, :] * n_row_groups + groups[:, None], PHILOX_ROUNDS)
+    return tl.reshape(tl.permute(tl.reshape(_eight(r0, r1, r2, r3), [TM // 8, C, 8]), (0, 2, 1)), [TM, C])
+
+
+@triton.jit
+def _eight(r0, r1, r2, r3):
+    """The eight 16-bit uniforms (as ``1 + u``) of one Philox call's four words, joined along three new last dims
+    (``[..., 2, 2, 2]``)."""
+    return tl.join(tl.join(tl.join(_u16(r0, 0), _u16(r0, 16)), tl.join(_u16(r1, 0), _u16(r1, 16))),
+                   tl.join(tl.join(_u16(r2, 0), _u16(r2, 16)), tl.join(_u16(r3, 0), _u16(r3, 16))))
 
 
 @triton.jit
@@ -98,8 +115,10 @@ def _rows_of(v, R: tl.constexpr, TM: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, stride_xk, stride_sm, stride_sk,
                       n_block_rows, n_block_cols, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
-                      SR: tl.constexpr, XR: tl.constexpr, XC: tl.constexpr, SCALED_INPUT: tl.constexpr):
-    """``SR``: stochastic rounding with uniforms from ``seed`` (:func:`_uniforms`); else round to nearest.
+                      SR: tl.constexpr, XR: tl.constexpr, XC: tl.constexpr, SCALED_INPUT: tl.constexpr,
+                      DOWN: tl.constexpr = False):
+    """``SR``: stochastic rounding with uniforms from ``seed`` (:func:`_uniforms`, or :func:`_uniforms_down`
+    with ``DOWN``: ``x`` a transposed view); else round to nearest.
     ``SCALED_INPUT``: ``x`` holds int8 codes whose value is ``x[i, j] · xs[i // XR, j // XC]`` (fp32)."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows, cols, mask, x = load_tile(x_ptr, M, K, stride_xm, stride_xk, TM, C)
@@ -110,8 +129,11 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
     bits = tl.reshape(abs_bits(x), [TM // R, R, C])
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
     if SR:
-        q = quantize_sr(x, _rows_of(1.0 / scale, R, TM, C), _uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols,
-                                                                     TM, C))
+        if DOWN:
+            u = _uniforms_down(tl.load(seed_ptr), pid_m, cols, tl.cdiv(M, 8), TM, C)
+        else:
+            u = _uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols, TM, C)
+        q = quantize_sr(x, _rows_of(1.0 / scale, R, TM, C), u)
     else:
         q = quantize_rtn(x, _rows_of(scale, R, TM, C))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
@@ -229,5 +251,7 @@ def _launch(x, r, c, seed, input_scale=None, config=None):
     _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, seed if seed is not None else scale, xs, M, K,
                                                 x.stride(0), x.stride(1), xs.stride(0), xs.stride(1), nr, nc,
                                                 R=r, C=c, TM=tm, SR=seed is not None, XR=xr, XC=xc,
-                                                SCALED_INPUT=input_scale is not None, num_warps=warps)
+                                                SCALED_INPUT=input_scale is not None, num_warps=warps,
+                                                DOWN=seed is not None and x.stride(0) == 1 and x.stride(1) != 1
+                                                and tm % 8 == 0)
     return q, scale

@@ -19,11 +19,15 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = {"reference": quant.quantize_blockwise_sr, "kernel": kbw.quantize_blockwise_sr}
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
 @pytest.mark.parametrize("blk", [(32, 32), (1, 128)], ids=str)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_sr_is_unbiased_and_within_one_step(impl, blk):
+def test_sr_is_unbiased_and_within_one_step(impl, blk, transposed):
+    """Transposed: a ``.t()`` view (the kernel's uniforms then run down the columns, ``_uniforms_down``)."""
     fn = IMPLS[impl]
     x = rows_with_distinct_scales(40, 100, torch.bfloat16, DEV, seed=3)       # ragged in both dims
+    if transposed:
+        x = x.t().contiguous().t()
     x[0, :4] = 0.0
     q_rtn, s_rtn = quant.quantize_blockwise(x, *blk)
     r, c = blk
@@ -69,3 +73,26 @@ def test_ops_dispatch_sr_from_generator():
             assert torch.equal(q1, q2) and torch.equal(s1, s2), backend
             q3, _ = ops.quantize_blockwise_sr(x, 32, 32, g1)                   # the generator moved on
             assert not torch.equal(q1, q3)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("c", [128, 256])
+def test_sr_kernel_roundings_are_uncorrelated(c, transposed):
+    """Every element halfway between two codes: each rounds up with probability ½, independently of its
+    neighbours along rows and columns (the kernel draws eight uniforms per Philox call, grouped along columns, or
+    along rows for a transposed view)."""
+    M, K = 64, 2 * c
+    x = torch.full((M, K), 0.5, device=DEV)
+    x[:, ::c] = 127.0                                                     # every block's scale is exactly 1
+    if transposed:
+        x = x.t().contiguous().t()
+    q, s = kbw.quantize_blockwise_sr(x, 1, c, torch.tensor([11], device=DEV))
+    assert torch.equal(s, torch.ones_like(s))
+    up = q.float()
+    up[:, ::c] = float("nan")
+    u = up[~up.isnan()]
+    assert set(u.unique().tolist()) <= {0.0, 1.0} and abs(u.mean().item() - 0.5) < 0.03
+    for a, b in ((up[1:, :], up[:-1, :]), (up[:, 1:], up[:, :-1]), (up[8:, :], up[:-8, :]), (up[:, 8:], up[:, :-8])):
+        keep = ~(a.isnan() | b.isnan())
+        a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
+        assert abs((a * b).mean().item() / (a.std() * b.std()).item()) < 0.06
