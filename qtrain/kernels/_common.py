@@ -46,13 +46,54 @@ def scale_from_bits(amax_bits):
     return tl.where(amax_bits == 0, 1.0, scale)
 
 
+# The GPU computes ``tl.fma`` with one rounding; Triton's interpreter as a product and a sum (two), which the exact
+# division of :func:`quantize_rtn` cannot use: there it divides with ``div_rn`` (the same quotients).
+FUSED_FMA = tl.constexpr(not interpreting())
+
+
 @triton.jit
-def quantize_rtn(x, scale):
-    """fp32 ``x / scale`` (IEEE) → int8: NaN → 0, clamp to ±127, round half to even."""
-    v = tl.math.div_rn(x, scale)
+def divisor(scale):
+    """``(d, inv, pre)`` of fp32 ``scale`` (any shape; > 0, Inf or NaN) for :func:`quantize_rtn`: ``pre`` is 2⁶⁴
+    where ``scale < 2⁻¹⁰⁰`` (its reciprocal would overflow) and 1 elsewhere, ``d = scale·pre`` (exact) and
+    ``inv = 1/d`` correctly rounded — computed once per block, broadcast over its elements."""
+    pre = tl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)
+    d = scale * pre
+    return d, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), d), pre
+
+
+@triton.jit
+def quantize_rtn(x, scale, inv=None, pre=None):
+    """fp32 ``x / scale`` (IEEE) → int8: NaN → 0, clamp to ±127, round half to even. With ``(scale, inv, pre)``
+    from :func:`divisor` (broadcast like ``x``) the quotient ``(x·pre)/d`` — the same IEEE quotient — comes
+    from two multiplies and two fused multiply-adds instead of a divide per element: ``q₀ = x'·inv``,
+    ``r = fma(−q₀, d, x')`` (exact), ``q = fma(r, inv, q₀)``, correctly rounded by Markstein's theorem (``inv``
+    correctly rounded, ``q₀`` within an ulp; ``pre`` and ``|x'/d| ≤ 127`` keep every step in the normal range).
+    Where the FMAs give NaN from finite ``x`` — ``d`` 0 (an absmax whose /127 underflows) or Inf — ``q₀ = x'·inv``
+    is the quotient's value (±Inf, 0, NaN as ``x'/d``). tests/kernels/test_exact_division.py replays these steps in
+    exact arithmetic against IEEE division on millions of adversarial quotients and the edge cases; the GPU tests
+    check the kernels bit for bit."""
+    if inv is None:
+        v = tl.math.div_rn(x, scale)
+    else:
+        xs = x * pre
+        if FUSED_FMA:
+            q0 = xs * inv
+            v = tl.fma(tl.fma(-q0, scale, xs), inv, q0)
+            v = tl.where(v != v, q0, v)     # d = 0 (inv = Inf) or d = Inf (inv = 0): q₀ is x'/d's value
+        else:
+            v = tl.math.div_rn(xs, scale)
     v = tl.where(v != v, 0.0, v)
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     return int8_of_rounded(v + 12582912.0)
+
+
+@triton.jit
+def quantize_rtn_rows(x, scale):
+    """:func:`quantize_rtn` of ``x [R, C]`` with one scale per row (``scale [R]``), its :func:`divisor` taken
+    once per row."""
+    d, inv, pre = divisor(scale)
+    return quantize_rtn(x, tl.broadcast_to(d[:, None], x.shape), tl.broadcast_to(inv[:, None], x.shape),
+                        tl.broadcast_to(pre[:, None], x.shape))
 
 
 @triton.jit

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import (abs_bits, check_device, int8_of_rounded, interpreting, load_tile, quantize_rtn,
-                                   scale_from_bits)
+from qtrain.kernels._common import (abs_bits, check_device, divisor, int8_of_rounded, interpreting, load_tile,
+                                   quantize_rtn, scale_from_bits)
 from qtrain.quant.blockwise import check_block, check_requantize_args, check_seed
 from qtrain.quant.core import check_2d, check_float
 
@@ -135,7 +135,8 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
             u = _uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols, TM, C)
         q = quantize_sr(x, _rows_of(1.0 / scale, R, TM, C), u)
     else:
-        q = quantize_rtn(x, _rows_of(scale, R, TM, C))
+        d, inv, pre = divisor(scale)
+        q = quantize_rtn(x, _rows_of(d, R, TM, C), _rows_of(inv, R, TM, C), _rows_of(pre, R, TM, C))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
     brow = pid_m * (TM // R) + tl.arange(0, TM // R)
     tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)

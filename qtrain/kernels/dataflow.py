@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
+from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn_rows, scale_from_bits
 from qtrain.quant.dataflow import _check_backward, _check_norm_backward, check_int8_blocks, check_vector
 
 
@@ -35,7 +35,7 @@ def _store_blocks(y, yq_ptr, ys_ptr, rows, cols, mask, K, n_block_rows, nkb, pid
     bits = tl.reshape(abs_bits(y), [TM // R, R, C])
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))
     row_scale = tl.reshape(tl.broadcast_to(scale[:, None], [TM // R, R]), [TM])
-    q = quantize_rtn(y, tl.broadcast_to(row_scale[:, None], y.shape))
+    q = quantize_rtn_rows(y, row_scale)
     tl.store(yq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
     brow = pid_m * (TM // R) + tl.arange(0, TM // R)
     tl.store(ys_ptr + brow * nkb + kb, scale, mask=brow < n_block_rows)

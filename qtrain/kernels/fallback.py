@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels import block_gemm as _block_gemm
-from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
+from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn_rows, scale_from_bits
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 
 
@@ -45,8 +45,7 @@ def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_pt
         rows = pid_m * GR + r0 + tl.arange(0, TM)
         x, mask, row_bits = _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
         scale = scale_from_bits(row_bits)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                 quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape)), mask=mask)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], quantize_rtn_rows(x, scale), mask=mask)
         tl.store(s_ptr + rows * nk + pid_k, scale, mask=rows < M)
         tile_bits = tl.maximum(tile_bits, row_bits)
 
@@ -60,11 +59,9 @@ def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_pt
             rows = pid_m * GR + r0 + tl.arange(0, TM)
             x, mask, row_bits = _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
             scale = scale_from_bits(row_bits)
-            q = quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape))
-            resid = x - q.to(tl.float32) * scale[:, None]
+            resid = x - quantize_rtn_rows(x, scale).to(tl.float32) * scale[:, None]
             scale2 = scale_from_bits(tl.max(abs_bits(resid), axis=1))
-            tl.store(q2_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-                     quantize_rtn(resid, tl.broadcast_to(scale2[:, None], x.shape)), mask=mask)
+            tl.store(q2_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], quantize_rtn_rows(resid, scale2), mask=mask)
             tl.store(s2_ptr + rows * nk + pid_k, scale2, mask=rows < M)
     else:
         rows = pid_m * GR + tl.arange(0, GR)

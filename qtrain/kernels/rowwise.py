@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn, scale_from_bits
+from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn_rows, scale_from_bits
 from qtrain.quant.core import check_2d, check_float
 
 _MAX_ONE_PASS_K = 4096
@@ -26,7 +26,7 @@ _MAX_ONE_PASS_K = 4096
 def _quantize_tile(x_row, q_row, k0, cols, K, stride_xk, rmask, scale):
     mask = rmask[:, None] & ((k0 + cols)[None, :] < K)
     x = tl.load(x_row + (k0 + cols)[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
-    tl.store(q_row + (k0 + cols)[None, :], quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape)), mask=mask)
+    tl.store(q_row + (k0 + cols)[None, :], quantize_rtn_rows(x, scale), mask=mask)
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _rowwise_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk,
         mask = rmask[:, None] & (cols[None, :] < K)
         x = tl.load(x_row + cols[None, :] * stride_xk, mask=mask, other=0.0).to(tl.float32)
         scale = scale_from_bits(tl.max(abs_bits(x), axis=1))
-        tl.store(q_row + cols[None, :], quantize_rtn(x, tl.broadcast_to(scale[:, None], x.shape)), mask=mask)
+        tl.store(q_row + cols[None, :], quantize_rtn_rows(x, scale), mask=mask)
     else:
         amax = tl.zeros([BLOCK_M], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
