@@ -41,7 +41,9 @@ PHILOX_ROUNDS = tl.constexpr(7)
 
 @triton.jit
 def quantize_sr(x, inv_scale, f):
-    """fp32 ``x · inv_scale`` → int8 by stochastic rounding ``floor(v + u)`` with ``f = 1 + u`` (:func:`_uniforms`):
+    """fp32 ``x · inv_scale`` → int8 by stochastic rounding ``floor(v + u)`` with ``f = 1 + u`` (:func:`_uniforms`);
+    callers pass ``x·pre`` and ``inv`` of :func:`~qtrain.kernels._common.divisor` (a subnormal scale's reciprocal
+    would overflow):
     NaN → 0, ``v`` clamped to ±127, then ``RNE(v + (f − 1.5))`` by the magic-number add (``f − 1.5`` is exact and
     ``u`` sits half a grid step off the grid ends, so no sum ties and ``floor(v + u)`` = that RNE). A multiply by
     the block's reciprocal scale instead of an IEEE divide, and no float↔int conversions: the kernel was bound by
@@ -133,7 +135,8 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
             u = _uniforms_down(tl.load(seed_ptr), pid_m, cols, tl.cdiv(M, 8), TM, C)
         else:
             u = _uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols, TM, C)
-        q = quantize_sr(x, _rows_of(1.0 / scale, R, TM, C), u)
+        d, inv, pre = divisor(scale)
+        q = quantize_sr(x * _rows_of(pre, R, TM, C), _rows_of(inv, R, TM, C), u)
     else:
         d, inv, pre = divisor(scale)
         q = quantize_rtn(x, _rows_of(d, R, TM, C), _rows_of(inv, R, TM, C), _rows_of(pre, R, TM, C))
@@ -152,13 +155,15 @@ def _blockwise_sr_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, seed_ptr, M, 
     bits = abs_bits(x)
     seed = tl.load(seed_ptr)
     scale = scale_from_bits(tl.max(bits, axis=1))                                      # [TM]
-    q = quantize_sr(x, tl.broadcast_to((1.0 / scale)[:, None], x.shape), _uniforms(seed, rows, pid_n, n_block_cols,
-                                                                                   TM, C))
+    d, inv, pre = divisor(scale)
+    q = quantize_sr(x * pre[:, None], tl.broadcast_to(inv[:, None], x.shape),
+                    _uniforms(seed, rows, pid_n, n_block_cols, TM, C))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows * n_block_cols + pid_n, scale, mask=rows < M)
     scale_t = scale_from_bits(tl.max(tl.reshape(bits, [TM // C, C, C]), axis=1))     # [TM // C, C]
     col_scale = tl.reshape(tl.broadcast_to(scale_t[:, None, :], [TM // C, C, C]), [TM, C])
-    qt = quantize_sr(x, 1.0 / col_scale, _uniforms(seed, rows, pid_n, n_block_cols, TM, C, 1))
+    d_t, inv_t, pre_t = divisor(col_scale)
+    qt = quantize_sr(x * pre_t, inv_t, _uniforms(seed, rows, pid_n, n_block_cols, TM, C, 1))
     tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qt),
              mask=(cols[:, None] < N) & (rows[None, :] < M))
     brow = pid_m * (TM // C) + tl.arange(0, TM // C)

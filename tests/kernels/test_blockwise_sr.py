@@ -96,3 +96,21 @@ def test_sr_kernel_roundings_are_uncorrelated(c, transposed):
         keep = ~(a.isnan() | b.isnan())
         a, b = a[keep] - a[keep].mean(), b[keep] - b[keep].mean()
         assert abs((a * b).mean().item() / (a.std() * b.std()).item()) < 0.06
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sr_tiny_blocks(impl):
+    """Blocks whose scale is subnormal (absmax ~1e-37: its reciprocal overflows fp32) or underflows to 0 keep the
+    contract: every code within one step of x / scale (±127 where x / scale is ±Inf), zeros stay 0."""
+    fn = IMPLS[impl]
+    x = rows_with_distinct_scales(8, 256, torch.float32, DEV, seed=5)
+    x[0] *= 1e-37 / x[0].abs().max()
+    x[1] *= 3e-39 / x[1].abs().max()
+    x[2] = 0.0
+    x[2, 3] = 2e-44                                            # absmax / 127 underflows: scale 0
+    q_rtn, s_rtn = quant.quantize_blockwise(x, 1, 128)
+    q, s = fn(x, 1, 128, torch.tensor([3], device=DEV))
+    assert_same(s, s_rtn, "SR scales")
+    v = (x / s.repeat_interleave(128, 1)).nan_to_num(0.0).clamp(-127, 127)
+    assert ((q.float() - v).abs() < 1).all(), "a code is more than one step from x / scale"
+    assert (q[2, :3] == 0).all() and q[2, 3] == 127
