@@ -119,8 +119,22 @@ def _act_backward(act: str, h_op: Operand, plan: LinearPlan, da: torch.Tensor) -
     return activation_vjp(act, h_op.dequantize(), g.dequantize() if isinstance(g, Operand) else g)
 
 
-def _linear_backward(plan: LinearPlan, dy, x_op: Operand, w, b, needs: tuple[bool, bool, bool]):
-    """``(dX fp32, dW, db)`` of ``y = x·Wᵀ + b`` from the INT8 X of the forward (recipe's dgrad and wgrad)."""
+# GEMM outputs that the next op quantizes right away — fprop's h before the activation (out 'int8_blocks') and a
+# dgrad output on its way into a norm's or activation's backward (quantized there when dgrad's out is
+# 'int8_blocks') — are written in bf16: half of fp32's bytes on the largest tensors of a block (h: tokens × 2·ffn),
+# and bf16's rounding (≤ 2⁻⁹ relative) stays below a quarter of an INT8 step (2⁻⁷ of the block absmax).
+TO_QUANTIZE = torch.bfloat16
+
+
+def _into_int8(plan: LinearPlan) -> torch.dtype:
+    """dgrad's output dtype where the next op's backward quantizes it (:data:`TO_QUANTIZE`), else fp32."""
+    return TO_QUANTIZE if plan.dgrad.spec.out == "int8_blocks" else torch.float32
+
+
+def _linear_backward(plan: LinearPlan, dy, x_op: Operand, w, b, needs: tuple[bool, bool, bool],
+                     dx_dtype: torch.dtype = torch.float32):
+    """``(dX, dW, db)`` of ``y = x·Wᵀ + b`` from the INT8 X of the forward (recipe's dgrad and wgrad); dX in
+    ``dx_dtype`` (:data:`TO_QUANTIZE` where the next op quantizes it)."""
     dy = dy.contiguous()
     need_dx, need_dw, need_db = needs
     dx = dw = db = None
@@ -131,7 +145,7 @@ def _linear_backward(plan: LinearPlan, dy, x_op: Operand, w, b, needs: tuple[boo
         else:
             g, gt = plan.dgrad.quantize(dy, "lhs"), None
         if need_dx:
-            dx = plan.dgrad(g, plan.dgrad.quantize(w.t(), "rhs"), torch.float32)
+            dx = plan.dgrad(g, plan.dgrad.quantize(w.t(), "rhs"), dx_dtype)
         if need_dw:
             if gt is None:
                 square = wg.spec.lhs == plan.dgrad.spec.lhs and wg.blocks[0] == g.rows == g.block_k
@@ -180,7 +194,7 @@ class NormLinearFunction(torch.autograd.Function):
         x_op = Operand("block", xq, xs, *ctx.blocks)
         y_op = _norm(kind, x_op, norm_w, norm_b, eps)              # the forward's codes, recomputed
         need = ctx.needs_input_grad
-        dy, dw, db = _linear_backward(plan, dout, y_op, w, b, (any(need[:3]), need[3], need[4]))
+        dy, dw, db = _linear_backward(plan, dout, y_op, w, b, (any(need[:3]), need[3], need[4]), _into_int8(plan))
         dx = dnw = dnb = None
         if dy is not None:
             dx, dnw, dnb = _norm_backward(kind, x_op, norm_w, norm_b, eps, plan, dy)
@@ -203,7 +217,9 @@ class LinearFunction(torch.autograd.Function):
     def backward(ctx, dout):
         xq, xs, w, b = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx, dw, db = _linear_backward(ctx.plan, dout, Operand("block", xq, xs, *ctx.blocks), w, b, need[:3])
+        dx_dtype = ctx.x_dtype if ctx.x_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        dx, dw, db = _linear_backward(ctx.plan, dout, Operand("block", xq, xs, *ctx.blocks), w, b, need[:3],
+                                      dx_dtype)         # 16-bit x: its gradient straight from the GEMM
         return _cast(dx, ctx.x_dtype), dw, db, None, None
 
 
@@ -215,7 +231,7 @@ class NormMLPFunction(torch.autograd.Function):
         r, c = _xblocks(plan)
         x_op = _quantize_x(plan, x)
         y_op = _norm(kind, x_op, norm_w, norm_b, eps)
-        h = plan.fprop(y_op, plan.fprop.quantize(w1, "rhs"), torch.float32, b1)
+        h = plan.fprop(y_op, plan.fprop.quantize(w1, "rhs"), TO_QUANTIZE, b1)
         h_op = Operand("block", *ops.quantize_blockwise(h, r, c), r, c)           # fprop out='int8_blocks'
         del h
         a_op = _act(act, h_op)
@@ -232,7 +248,7 @@ class NormMLPFunction(torch.autograd.Function):
         h_op = Operand("block", hq, hs, *ctx.blocks)
         a_op = _act(act, h_op)                                                    # the forward's codes
         up = any(need[:5])
-        da, dw2, db2 = _linear_backward(plan, dout, a_op, w2, b2, (up, need[5], need[6]))
+        da, dw2, db2 = _linear_backward(plan, dout, a_op, w2, b2, (up, need[5], need[6]), _into_int8(plan))
         del a_op
         dx = dnw = dnb = dw1 = db1 = None
         if up:
@@ -240,7 +256,8 @@ class NormMLPFunction(torch.autograd.Function):
             del da
             x_op = Operand("block", xq, xs, *ctx.blocks)
             y_op = _norm(kind, x_op, norm_w, norm_b, eps)
-            dy, dw1, db1 = _linear_backward(plan, dh, y_op, w1, b1, (any(need[:3]), need[3], need[4]))
+            dy, dw1, db1 = _linear_backward(plan, dh, y_op, w1, b1, (any(need[:3]), need[3], need[4]),
+                                            _into_int8(plan))
             if dy is not None:
                 dx, dnw, dnb = _norm_backward(kind, x_op, norm_w, norm_b, eps, plan, dy)
         return (_cast(dx, ctx.x_dtype), _cast(dnw, norm_w), _cast(dnb, norm_b), dw1, db1, dw2, db2,
