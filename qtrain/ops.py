@@ -584,21 +584,22 @@ def gelu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[t
 
 
 def _activation_backward(name: str, doc: str):
-    """``ops.<name>`` (``swiglu_backward``/``gelu_backward``): fp32 ``dh`` from INT8 ``h`` and the INT8 gradient,
-    both in ``(r, c)`` blocks; an opaque custom op under torch.compile."""
+    """``ops.<name>`` (``swiglu_backward``/``gelu_backward``): ``dh`` (fp32 or bf16, ``out_dtype``) from INT8 ``h``
+    and the INT8 gradient, both in ``(r, c)`` blocks; an opaque custom op under torch.compile."""
     @torch.library.custom_op(f"qtrain::{name}", mutates_args=())
-    def op(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int, c: int) -> torch.Tensor:
-        return _dataflow(name, hq, hs, gq, gs, r, c)
+    def op(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int, c: int,
+           out_dtype: torch.dtype) -> torch.Tensor:
+        return _dataflow(name, hq, hs, gq, gs, r, c, out_dtype)
 
     @op.register_fake
-    def _(hq, hs, gq, gs, r, c):
-        return hq.new_empty(hq.shape, dtype=torch.float32)
+    def _(hq, hs, gq, gs, r, c, out_dtype):
+        return hq.new_empty(hq.shape, dtype=out_dtype)
 
     def backward(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int,
-                 c: int) -> torch.Tensor:
+                 c: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return op(hq, hs, gq, gs, r, c)
-        return _dataflow(name, hq, hs, gq, gs, r, c)
+            return op(hq, hs, gq, gs, r, c, out_dtype)
+        return _dataflow(name, hq, hs, gq, gs, r, c, out_dtype)
 
     backward.__name__ = backward.__qualname__ = name
     backward.__doc__ = doc
@@ -606,11 +607,11 @@ def _activation_backward(name: str, doc: str):
 
 
 swiglu_backward = _activation_backward(
-    "swiglu_backward", "fp32 ``dh [M, 2F]`` of ``silu(gate)·up`` from INT8 ``h`` and the INT8 gradient ``[M, F]``, "
-                       "both in ``(r, c)`` blocks; see :mod:`qtrain.quant.dataflow`.")
+    "swiglu_backward", "``dh [M, 2F]`` (``out_dtype`` fp32 or bf16) of ``silu(gate)·up`` from INT8 ``h`` and the INT8 "
+                       "gradient ``[M, F]``, both in ``(r, c)`` blocks; see :mod:`qtrain.quant.dataflow`.")
 gelu_backward = _activation_backward(
-    "gelu_backward", "fp32 ``dh`` of the tanh GELU from INT8 ``h`` and the INT8 gradient, both in ``(r, c)`` "
-                     "blocks; see :mod:`qtrain.quant.dataflow`.")
+    "gelu_backward", "``dh`` (``out_dtype`` fp32 or bf16) of the tanh GELU from INT8 ``h`` and the INT8 gradient, "
+                     "both in ``(r, c)`` blocks; see :mod:`qtrain.quant.dataflow`.")
 
 
 @torch.library.custom_op("qtrain::rmsnorm_backward", mutates_args=())

@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn_rows, scale_from_bits
-from qtrain.quant.dataflow import _check_backward, _check_norm_backward, check_int8_blocks, check_vector
+from qtrain.kernels._common import (abs_bits, check_device, interpreting, quantize_rtn_rows, round_to_bf16,
+                                   scale_from_bits)
+from qtrain.quant.dataflow import (_check_backward, _check_norm_backward, _check_out_dtype, check_int8_blocks,
+                                  check_vector)
 
 
 @triton.jit
@@ -121,9 +123,9 @@ def _sigmoid(x):
 
 @triton.jit
 def _act_bwd_kernel(hq_ptr, hs_ptr, gq_ptr, gs_ptr, dh_ptr, M, F, K_in, nkb_in, nkb_g,
-                    R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr):
+                    R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr, BF16: tl.constexpr):
     """``dh`` of the activation for the ``[TM, C]`` tile of output columns ``cols`` (SwiGLU: gate ``cols`` and
-    up ``F + cols`` of ``h`` and ``dh``)."""
+    up ``F + cols`` of ``h`` and ``dh``); ``BF16``: ``dh`` stored rounded to bf16."""
     pid_m, kb = tl.program_id(0), tl.program_id(1)
     rows = pid_m * TM + tl.arange(0, TM)
     cols = kb * C + tl.arange(0, C)
@@ -139,13 +141,21 @@ def _act_bwd_kernel(hq_ptr, hs_ptr, gq_ptr, gs_ptr, dh_ptr, M, F, K_in, nkb_in, 
         u = tl.load(hq_ptr + rows_in + ucols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
             hs_ptr + brow * nkb_in + (ucols // C)[None, :], mask=mask, other=0.0)
         sig = _sigmoid(h)
-        tl.store(dh_ptr + rows_in + cols[None, :], g * u * sig * (1.0 + h * (1.0 - sig)), mask=mask)
-        tl.store(dh_ptr + rows_in + ucols[None, :], g * (h * sig), mask=mask)
+        tl.store(dh_ptr + rows_in + cols[None, :], _out(g * u * sig * (1.0 + h * (1.0 - sig)), BF16), mask=mask)
+        tl.store(dh_ptr + rows_in + ucols[None, :], _out(g * (h * sig), BF16), mask=mask)
     else:
         inner = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         s, sn = _sigmoid(2.0 * inner), _sigmoid(-2.0 * inner)          # ½(1 + tanh), ½(1 − tanh)
         d = s + 2.0 * h * s * sn * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
-        tl.store(dh_ptr + rows_in + cols[None, :], g * d, mask=mask)
+        tl.store(dh_ptr + rows_in + cols[None, :], _out(g * d, BF16), mask=mask)
+
+
+@triton.jit
+def _out(v, BF16: tl.constexpr):
+    """fp32 ``v`` as stored: rounded to bf16 (ties to even, as the reference's cast) where ``BF16``."""
+    if BF16:
+        v = round_to_bf16(v).to(tl.bfloat16)
+    return v
 
 
 @triton.jit
@@ -255,29 +265,31 @@ def gelu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _act(hq, hs, r, c, False)
 
 
-def _act_backward(hq, hs, gq, gs, r, c, swiglu):
+def _act_backward(hq, hs, gq, gs, r, c, swiglu, out_dtype):
     _check_backward(hq, hs, gq, gs, r, c, swiglu)
+    _check_out_dtype(out_dtype)
     check_device(hq)
     _check_pow2(r, c)
     M, K_in = hq.shape
     F = gq.shape[1]
     hq, hs, gq, gs = hq.contiguous(), hs.contiguous(), gq.contiguous(), gs.contiguous()
-    dh = torch.empty((M, K_in), dtype=torch.float32, device=hq.device)
+    dh = torch.empty((M, K_in), dtype=out_dtype, device=hq.device)
     if M == 0 or F == 0:
         return dh
     tm = _tile_rows(r, c, M)
     _act_bwd_kernel[(triton.cdiv(M, tm), -(-F // c))](hq, hs, gq, gs, dh, M, F, K_in, hs.shape[1], gs.shape[1],
                                                      R=r, C=c, TM=tm, SWIGLU=swiglu,
+                                                     BF16=out_dtype == torch.bfloat16,
                                                      num_warps=8 if tm * c >= 8192 else 4)
     return dh
 
 
-def swiglu_backward(hq, hs, gq, gs, r: int, c: int) -> torch.Tensor:
-    return _act_backward(hq, hs, gq, gs, r, c, True)
+def swiglu_backward(hq, hs, gq, gs, r: int, c: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return _act_backward(hq, hs, gq, gs, r, c, True, out_dtype)
 
 
-def gelu_backward(hq, hs, gq, gs, r: int, c: int) -> torch.Tensor:
-    return _act_backward(hq, hs, gq, gs, r, c, False)
+def gelu_backward(hq, hs, gq, gs, r: int, c: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return _act_backward(hq, hs, gq, gs, r, c, False, out_dtype)
 
 
 def _norm_backward(xq, xs, weight, bias, gq, gs, eps, r, c, layernorm):

@@ -120,14 +120,21 @@ def _check_backward(hq, hs, gq, gs, r: int, c: int, swiglu: bool) -> None:
                          f"gradient {tuple(gq.shape)}")
 
 
-def swiglu_backward(hq, hs, gq, gs, r: int, c: int) -> torch.Tensor:
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"activation backward out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+
+
+def swiglu_backward(hq, hs, gq, gs, r: int, c: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     _check_backward(hq, hs, gq, gs, r, c, True)
-    return activation_vjp("swiglu", dequantize_blocks(hq, hs, r, c), dequantize_blocks(gq, gs, r, c))
+    _check_out_dtype(out_dtype)
+    return activation_vjp("swiglu", dequantize_blocks(hq, hs, r, c), dequantize_blocks(gq, gs, r, c)).to(out_dtype)
 
 
-def gelu_backward(hq, hs, gq, gs, r: int, c: int) -> torch.Tensor:
+def gelu_backward(hq, hs, gq, gs, r: int, c: int, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     _check_backward(hq, hs, gq, gs, r, c, False)
-    return activation_vjp("gelu", dequantize_blocks(hq, hs, r, c), dequantize_blocks(gq, gs, r, c))
+    _check_out_dtype(out_dtype)
+    return activation_vjp("gelu", dequantize_blocks(hq, hs, r, c), dequantize_blocks(gq, gs, r, c)).to(out_dtype)
 
 
 def norm_vjp(kind: str, x, w, b, eps: float, g) -> tuple:

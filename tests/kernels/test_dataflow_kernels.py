@@ -100,23 +100,31 @@ def _exact_vjp(kind, hq, hs, gq, gs, blk):
     return torch.autograd.grad(y, h, rdf.dequantize_blocks(gq, gs, *blk).double())[0]
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("blk", [(32, 32), (1, 128), (4, 64)], ids=str)
 @pytest.mark.parametrize("shape", [(70, 200), (33, 96)], ids=str)
-def test_activation_backward_kernels_match_reference(shape, blk):
-    """INT8 h and INT8 gradient in, fp32 dh out: kernel and twin within 1e-5 of max |dh|, both within 1e-5 of
-    fp64 autograd (saturated codes included: |h| in the thousands)."""
+def test_activation_backward_kernels_match_reference(shape, blk, out_dtype):
+    """INT8 h and INT8 gradient in, dh out: fp32 — kernel and twin within 1e-5 of max |dh|, both within 1e-5 of
+    fp64 autograd (saturated codes included: |h| in the thousands); bf16 — each element within half a bf16 ulp of
+    the exact value, plus the same 1e-5 of max |dh|."""
     for kind, width in (("gelu", shape[1]), ("swiglu", 2 * shape[1])):
         hq, hs = _int8_blocks(shape[0], width, *blk)
         hq[3, 5] = 127
         gq, gs = _int8_blocks(shape[0], shape[1], *blk, seed=2)
-        got = getattr(kdf, f"{kind}_backward")(hq, hs, gq, gs, *blk)
-        ref = getattr(rdf, f"{kind}_backward")(hq, hs, gq, gs, *blk)
+        got = getattr(kdf, f"{kind}_backward")(hq, hs, gq, gs, *blk, out_dtype)
+        ref = getattr(rdf, f"{kind}_backward")(hq, hs, gq, gs, *blk, out_dtype)
         exact = _exact_vjp(kind, hq, hs, gq, gs, blk)
-        assert got.dtype == ref.dtype == torch.float32 and got.shape == ref.shape == hq.shape
+        assert got.dtype == ref.dtype == out_dtype and got.shape == ref.shape == hq.shape
         top = exact.abs().max().item()
         for what, t in (("kernel", got), ("reference", ref)):
-            err = (t.double() - exact).abs().max().item()
-            assert err <= 1e-5 * top, (kind, what, err / top)
+            if out_dtype == torch.float32:
+                err = (t.double() - exact).abs().max().item()
+                assert err <= 1e-5 * top, (kind, what, err / top)
+            else:                                   # one rounding to bf16: half an ulp, ≤ 2⁻⁸ relative
+                err = (t.double() - exact).abs()
+                assert (err <= 2.0 ** -8 * exact.abs() + 1e-5 * top).all(), (kind, what)
+    with pytest.raises(ValueError, match="out_dtype must be torch.float32 or torch.bfloat16"):
+        kdf.gelu_backward(hq, hs, hq, hs, *blk, torch.float16)
 
 
 def test_activation_backward_errors_and_dispatch():
@@ -132,10 +140,11 @@ def test_activation_backward_errors_and_dispatch():
             assert torch.allclose(got, rdf.swiglu_backward(hq, hs, gq, gs, 32, 32), rtol=0, atol=1e-5 * got.abs().max())
 
     def f(hq, hs, gq, gs):
-        return ops.swiglu_backward(hq, hs, gq, gs, 32, 32)
+        return ops.swiglu_backward(hq, hs, gq, gs, 32, 32), ops.swiglu_backward(hq, hs, gq, gs, 32, 32, torch.bfloat16)
 
     with ops.use_backend("reference"):
-        assert torch.equal(torch.compile(f, backend="aot_eager", fullgraph=True)(hq, hs, gq, gs), f(hq, hs, gq, gs))
+        compiled, eager = torch.compile(f, backend="aot_eager", fullgraph=True)(hq, hs, gq, gs), f(hq, hs, gq, gs)
+        assert all(torch.equal(a, b) for a, b in zip(compiled, eager)) and compiled[1].dtype == torch.bfloat16
 
 
 def _exact_norm_vjp(kind, xq, xs, w, b, gq, gs, blk):

@@ -307,9 +307,10 @@ def test_tracking_errors_changes_no_output_gradient_or_rng_stream(autocast, keep
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemm_outputs_that_are_quantized_next_are_bf16(monkeypatch, x_dtype):
-    """Each GEMM's output dtype in a LLaMA data-flow block: h (gate/up) and the dgrad outputs that a norm's or the
-    activation's backward quantizes next are written in bf16 (half of fp32's bytes); attention's output projection
-    hands its input gradient over in the input's dtype; the block outputs keep F.linear's dtype."""
+    """Each GEMM's output dtype in a LLaMA data-flow block: h (gate/up), the dgrad outputs that a norm's or the
+    activation's backward quantizes next, and the activation's dh are written in bf16 (half of fp32's bytes);
+    attention's output projection hands its input gradient over in the input's dtype; the block outputs keep
+    F.linear's dtype."""
     from qtrain.nn.plan import GemmPlan
     seen = []
     call = GemmPlan.__call__
@@ -319,6 +320,8 @@ def test_gemm_outputs_that_are_quantized_next_are_bf16(monkeypatch, x_dtype):
         return call(self, a, b, out_dtype, bias)
 
     monkeypatch.setattr(GemmPlan, "__call__", record)
+    act_backward = ops.swiglu_backward
+    monkeypatch.setattr(ops, "swiglu_backward", lambda *a: seen.append(("swiglu_backward", a[-1])) or act_backward(*a))
     block, args = _block("llama")
     df = to_dataflow(block, "jetfire_wide")
     x = torch.randn(2, T, 128, dtype=x_dtype, requires_grad=True)
@@ -329,3 +332,4 @@ def test_gemm_outputs_that_are_quantized_next_are_bf16(monkeypatch, x_dtype):
     assert fprop == [x_dtype, x_dtype, bf16, x_dtype]             # qkv, wo, gate/up (h), down
     wo_dx = bf16 if x_dtype == bf16 else f32
     assert dgrad == [bf16, bf16, wo_dx, bf16]                     # down → act, gate/up → norm, wo → attention, qkv → norm
+    assert [d for n, d in seen if n == "swiglu_backward"] == [bf16]   # dh, quantized by dgrad and wgrad next
