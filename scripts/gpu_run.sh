@@ -31,6 +31,7 @@ for step in "${steps[@]}"; do
     rowwise-sweep) python benchmarks/rowwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
     blockwise-sweep) python benchmarks/blockwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
     dual-sweep) python benchmarks/blockwise_sweep.py dual 2>&1 | tee -a "$OUT/run.log" ;;
+    fallback-sweep) python benchmarks/blockwise_sweep.py fallback 2>&1 | tee -a "$OUT/run.log" ;;
     # block-gluon: fprop and wgrad layouts, every variant; block-gluon-quick: one shape each
     block-gluon) python benchmarks/block_gemm_gluon.py --skip fallback --out "$OUT/results/block-gluon.json" 2>&1 \
                    | tee -a "$OUT/run.log" ;;
