@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 TL_OUT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-_MAGIC = 12582912.0  # 1.5·2²³: (v + M) − M rounds |v| < 2²² half to even in fp32
 
 
 def interpreting() -> bool:
