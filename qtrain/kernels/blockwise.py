@@ -10,9 +10,10 @@ the transpose, e.g. ``(128, 1)`` token blocks of an activation for the weight gr
 the INT8 codes (no float copy), bit-exact with the reference.
 
 ``quantize_blockwise_sr(x, r, c, seed [1] int tensor)``: the same scales (bit-exact), stochastic rounding
-``floor(v + u)`` with 16-bit uniforms ``u`` from Philox (``tl.randint4x``: eight per call) — the twin of the
-reference's SR in distribution (unbiased to within 2⁻¹⁷ of a step, every code within one step of ``x / scale``),
-not bit for bit: the uniforms are another stream.
+``floor(v + u)`` of ``v = x · (1/scale)`` with 16-bit uniforms ``u`` from Philox (``tl.randint4x``,
+:data:`PHILOX_ROUNDS` rounds, eight uniforms per call: grouped along a tile's columns, or down its rows for a
+transposed view) — the twin of the reference's SR in distribution (unbiased to within 2⁻¹⁷ of a step, every code
+within one step of ``x / scale``), not bit for bit: the uniforms are another stream.
 
 ``quantize_blockwise_sr_dual(x [M, N], c, seed) -> (q, s, qt [N, M], st)``: the 1×c SR blocks of ``x`` and of
 ``xᵀ`` (c-token blocks, ``qt`` contiguous) from one read of ``x``: each program loads a ``[TM, c]`` tile (TM a
