@@ -198,6 +198,7 @@ def build_step(shape: Shape, recipe, mode: str, device, filter_name: str = "defa
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.model = model
     return step, f"{converted}/{n_linear}"
 
 
@@ -219,7 +220,7 @@ def empty_row(shape: Shape, mode: str, recipe) -> dict:
     return {"shape": shape.name, "mode": mode, "recipe": _label(recipe), "converted": None, "step_ms": None,
             "tokens_per_s": None, "vs_bf16": None, "peak_gib": None, "mem_vs_bf16": None, "saved_gib": None,
             "saved_vs_bf16": None, "steps": None,
-            "first_step_s": None, "graphs": None, "error": None}
+            "first_step_s": None, "graphs": None, "fallback_pct": None, "error": None}
 
 
 def measure(shape: Shape, recipe, mode: str, device, timer: Timer, steps: int, warmup: int,
@@ -264,6 +265,16 @@ def _run_row(row, shape, recipe, mode, device, timer, steps, warmup, filter_name
                peak_gib=None if peak is None else peak / 2**30, saved_gib=None if saved is None else saved / 2**30)
     if mode == "compile":           # Dynamo graphs compiled for the row: 1 is the whole model in one graph,
         row["graphs"] = counters["stats"]["unique_graphs"]      # more means graph breaks or recompiles
+    row["fallback_pct"] = fallback_pct(step.model)
+
+
+def fallback_pct(model) -> float | None:
+    """Mean share (%) of tiles that fell back over the fallback GEMMs of every layer at the last step, or None
+    without fallback layers."""
+    import qtrain
+
+    shares = [v for gemms in qtrain.fallback_stats(model).values() for v in gemms.values()]
+    return 100 * sum(shares) / len(shares) if shares else None
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -339,6 +350,8 @@ def notes_for(shapes: list[Shape], steps: int, warmup: int, filter_name: str, to
              "optimizer step eager; torch._dynamo.reset() before each row; graphs: Dynamo graphs compiled in the row "
              "(1: the whole forward in one graph; int4: 2, its first step calibrates in opaque ops and the second "
              "recompiles once into one graph; more: graph breaks or recompiles).",
+             "fallback_pct: recipes with fallback — the share of tiles that fell back at the last step, averaged "
+             "over every layer's fallback GEMMs (each layer's threshold tracks its own target).",
              "converted: quantized / all linear layers. "
              + (f"Default qtrain.convert filter: lm_head kept, and on CUDA layers narrower than "
                 f"{MIN_CUDA_FEATURES} features stay BF16." if filter_name == "default" else

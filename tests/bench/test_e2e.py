@@ -46,14 +46,18 @@ def test_rows_bf16_switchback_and_a_failing_recipe(monkeypatch):
 
     monkeypatch.setattr(e2e, "_convert", convert)
     timer, seen = CountingTimer(), []
-    rows = e2e.run_rows([TINY], [recipes.get("bf16"), boom, recipes.get("switchback"), recipes.get("jetfire_wide")],
+    rows = e2e.run_rows([TINY], [recipes.get("bf16"), boom, recipes.get("switchback"), recipes.get("jetfire_wide"),
+                                 recipes.get("fallback")],
                         ["eager"], device="cpu", timer=timer, steps=2, warmup=1,
                         on_row=lambda rows: seen.append(len(rows)))
-    assert [r["recipe"] for r in rows] == ["bf16", "boom", "switchback", "jetfire_wide"] and seen == [1, 2, 3, 4]
+    assert [r["recipe"] for r in rows] == ["bf16", "boom", "switchback", "jetfire_wide", "fallback"]
+    assert seen == [1, 2, 3, 4, 5]
+    fb = rows.pop()
+    assert fb["error"] is None and 0 < fb["fallback_pct"] <= 100 and rows[2]["fallback_pct"] is None
     assert all(list(r) == list(e2e.empty_row(TINY, "eager", None)) for r in rows)   # same fields, same order
     bf16, failed, sb, jw = rows
-    assert timer.calls == 3 * (1 + 2)            # three rows ran: a warm-up step and 2 timed steps each
-    assert timer.probes == 3 * 2                 # one probed step per row: before and after the forward
+    assert timer.calls == 4 * (1 + 2)            # four rows ran: a warm-up step and 2 timed steps each
+    assert timer.probes == 4 * 2                 # one probed step per row: before and after the forward
     for r in (bf16, sb, jw):
         assert r["error"] is None and r["steps"] == 2 and r["step_ms"] > 0 and r["first_step_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(TINY.tokens / (r["step_ms"] / 1e3))
