@@ -25,9 +25,16 @@ def load_tile(x_ptr, M, K, stride_m, stride_k, TM: tl.constexpr, TK: tl.constexp
     (0 outside ``x``): ``(rows, cols, mask, x)``."""
     rows = tl.program_id(0) * TM + tl.arange(0, TM)
     cols = tl.program_id(1) * TK + tl.arange(0, TK)
+    mask, x = load_at(x_ptr, M, K, stride_m, stride_k, rows, cols)
+    return rows, cols, mask, x
+
+
+@triton.jit
+def load_at(x_ptr, M, K, stride_m, stride_k, rows, cols):
+    """``x[rows, cols]`` of the 2-D ``x [M, K]`` (any strides) as fp32, 0 outside ``x``: ``(mask, x)``."""
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :] * stride_k, mask=mask, other=0)
-    return rows, cols, mask, x.to(tl.float32)
+    return mask, x.to(tl.float32)
 
 
 @triton.jit

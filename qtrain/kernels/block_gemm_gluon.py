@@ -16,9 +16,7 @@ tiles; per program three partitions (``gl.warp_specialize``):
 * two **consumer warpgroups**, each owning 64 rows of the tile: per scale block (``KP`` = c / 128 ring steps)
   ``KP`` chained async ``warpgroup_mma`` into an int32 partial (exact: |partial| ≤ 256·127² < 2²²), then the
   promotion ``acc += f32(partial)·a_scale·b_scale`` into the fp32 accumulator — 256-wide scale blocks halve the
-  promotions per MMA; a flagged block adds the A2 product reusing the B tiles in shared memory (with c = 256:
-  compiled for sm_90 and GPU-tested through :func:`launch` only — :func:`supported` declines it until that test
-  has run on a Hopper GPU).
+  promotions per MMA; a flagged block adds the A2 product reusing the B tiles in shared memory.
 
 The overlap Triton's pipeliner cannot give INT8 dots (GPU.md) comes from the two warpgroups taking turns
 (``ORDER`` 1): warpgroup 1 issues a scale block's wgmmas only once warpgroup 0's have finished (a ``turn``

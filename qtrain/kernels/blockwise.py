@@ -131,15 +131,14 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
         x = x * xs
     bits = tl.reshape(abs_bits(x), [TM // R, R, C])
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
+    d, inv, pre = divisor(scale)
     if SR:
         if DOWN:
             u = _uniforms_down(tl.load(seed_ptr), pid_m, cols, tl.cdiv(M, 8), TM, C)
         else:
             u = _uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols, TM, C)
-        d, inv, pre = divisor(scale)
         q = quantize_sr(x * _rows_of(pre, R, TM, C), _rows_of(inv, R, TM, C), u)
     else:
-        d, inv, pre = divisor(scale)
         q = quantize_rtn(x, _rows_of(d, R, TM, C), _rows_of(inv, R, TM, C), _rows_of(pre, R, TM, C))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
     brow = pid_m * (TM // R) + tl.arange(0, TM // R)
@@ -156,14 +155,14 @@ def _blockwise_sr_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, seed_ptr, M, 
     bits = abs_bits(x)
     seed = tl.load(seed_ptr)
     scale = scale_from_bits(tl.max(bits, axis=1))                                      # [TM]
-    d, inv, pre = divisor(scale)
+    _, inv, pre = divisor(scale)
     q = quantize_sr(x * pre[:, None], tl.broadcast_to(inv[:, None], x.shape),
                     _uniforms(seed, rows, pid_n, n_block_cols, TM, C))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows * n_block_cols + pid_n, scale, mask=rows < M)
     scale_t = scale_from_bits(tl.max(tl.reshape(bits, [TM // C, C, C]), axis=1))     # [TM // C, C]
     col_scale = tl.reshape(tl.broadcast_to(scale_t[:, None, :], [TM // C, C, C]), [TM, C])
-    d_t, inv_t, pre_t = divisor(col_scale)
+    _, inv_t, pre_t = divisor(col_scale)
     qt = quantize_sr(x * pre_t, inv_t, _uniforms(seed, rows, pid_n, n_block_cols, TM, C, 1))
     tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qt),
              mask=(cols[:, None] < N) & (rows[None, :] < M))

@@ -18,16 +18,15 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels import block_gemm as _block_gemm
-from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn_rows, scale_from_bits
+from qtrain.kernels._common import (abs_bits, check_device, interpreting, load_at, quantize_rtn_rows,
+                                   scale_from_bits)
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 
 
 @triton.jit
 def _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols):
     """fp32 ``x[rows, cols]`` (0 outside ``x``), its mask and each row's absmax bits."""
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :] * stride_xk, mask=mask,
-                other=0).to(tl.float32)
+    mask, x = load_at(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
     return x, mask, tl.max(abs_bits(x), axis=1)
 
 
@@ -61,7 +60,8 @@ def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_pt
             scale = scale_from_bits(row_bits)
             resid = x - quantize_rtn_rows(x, scale).to(tl.float32) * scale[:, None]
             scale2 = scale_from_bits(tl.max(abs_bits(resid), axis=1))
-            tl.store(q2_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], quantize_rtn_rows(resid, scale2), mask=mask)
+            tl.store(q2_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], quantize_rtn_rows(resid, scale2),
+                     mask=mask)
             tl.store(s2_ptr + rows * nk + pid_k, scale2, mask=rows < M)
     else:
         rows = pid_m * GR + tl.arange(0, GR)

@@ -34,8 +34,9 @@ def _quant_kernel(w_ptr, amax_ptr, q_ptr, qt_ptr, s_ptr, N, K, stride_n, stride_
     scale = scale_from_bits(tl.load(amax_ptr))
     w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_n + rk[None, :] * stride_k, mask=mask, other=0.0)
     w = w.to(tl.float32)
-    d, inv, pre = divisor(tl.full(w.shape, scale, tl.float32))
-    q = quantize_rtn(w, d, inv, pre)
+    d, inv, pre = divisor(scale)                                    # the tensor's one scale
+    q = quantize_rtn(w, tl.full(w.shape, d, tl.float32), tl.full(w.shape, inv, tl.float32),
+                     tl.full(w.shape, pre, tl.float32))
     tl.store(q_ptr + rn[:, None].to(tl.int64) * K + rk[None, :], q, mask=mask)
     tl.store(qt_ptr + rk[:, None].to(tl.int64) * N + rn[None, :], tl.trans(q), mask=tl.trans(mask))
     if (pid_n == 0) & (pid_k == 0):
