@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.testing
 
-from qtrain.bench.quant import BLOCKWISE, BLOCKWISE_DUAL, FALLBACK
+from qtrain.bench.quant import (BLOCKWISE, BLOCKWISE_DUAL, FALLBACK, fallback_case, fallback_mismatch,
+                                fallback_min_bytes)
 from qtrain.kernels import blockwise, fallback
 
 
@@ -84,31 +85,20 @@ def dual() -> None:
 
 
 def fallback_chunks() -> None:
-    from qtrain.quant import fallback as ref
-    from qtrain.quant.testing import outlier_data
-
     print("\n| fallback call | shape | config (TM, warps) | us | TB/s | % of copy |\n|---|---|---|---|---|---|")
     for what, (R, C), transposed, frac in FALLBACK:
-        base = outlier_data(R, C, magnitude=50.0, pattern="scattered", seed=3, dtype=torch.bfloat16, device="cuda")
-        x = base.t() if transposed else base
-        tmax = ref.tile_absmax(x, 128)
-        tau = (torch.quantile(tmax.flatten(), 1 - frac).reshape(1) if frac < 1 else torch.full((1,), -1.0)).cuda()
-        n = x.numel()
+        base, x, tau = fallback_case((R, C), transposed, frac)
         dst = torch.empty_like(base)
-        copy_bw = 4 * n / triton.testing.do_bench(lambda: dst.copy_(base), return_mode="median") / 1e9
+        copy_bw = 4 * x.numel() / triton.testing.do_bench(lambda: dst.copy_(base), return_mode="median") / 1e9
         out0 = fallback.quantize_fallback(x, tau)
-        f = out0[4].float().mean().item()
-        min_bytes = 2 * n + n * (1 + f) + 4 * n // 128 * 2
-        flagged = ref.expand_tiles(out0[4], x.shape[0]).repeat_interleave(128, 1)[:, :x.shape[1]]
+        min_bytes = fallback_min_bytes(x, out0[4])
         configs = [("default", fallback.launch_config(128))]
         configs += [(f"TM {tm} w{w}", (tm, w)) for tm in (8, 16, 32, 64, 128) for w in (2, 4, 8)
                     if (tm, w) != configs[0][1]]
         for name, cfg in configs:
-            out = fallback.quantize_fallback(x, tau, config=cfg)
-            same = all(torch.equal(a[flagged], b[flagged]) if i == 2 else torch.equal(a, b)
-                       for i, (a, b) in enumerate(zip(out, out0)))
-            if not same:
-                raise RuntimeError(f"fallback {what}: config {cfg} differs from the default")
+            bad = fallback_mismatch(fallback.quantize_fallback(x, tau, config=cfg), out0)
+            if bad is not None:
+                raise RuntimeError(f"fallback {what}: config {cfg} gives another {bad} than the default")
             ms = triton.testing.do_bench(lambda: fallback.quantize_fallback(x, tau, config=cfg), return_mode="median")
             bw = min_bytes / ms / 1e9
             print(f"| {what} | {R}x{C}{'ᵀ' if transposed else ''} | {name} {cfg} | {ms * 1e3:.1f} | {bw:.2f} | "

@@ -142,34 +142,59 @@ def _blockwise_dual_rows(quick: bool, cases=BLOCKWISE_DUAL, device: str = "cuda"
     return rows
 
 
-def _fallback_rows(quick: bool, cases=FALLBACK, device: str = "cuda") -> list[dict]:
-    from qtrain.kernels.fallback import quantize_fallback
+def fallback_case(shape: tuple[int, int], transposed: bool, frac: float, device: str = "cuda"):
+    """``(base, x, tau)``: bf16 ``base [shape]`` with scattered outliers, ``x`` it or its transposed view, and the
+    fp32 ``tau`` that flags ``frac`` of ``x``'s 128×128 tiles (−1, every tile, for ``frac`` 1)."""
     from qtrain.quant import fallback as ref
     from qtrain.quant.testing import outlier_data
 
+    base = outlier_data(*shape, magnitude=50.0, pattern="scattered", seed=3, dtype=torch.bfloat16, device=device)
+    x = base.t() if transposed else base
+    tau = (torch.quantile(ref.tile_absmax(x, 128).flatten(), 1 - frac).reshape(1) if frac < 1
+           else torch.full((1,), -1.0))
+    return base, x, tau.to(device=device, dtype=torch.float32)
+
+
+def fallback_mismatch(got, want) -> str | None:
+    """The first of ``quantize_fallback``'s outputs where ``got`` differs from ``want`` (``q2`` compared on
+    ``want``'s flagged tiles, where the contract defines it), or None."""
+    from qtrain.quant import fallback as ref
+
+    got = [g.cpu() for g in got]
+    want = [w.cpu() for w in want]
+    flagged = ref.expand_tiles(want[4], want[0].shape[0]).repeat_interleave(128, 1)[:, :want[0].shape[1]]
+    for name, g, w in zip(("q", "scale", "q2", "scale2", "flags", "tile_absmax"), got, want):
+        if not torch.equal(g[flagged] if name == "q2" else g, w[flagged] if name == "q2" else w):
+            return name
+    return None
+
+
+def fallback_min_bytes(x: torch.Tensor, flags: torch.Tensor) -> float:
+    """One bf16 read of ``x``, its codes and scales written, the residual's on the flagged share of tiles."""
+    n = x.numel()
+    return 2 * n + n * (1 + flags.float().mean().item()) + 4 * n // 128 * 2
+
+
+def _fallback_rows(quick: bool, cases=FALLBACK, device: str = "cuda") -> list[dict]:
+    from qtrain.kernels.fallback import quantize_fallback
+    from qtrain.quant import fallback as ref
+
     rows = []
-    for what, (R, C), transposed, frac in cases[::2] if quick else cases:
-        base = outlier_data(R, C, magnitude=50.0, pattern="scattered", seed=3, dtype=torch.bfloat16, device=device)
-        x = base.t() if transposed else base
-        tmax = ref.tile_absmax(x, 128)
-        tau = torch.quantile(tmax.flatten(), 1 - frac).reshape(1) if frac < 1 else torch.full((1,), -1.0)
-        tau = tau.to(device=device, dtype=torch.float32)
-        got, want = quantize_fallback(x, tau), ref.quantize_fallback(x.cpu(), tau.cpu())
-        flagged = ref.expand_tiles(want[4], x.shape[0]).repeat_interleave(128, 1)[:, :x.shape[1]]
-        for name, g, w in zip(("q", "scale", "q2", "scale2", "flags", "tile_absmax"), got, want):
-            g = g.cpu()
-            if not torch.equal(g[flagged] if name == "q2" else g, w[flagged] if name == "q2" else w):
-                raise RuntimeError(f"fallback kernel's {name} differs from the reference for {what}")
-        n, f = x.numel(), want[4].float().mean().item()
+    for what, shape, transposed, frac in cases[::2] if quick else cases:
+        base, x, tau = fallback_case(shape, transposed, frac, device)
+        want = ref.quantize_fallback(x.cpu(), tau.cpu())
+        bad = fallback_mismatch(quantize_fallback(x, tau), want)
+        if bad is not None:
+            raise RuntimeError(f"fallback kernel's {bad} differs from the reference for {what}")
         dst = torch.empty_like(base)
         t_copy = bench(lambda: dst.copy_(base), quick)
         t_kern = bench(lambda: quantize_fallback(x, tau), quick)
         t_ref = bench(lambda: ref.quantize_fallback(x, tau), quick)
-        copy_bw = 4 * n / t_copy / 1e9
-        bw = (2 * n + n * (1 + f) + 4 * n // 128 * 2) / t_kern / 1e9
-        rows.append({"kernel": f"fallback {what}", "shape": f"{R}x{C}" + ("ᵀ" if transposed else ""),
-                     "flagged": f, "time_us": t_kern * 1e3, "TB_s": bw, "copy_TB_s": copy_bw,
-                     "pct_of_copy": 100 * bw / copy_bw, "torch_ref_us": t_ref * 1e3,
+        copy_bw = 4 * x.numel() / t_copy / 1e9
+        bw = fallback_min_bytes(x, want[4]) / t_kern / 1e9
+        rows.append({"kernel": f"fallback {what}", "shape": "x".join(map(str, shape)) + ("ᵀ" if transposed else ""),
+                     "flagged": want[4].float().mean().item(), "time_us": t_kern * 1e3, "TB_s": bw,
+                     "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw, "torch_ref_us": t_ref * 1e3,
                      "speedup_vs_torch_ref": t_ref / t_kern})
         print(rows[-1], flush=True)
     return rows
