@@ -3,9 +3,12 @@
 Usage (on the GPU, PYTHONPATH=.): python benchmarks/profile_step.py [--compile] [SHAPE] RECIPE...   (SHAPE: 7b or
 1b, default 7b; RECIPE: bf16 or a preset / recipe file; --compile: `torch.compile` of the model as `qtrain bench
 e2e --modes compile` does, Inductor's fused kernels then appear as `triton_*`). Per recipe: the step time, then
-the kernels by total GPU time (2 profiled steps after 2 warm-up steps, 3 when compiled), the top 25, and the share
-of GEMM kernels, quantize kernels and the rest; then the aten ops with the most GPU time of their own, by input
-shapes (where copies and casts come from).
+the kernels by total GPU time (2 profiled steps after 2 warm-up steps, 3 when compiled), the top 25, and the time
+per kind of kernel (INT8 GEMM, 16-bit GEMM, attention, quantize, optimizer, Inductor's fused kernels, the rest);
+the GPU's busy time (union of kernel intervals) and idle time per step (the profiled window less busy: host-bound
+gaps, syncs); then the aten ops with the most GPU time of their own, by input shapes (where copies and casts come
+from). User annotations on the GPU timeline (`## Call CompiledFxGraph`, `Optimizer.step#…`) span other kernels and
+are left out of every total.
 """
 from __future__ import annotations
 
@@ -20,13 +23,46 @@ from qtrain.train.loop import resolve_recipe
 STEPS = 2
 
 
+KINDS = (  # first match wins: (kind, substrings of the lower-cased kernel name)
+    ("int8 gemm", ("block_gemm", "_int8_gemm", "int8_gemm", "_gemm_ws", "_rowwise_gemm", "int4_gemm", "imma")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "compute_dot_do_o", "convert_dq")),
+    ("16-bit gemm", ("gemm", "nvjet", "mma", "sm90", "matmul", "cutlass")),
+    ("quantize", ("quant", "hadamard", "_rowwise", "_tensorwise", "blockwise", "_transpose_kernel", "bitsplit",
+                  "lss", "sr_")),
+    ("optimizer", ("_moments_kernel", "_update_kernel", "adam", "multi_tensor")),
+    ("norm/act", ("_norm", "_act", "swiglu", "gelu")),
+    ("inductor", ("triton_",)),
+    ("sort/select", ("sort", "radix", "topk", "kthvalue")),
+    ("copy", ("memcpy", "memset", "copy", "elementwise_kernel", "vectorized")),
+)
+
+
 def kind(name: str) -> str:
     low = name.lower()
-    if "gemm" in low or "mma" in low or "sm90" in low or "matmul" in low or "cutlass" in low:
-        return "gemm"
-    if "quant" in low or "hadamard" in low or "_rowwise" in low or "_tensorwise" in low or "blockwise" in low:
-        return "quantize"
+    for label, keys in KINDS:
+        if any(k in low for k in keys):
+            return label
     return "other"
+
+
+def annotation(event) -> bool:
+    """GPU-timeline user annotations (they span kernels counted on their own)."""
+    return getattr(event, "is_user_annotation", False) or event.key.startswith("## ") or "#" in event.key
+
+
+def busy_and_window_us(prof) -> tuple[float, float]:
+    """Union of the GPU kernel intervals, and first start to last end, in µs."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type.name == "CUDA" and not annotation(e) and e.time_range.end > e.time_range.start)
+    if not spans:
+        return 0.0, 0.0
+    busy, (cur_s, cur_e) = 0.0, spans[0]
+    for a, b in spans[1:]:
+        if a > cur_e:
+            busy, cur_s, cur_e = busy + cur_e - cur_s, a, b
+        else:
+            cur_e = max(cur_e, b)
+    return busy + cur_e - cur_s, spans[-1][1] - spans[0][0]
 
 
 def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
@@ -41,7 +77,8 @@ def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
         for _ in range(STEPS):
             step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    events = [e for e in prof.key_averages()
+              if e.device_time_total > 0 and e.device_type.name == "CUDA" and not annotation(e)]
     events.sort(key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in events) / STEPS / 1e3
     timer = e2e.CudaTimer()
@@ -50,7 +87,10 @@ def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
     shares = {}
     for e in events:
         shares[kind(e.key)] = shares.get(kind(e.key), 0.0) + e.device_time_total / STEPS / 1e3
-    print("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(shares.items())))
+    print("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
+    busy, window = busy_and_window_us(prof)
+    print(f"  GPU busy {busy / STEPS / 1e3:.1f} ms/step, idle {(window - busy) / STEPS / 1e3:.1f} ms/step "
+          f"(profiled window {window / STEPS / 1e3:.1f} ms/step)")
     for e in events[:25]:
         print(f"  {e.device_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  {kind(e.key):8s} {e.key[:110]}")
     ops = [e for e in prof.key_averages(group_by_input_shape=True)
