@@ -443,4 +443,4 @@ def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor
         raise _unsupported("fallback_block_gemm", a, b, 1, b_rows, block_k, out_dtype)
     return launch(a, b, a_scale.contiguous(), b_scale.contiguous(), b_rows,
                   bias.contiguous() if bias is not None else None, out_dtype, a2, a2_scale.contiguous(),
-                  flags.contiguous(), magic=magic, stages=stages)
+                  flags.contiguous(), block_k=block_k, magic=magic, stages=stages)

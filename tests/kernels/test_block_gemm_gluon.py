@@ -217,7 +217,8 @@ def test_fallback_gemm(mkn, ratio, rb, out_dtype):
 @pytest.mark.parametrize("mkn", [(1000, 1152, 520), (4096, 4096, 1024), (300, 400, 136)], ids=str)
 def test_fallback_gemm_wide_scale_blocks(mkn, ratio, rb, monkeypatch):
     """The fallback term over 256-wide scale blocks (two chained 128-deep A2 steps per flagged block), through
-    ``launch`` at each pipeline depth and through the public ``fallback_block_gemm`` (routed to Gluon: size gate off);
+    ``launch`` at each pipeline depth, the Gluon module's ``fallback_block_gemm`` and the public one (routed to Gluon:
+    size gate off);
     poisoned unflagged residuals as above; fp32 output within 1e-5 of the reference."""
     M, K, N = mkn
     q, s, q2, s2, flags, qb, sb, bb = _fallback_case(M, N, K, rb, ratio, bias=True, bk=256)
@@ -229,6 +230,8 @@ def test_fallback_gemm_wide_scale_blocks(mkn, ratio, rb, monkeypatch):
         out = glu.launch(q, qb, s, sb, rb, bb, torch.float32, q2, s2, flags, block_k=256, stages=stages)
         assert quant.relative_error(ref32, out) <= 1e-5, stages
     assert glu.supported(q, qb, 1, rb, 256, torch.float32, a2=q2)
+    out = glu.fallback_block_gemm(q, s, q2, s2, flags, qb, sb, rb, 256, bb, torch.float32)   # hands block_k on
+    assert quant.relative_error(ref32, out) <= 1e-5
     monkeypatch.setattr(kbg, "GLUON_MIN_OPS", 0)
     out = kfb.fallback_block_gemm(q, s, q2, s2, flags, qb, sb, rb, 256, bb, torch.float32)
     assert quant.relative_error(ref32, out) <= 1e-5

@@ -149,7 +149,7 @@ def test_int4_rejections_name_what_is_accepted(case):
 def test_int4_schema_validation_and_round_trip():
     r = recipes.get("int4")
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
-    assert "H≤256/LSQ" in str(r) and "bitsplit/LSS(1M)" in str(r) and r.description
+    assert "H≤256/LSQ" in str(r) and "bitsplit/LSS(1.5M)" in str(r) and r.description
     with pytest.raises(ValueError, match="INT4 per-tensor"):
         OperandSpec("int8", TENSOR, step=LearnedStep())
     with pytest.raises(ValueError, match="INT4 per-tensor"):
