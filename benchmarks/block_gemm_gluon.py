@@ -1,7 +1,8 @@
 """Gluon block-scaled INT8 GEMM (qtrain/kernels/block_gemm_gluon.py) vs cuBLAS BF16 and the Triton block kernel,
 same run. Shapes M×K×N: the 7B fprop/dgrad layouts with 1×128 activation · 128×128 weight blocks, the wgrad
 layouts with 1×128 · 1×128 blocks (both operands blocked along the token dim, K = tokens), and the fallback
-term at 0/5/20/100 % flagged tiles. Correctness (fp32 output vs the reference, ≤ 1e-5) is checked before timing;
+term at 0/5/20/100 % flagged tiles on both layouts with 128- and 256-wide scale blocks (``--quick``: one shape
+each, 0 and 5 %). Correctness (fp32 output vs the reference, ≤ 1e-5) is checked before timing;
 a variant that fails to compile or is wrong is reported and skipped.
 
 Run on the GPU: ``PYTHONPATH=. python benchmarks/block_gemm_gluon.py --out results.json`` (markdown on stdout).
@@ -23,7 +24,10 @@ from qtrain.kernels import block_gemm_gluon as glu
 
 FPROP = [(16384, 4096, 4096), (16384, 4096, 11008), (16384, 11008, 4096), (8192, 2048, 2048)]  # M×K×N, rb 128
 WGRAD = [(4096, 16384, 4096), (4096, 16384, 11008), (11008, 16384, 4096)]             # rb = 1
-FALLBACK = [(16384, 4096, 4096), (16384, 11008, 4096)]
+# fallback: M×K×N, weight block rows (1: wgrad's blocks along tokens), scale-block width
+FALLBACK = [(16384, 4096, 4096, 128, 128), (16384, 11008, 4096, 128, 128), (16384, 4096, 4096, 128, 256),
+            (4096, 16384, 4096, 1, 128), (4096, 16384, 4096, 1, 256), (4096, 16384, 11008, 1, 256)]
+FALLBACK_QUICK = [FALLBACK[0], FALLBACK[2], FALLBACK[3], FALLBACK[4]]
 RATIOS = [0.0, 0.05, 0.20, 1.0]
 
 
@@ -117,42 +121,47 @@ def gemm_rows(shapes, rb, label, rows, bad, done=lambda: None):
         done()
 
 
-def fallback_rows(rows, done=lambda: None):
-    for M, K, N in FALLBACK:
-        a, b, sa, sb = operands(M, K, N, 128, seed=1)
+def fallback_rows(rows, done=lambda: None, quick=False):
+    """Per layout (128-row weight blocks, wgrad's 1-row blocks along tokens) and scale-block width: the fallback
+    kernel at each flagged share against the plain kernel on the same operands and blocking."""
+    for M, K, N, rb, bk in (FALLBACK_QUICK if quick else FALLBACK):
+        a, b, sa, sb = operands(M, K, N, rb, seed=1, block_k=bk)
         a2 = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
-        nk, gm = triton.cdiv(K, 128), triton.cdiv(M, 128)
+        nk, gm = triton.cdiv(K, bk), triton.cdiv(M, 128)
         ops = 2 * M * N * K
         x16 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w16 = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
         t_bf16 = bench(lambda: x16 @ w16.t())
-        t_plain = bench(lambda: glu.launch(a, b, sa, sb, 128, None, torch.bfloat16))
-        for ratio in RATIOS:
+        t_plain = bench(lambda: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, block_k=bk))
+        for ratio in RATIOS[:2] if quick else RATIOS:
             g = torch.Generator(device="cuda").manual_seed(2)
             flags = torch.rand(gm, nk, generator=g, device="cuda") < ratio
             sa2 = torch.where(flags.repeat_interleave(128, 0)[:M], sa * 1e-2, torch.zeros_like(sa))
-            row = {"M": M, "K": K, "N": N, "blocks": "fallback 1x128 · 128x128", "ratio": ratio,
-                   "flagged": flags.float().mean().item(), "bf16_tflops": ops / t_bf16 / 1e9,
+            row = {"M": M, "K": K, "N": N, "blocks": f"fallback 1x{bk} · {rb}x{bk}", "rb": rb, "block_k": bk,
+                   "ratio": ratio, "flagged": flags.float().mean().item(), "bf16_tflops": ops / t_bf16 / 1e9,
                    "gluon_nofb_tops": ops / t_plain / 1e9}
+            fb = (a2, sa2, flags)
             try:
-                ref = (quant.block_int8_gemm(a, b, sa, sb, 1, 128, 128, None, torch.float32)
-                       + quant.block_int8_gemm(torch.where(flags.repeat_interleave(128, 0)[:M]
-                                                           .repeat_interleave(128, 1)[:, :K], a2, 0),
-                                               b, sa2, sb, 1, 128, 128, None, torch.float32))
-                err = quant.relative_error(ref, glu.launch(a, b, sa, sb, 128, None, torch.float32, a2, sa2, flags))
+                tiles = flags.repeat_interleave(128, 0)[:M].repeat_interleave(bk, 1)[:, :K]
+                ref = (quant.block_int8_gemm(a, b, sa, sb, 1, rb, bk, None, torch.float32)
+                       + quant.block_int8_gemm(torch.where(tiles, a2, 0), b, sa2, sb, 1, rb, bk, None, torch.float32))
+                err = quant.relative_error(ref, glu.launch(a, b, sa, sb, rb, None, torch.float32, *fb, block_k=bk))
                 row["gluon_rel_err_fp32"] = err
                 if not err <= 1e-5:
-                    print(f"fallback {M}x{K}x{N} {ratio}: WRONG rel err {err:.2e}", flush=True)
+                    print(f"fallback {M}x{K}x{N} rb {rb} bk {bk} {ratio}: WRONG rel err {err:.2e}", flush=True)
                     rows.append(row)
                     continue
-                t = bench(lambda: glu.launch(a, b, sa, sb, 128, None, torch.bfloat16, a2, sa2, flags))
+                t = bench(lambda: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, *fb, block_k=bk))
                 row["gluon_fb_tops"] = ops / t / 1e9
                 row["fb_vs_nofb_time"] = t / t_plain
                 row["gluon_fb_vs_bf16"] = t_bf16 / t
-                t_tri = bench(lambda: tri.launch(a, b, sa, sb, 1, 128, 128, None, torch.bfloat16,
-                                                 fallback=(a2, sa2, flags)))
-                row["triton_fb_tops"] = ops / t_tri / 1e9
-                row["gluon_fb_vs_triton_fb"] = t_tri / t
+                if rb == 1:     # lockstep: the lagging warpgroup holds a scale block's stages longer (ORDER 1)
+                    t0 = bench(lambda: glu.launch(a, b, sa, sb, rb, None, torch.bfloat16, *fb, block_k=bk, order=0))
+                    row["gluon_fb_lockstep_tops"] = ops / t0 / 1e9
+                if not quick:
+                    t_tri = bench(lambda: tri.launch(a, b, sa, sb, 1, rb, bk, None, torch.bfloat16, fallback=fb))
+                    row["triton_fb_tops"] = ops / t_tri / 1e9
+                    row["gluon_fb_vs_triton_fb"] = t_tri / t
             except Exception:
                 traceback.print_exc(limit=4)
             rows.append(row)
@@ -181,15 +190,15 @@ def markdown(rows, info):
                          + " | ".join(f"{f(r, n + '_tops')} ({x(r, n + '_vs_bf16')})" for n in names)
                          + f" | {f(r, 'triton_k256_tops')} | {f(r, 'int8_gluon_rowscaled_tops')} |")
         lines.append("")
-    lines += ["Fallback (second A operand on flagged 128-row × 128-K tiles), 1×128 · 128×128:", "",
-              "| M×K×N | flagged | Gluon no-fallback | Gluon fallback | time vs no-fallback | vs BF16 "
-              "| Triton fallback | Gluon / Triton |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["Fallback (second A operand on flagged 128-row × c-K tiles), against the plain kernel on the same blocks:",
+              "", "| M×K×N | blocks | flagged | Gluon no-fallback | Gluon fallback | time vs no-fallback | vs BF16 "
+              "| Triton fallback | Gluon / Triton | Gluon fallback, lockstep |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "ratio" not in r:
             continue
-        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {100 * r['flagged']:.1f} % | {f(r, 'gluon_nofb_tops')} | "
+        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['blocks']} | {100 * r['flagged']:.1f} % | {f(r, 'gluon_nofb_tops')} | "
                      f"{f(r, 'gluon_fb_tops')} | {r.get('fb_vs_nofb_time', 0):.3f} | {x(r, 'gluon_fb_vs_bf16')}"
-                     f" | {f(r, 'triton_fb_tops')} | {x(r, 'gluon_fb_vs_triton_fb')} |")
+                     f" | {f(r, 'triton_fb_tops')} | {x(r, 'gluon_fb_vs_triton_fb')} | {f(r, 'gluon_fb_lockstep_tops')} |")
     return "\n".join(lines)
 
 
@@ -209,7 +218,7 @@ def main():
     if "wgrad" not in skip:
         gemm_rows(WGRAD[:1] if args.quick else WGRAD, 1, "1x128 · 1x128 (wgrad)", rows, bad, done)
     if "fallback" not in skip:
-        fallback_rows(rows, done)
+        fallback_rows(rows, done, args.quick)
     print(markdown(rows, info))
 
 

@@ -109,11 +109,12 @@ def _producer(a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, fl
         off_n = pid_n * BN
         for j in range(nk):
             s = it % STAGES
+            if FALLBACK:                    # the flag of scale block j // KP, loaded before the wait hides its latency
+                fv = gl.load(flags_ptr + pid_m * stride_fm + j // KP)
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             k = j * BK
-            if FALLBACK:                    # the flag of scale block j // KP
-                fv = gl.load(flags_ptr + pid_m * stride_fm + j // KP)
+            if FALLBACK:
                 f = fv != 0
                 mbarrier.expect(bar, AB_BYTES + A2_BYTES, pred=f)
                 mbarrier.expect(bar, AB_BYTES, pred=fv == 0)
@@ -170,14 +171,14 @@ def _issue(a_smem, b_smem, ready, it, regs, WG: gl.constexpr, STAGES: gl.constex
 
 
 @gluon.jit
-def _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, flags_ptr, flag_row,
-             stride_sa2j, WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, MAGIC: gl.constexpr,
-             STAGES: gl.constexpr, KP: gl.constexpr):
+def _release(acc, p, it, j, sb, fv, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, stride_sa2j,
+             WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, MAGIC: gl.constexpr, STAGES: gl.constexpr,
+             KP: gl.constexpr):
     """After scale block ``j`` (ring steps ``it … it + KP − 1``, partial ``p``) was promoted: its fallback term if
-    the tile is flagged (``KP`` chained wgmmas of the A2 tiles on the B tiles still in shared memory, into ``p``'s
-    registers), then the stages go back to the producer. Returns the accumulator and the partial's registers."""
+    the tile is flagged (``fv``, loaded before the block's wgmmas were issued; ``KP`` chained wgmmas of the A2
+    tiles on the B tiles still in shared memory, into ``p``'s registers), then the stages go back to the producer.
+    Returns the accumulator and the partial's registers."""
     if FALLBACK:
-        fv = gl.load(flags_ptr + (flag_row + j))
         if fv != 0:
             sa2 = gl.load(sa2_ptr + (sa2_offs + j * stride_sa2j), mask=rmask, other=0.0)
             if RB != 1:
@@ -233,6 +234,10 @@ def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_
         for j in range(nkb):
             sa, sb = _scales(sa_ptr, sb_ptr, sa_offs, rmask, sb_base, j, stride_saj, stride_sbj, BN, col_l, RB,
                              SB_CVT)
+            if FALLBACK:      # the block's flag, read here so that the wgmma wait below hides the load's latency
+                fv = gl.load(flags_ptr + (flag_row + j))
+            else:
+                fv = 0
             if ORDER == 1:
                 if WG == 1:   # start this scale block's wgmmas once warpgroup 0's have finished (see ORDER)
                     mbarrier.wait(turn.index(g % STAGES), (g // STAGES) & 1)
@@ -242,8 +247,8 @@ def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_
                 if WG == 0:
                     mbarrier.arrive(turn.index(g % STAGES), count=1)
             acc = _promote(acc, p, sa, sb, RB, MAGIC)
-            acc, p = _release(acc, p, it, j, sb, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, flags_ptr,
-                              flag_row, stride_sa2j, WG, RB, FALLBACK, MAGIC, STAGES, KP)
+            acc, p = _release(acc, p, it, j, sb, fv, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, rmask, stride_sa2j,
+                              WG, RB, FALLBACK, MAGIC, STAGES, KP)
             it += KP
             g += 1
 
