@@ -40,6 +40,7 @@ for step in "${steps[@]}"; do
     # block-gluon-fallback: the fallback kernel against the plain one per layout and scale-block width (quick)
     block-gluon-fallback) python benchmarks/block_gemm_gluon.py --quick --skip fprop,wgrad \
                             --out "$OUT/results/block-gluon-fallback.json" 2>&1 | tee -a "$OUT/run.log" ;;
+    fallback-out-dtype) python benchmarks/fallback_out_dtype.py 2>&1 | tee -a "$OUT/run.log" ;;
     host-profile) python benchmarks/host_profile.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     optimizer) python benchmarks/optimizer.py 2>&1 | tee -a "$OUT/run.log" ;;

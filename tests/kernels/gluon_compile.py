@@ -28,7 +28,7 @@ from qtrain.kernels import block_gemm_gluon as bg
 from qtrain.kernels import int8_gemm_gluon as ig
 
 TARGET = GPUTarget("cuda", 90, 32)
-OPCODES = ("I2FP", "I2F", "FMUL", "FFMA", "LDG", "LDS", "STL", "LDL", "IGMMA")
+OPCODES = ("I2FP", "I2F", "FMUL", "FFMA", "LDG", "LDS", "STL", "LDL", "IGMMA", "STG", "UTMASTG")
 
 
 def _recorder(fn, name, jobs, backend):
@@ -50,7 +50,7 @@ def _block_operands(rb, bk, M=512, K=1024, N=512):
 
 def run_launchers() -> None:
     """The launches: block GEMM per weight blocking, scale-block width and column-scale load, fallback, bias, fp32
-    output; the row-scaled INT8 GEMM per scale kind."""
+    output (through shared memory and stored from registers); the row-scaled INT8 GEMM per scale kind."""
     for rb in (128, 1):
         for bk in bg.BLOCK_KS:
             for sb_cvt in ((False, True) if rb == 1 else (False,)):
@@ -63,6 +63,13 @@ def run_launchers() -> None:
         a, b, sa, sb = _block_operands(rb, 256)
         bg.launch(a, b, sa, sb, rb, None, torch.bfloat16, a, sa, torch.zeros(4, 4, dtype=torch.uint8), block_k=256,
                   grid_size=132)
+    for rb in (128, 1):                                     # fp32 output stored from registers (DIRECT)
+        for bk in bg.BLOCK_KS:
+            a, b, sa, sb = _block_operands(rb, bk)
+            bg.launch(a, b, sa, sb, rb, None, torch.float32, a, sa, torch.zeros(4, 1024 // bk, dtype=torch.uint8),
+                      block_k=bk, grid_size=132, direct=True)
+    a, b, sa, sb = _block_operands(1, 256)
+    bg.launch(a, b, sa, sb, 1, torch.zeros(512), torch.float32, block_k=256, grid_size=132, direct=True)
     a, b = torch.zeros(512, 1024, dtype=torch.int8), torch.zeros(512, 1024, dtype=torch.int8)
     ig.launch(a, b, torch.ones(512), torch.ones(512), torch.zeros(512), torch.bfloat16)
     ig.launch(a, b, torch.ones(512), torch.ones(()), None, torch.float32)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 pytest.importorskip("triton.experimental.gluon")
@@ -60,8 +61,8 @@ def test_wide_scale_blocks_halve_promotions_per_mma(rows, rb):
 
 @pytest.mark.parametrize("rb", [128, 1])
 def test_fallback_term_chains_both_steps_of_a_wide_block(rows, rb):
-    one = _find(rows, RB=128, KP=1, FALLBACK=True)
-    two = _find(rows, RB=rb, KP=2, FALLBACK=True)
+    one = _find(rows, RB=128, KP=1, FALLBACK=True, DIRECT=False)
+    two = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=False)
     if not one:
         pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
     assert two["IGMMA"] == 2 * one["IGMMA"]             # A·B and A2·B: two 128-deep steps each per scale block
@@ -69,8 +70,22 @@ def test_fallback_term_chains_both_steps_of_a_wide_block(rows, rb):
 
 
 def test_column_scale_conversion_replaces_global_loads(rows):
-    plain, cvt = _find(rows, RB=1, KP=1, SB_CVT=False), _find(rows, RB=1, KP=1, SB_CVT=True)
+    plain, cvt = _find(rows, RB=1, KP=1, SB_CVT=False), _find(rows, RB=1, KP=1, SB_CVT=True, FALLBACK=False)
     if not plain:
         pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
     assert plain["LDG"] - cvt["LDG"] >= 2 * 30          # 32 loads a thread per scale block, in each consumer
     assert cvt["LDS"] > plain["LDS"]
+
+
+@pytest.mark.parametrize("rb", [128, 1])
+def test_direct_store_frees_the_epilogue_tile_for_a_fourth_stage(rows, rb):
+    """fp32 fallback output through shared memory leaves room for 3 ring stages; stored from registers, 4."""
+    from qtrain.kernels import block_gemm_gluon as bg
+
+    assert bg.stages_for(torch.float32, True) == 3 and bg.stages_for(torch.float32, True, direct=True) == 4
+    tma = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=False, STAGES=4)      # bf16 output (the launch above)
+    direct = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=True, STAGES=4)     # fp32 output, no epilogue tile
+    if not direct:
+        pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
+    assert tma["UTMASTG"] > 0 and direct["UTMASTG"] == 0 and direct["STG"] > 0
+    assert direct["IGMMA"] == tma["IGMMA"]
