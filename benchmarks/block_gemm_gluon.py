@@ -174,7 +174,7 @@ def markdown(rows, info):
              "", "TOP/s by 2·M·N·K; median of triton.testing.do_bench (L2 flushed); bf16 output; all columns from "
              "the same run; variants as TOP/s (× BF16).", ""]
     f = lambda r, k: f"{r[k]:.0f}" if k in r else "—"                                          # noqa: E731
-    x = lambda r, k: f"{r.get(k, 0):.2f}×"                                                      # noqa: E731
+    x = lambda r, k: f"{r[k]:.2f}×" if k in r else "—"                                          # noqa: E731
     for rb in (128, 1):
         group = [r for r in rows if "ratio" not in r and r.get("rb") == rb]
         if not group:
