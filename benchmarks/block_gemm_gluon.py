@@ -190,15 +190,16 @@ def markdown(rows, info):
                          + " | ".join(f"{f(r, n + '_tops')} ({x(r, n + '_vs_bf16')})" for n in names)
                          + f" | {f(r, 'triton_k256_tops')} | {f(r, 'int8_gluon_rowscaled_tops')} |")
         lines.append("")
-    lines += ["Fallback (second A operand on flagged 128-row × c-K tiles), against the plain kernel on the same blocks:",
-              "", "| M×K×N | blocks | flagged | Gluon no-fallback | Gluon fallback | time vs no-fallback | vs BF16 "
-              "| Triton fallback | Gluon / Triton | Gluon fallback, lockstep |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["Fallback (second A operand on flagged 128-row × c-K tiles), against the plain kernel on the same "
+              "blocks:", "", "| M×K×N | blocks | flagged | Gluon no-fallback | Gluon fallback | time vs no-fallback "
+              "| vs BF16 | Triton fallback | Gluon / Triton | Gluon fallback, lockstep |", "|---" * 10 + "|"]
     for r in rows:
         if "ratio" not in r:
             continue
-        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['blocks']} | {100 * r['flagged']:.1f} % | {f(r, 'gluon_nofb_tops')} | "
-                     f"{f(r, 'gluon_fb_tops')} | {r.get('fb_vs_nofb_time', 0):.3f} | {x(r, 'gluon_fb_vs_bf16')}"
-                     f" | {f(r, 'triton_fb_tops')} | {x(r, 'gluon_fb_vs_triton_fb')} | {f(r, 'gluon_fb_lockstep_tops')} |")
+        lines.append(f"| {r['M']}×{r['K']}×{r['N']} | {r['blocks']} | {100 * r['flagged']:.1f} % | "
+                     f"{f(r, 'gluon_nofb_tops')} | {f(r, 'gluon_fb_tops')} | {r.get('fb_vs_nofb_time', 0):.3f} | "
+                     f"{x(r, 'gluon_fb_vs_bf16')} | {f(r, 'triton_fb_tops')} | {x(r, 'gluon_fb_vs_triton_fb')} | "
+                     f"{f(r, 'gluon_fb_lockstep_tops')} |")
     return "\n".join(lines)
 
 

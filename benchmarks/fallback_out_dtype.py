@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.testing
+from block_gemm_gluon import bench, operands      # benchmarks/block_gemm_gluon.py (this script's directory)
 
 from qtrain.kernels import block_gemm_gluon as glu
 
@@ -24,21 +24,13 @@ def main():
           "| fallback, stored from registers: stages | µs | / plain |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for label, M, K, N, rb in CASES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        a = torch.randint(-127, 128, (M, K), generator=g, device="cuda", dtype=torch.int8)
-        a2 = torch.randint(-127, 128, (M, K), generator=g, device="cuda", dtype=torch.int8)
-        b = torch.randint(-127, 128, (N, K), generator=g, device="cuda", dtype=torch.int8)
-        nk = triton.cdiv(K, bk)
-        sa = torch.rand(M, nk, device="cuda") * 1e-3
-        sb = torch.rand(triton.cdiv(N, rb), nk, device="cuda") * 1e-3
-        flags = torch.rand(triton.cdiv(M, 128), nk, generator=g, device="cuda") < 0.05
+        a, b, sa, sb = operands(M, K, N, rb, block_k=bk)
+        a2 = torch.randint(-127, 128, (M, K), device="cuda", dtype=torch.int8)
+        flags = torch.rand(triton.cdiv(M, 128), triton.cdiv(K, bk), device="cuda") < 0.05
         for out in (torch.bfloat16, torch.float32):
-            tp = triton.testing.do_bench(lambda: glu.launch(a, b, sa, sb, rb, None, out, block_k=bk),
-                                         return_mode="median")
-            tf = triton.testing.do_bench(lambda: glu.launch(a, b, sa, sb, rb, None, out, a2, sa, flags, block_k=bk),
-                                         return_mode="median")
-            td = triton.testing.do_bench(lambda: glu.launch(a, b, sa, sb, rb, None, out, a2, sa, flags, block_k=bk,
-                                                            direct=True), return_mode="median")
+            tp = bench(lambda: glu.launch(a, b, sa, sb, rb, None, out, block_k=bk))
+            tf = bench(lambda: glu.launch(a, b, sa, sb, rb, None, out, a2, sa, flags, block_k=bk))
+            td = bench(lambda: glu.launch(a, b, sa, sb, rb, None, out, a2, sa, flags, block_k=bk, direct=True))
             print(f"| {label} | {str(out)[6:]} | {glu.stages_for(out, False)} | {tp * 1e3:.0f} | "
                   f"{glu.stages_for(out, True, False)} | {tf * 1e3:.0f} | {tf / tp:.2f} | "
                   f"{glu.stages_for(out, True, True)} | {td * 1e3:.0f} | {td / tp:.2f} |", flush=True)

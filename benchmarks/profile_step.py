@@ -24,7 +24,7 @@ STEPS = 2
 
 
 KINDS = (  # first match wins: (kind, substrings of the lower-cased kernel name)
-    ("int8 gemm", ("block_gemm", "_int8_gemm", "int8_gemm", "_gemm_ws", "_rowwise_gemm", "int4_gemm", "imma")),
+    ("int8 gemm", ("block_gemm", "int8_gemm", "_rowwise_gemm", "int4_gemm", "imma")),
     ("attention", ("sdpa", "flash", "fmha", "attention", "compute_dot_do_o", "convert_dq")),
     ("16-bit gemm", ("gemm", "nvjet", "mma", "sm90", "matmul", "cutlass")),
     ("quantize", ("quant", "hadamard", "_rowwise", "_tensorwise", "blockwise", "_transpose_kernel", "bitsplit",

@@ -372,8 +372,8 @@ INT4 = Recipe(
     description="Xi et al. 2023: fprop X and W times a block-diagonal Hadamard matrix along K (block 16–256 "
                 "picked per layer on the first forward), then INT4 per tensor with learned steps (LSQ); dgrad "
                 "and wgrad split dY into two INT4 parts (~8 bits) and keep 1.5·M of the 2M stacked rows (in "
-                "expectation) by leverage-score sampling (unbiased), against fprop's INT4 W and X (reused). INT4 values run on "
-                "the INT8 GEMM.",
+                "expectation) by leverage-score sampling (unbiased), against fprop's INT4 W and X (reused). INT4 "
+                "values run on the INT8 GEMM.",
 )
 PRESETS[INT4.name] = INT4
 

@@ -258,11 +258,10 @@ def _consumer(c_desc, c_ptr, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_p
             it += KP
             g += 1
 
-        if HAS_BIAS:             # (column indices made here: 32 registers a thread not held through the K loop)
-            cols = off_n + gl.arange(0, BN, layout=col_l)
+        cols = off_n + gl.arange(0, BN, layout=col_l)  # made here: 32 registers a thread not held through the K loop
+        if HAS_BIAS:
             acc += gl.expand_dims(gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32), 0)
         if DIRECT:               # straight from registers: no epilogue shared memory (deeper ring, see stages_for)
-            cols = off_n + gl.arange(0, BN, layout=col_l)
             ptrs = c_ptr + (gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0))
             gl.store(ptrs, acc.to(c_desc.dtype), mask=gl.expand_dims(rmask, 1) & gl.expand_dims(cols < N, 0))
         else:
