@@ -73,6 +73,7 @@ MAXNREG = 168                          # 12 warps (3 warpgroups) × 32 × 168 �
 # bf16 out at 4, H200, benchmarks/results/2026-12-01-h200-fallback-out-dtype.md). False until its GPU test
 # (tests/kernels/test_block_gemm_gluon.py::test_direct_store) has run: the path is compiled on the CPU only.
 DIRECT_FP32 = False
+SPLIT_FP32 = False
 SB_CVT = True         # 1-row column scales: one load a thread + a layout conversion (True; wgrad +8-12 %
                       # on the H200) or 32 loads a thread
 
@@ -203,13 +204,23 @@ def _release(acc, p, it, j, sb, fv, a2_smem, b_smem, empty, sa2_ptr, sa2_offs, r
 
 
 @gluon.jit
+def _tile_store(c_desc, c_smem, value, off_m, off_n):
+    tma.store_wait(pendings=0)          # the previous store has read c_smem
+    gl.thread_barrier()
+    c_smem.store(value)
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
+
+
+@gluon.jit
 def _consumer(c_desc, c_ptr, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
               bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
               stride_cm, WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
               MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr,
-              KP: gl.constexpr, SB_CVT: gl.constexpr, DIRECT: gl.constexpr, turn):
+              KP: gl.constexpr, SB_CVT: gl.constexpr, DIRECT: gl.constexpr, SPLIT: gl.constexpr, turn):
     HM: gl.constexpr = c_desc.block_type.shape[0]
-    BN: gl.constexpr = c_desc.block_type.shape[1]
+    BN: gl.constexpr = b_smem.type.shape[1]
     BM: gl.constexpr = 2 * HM
     BK: gl.constexpr = b_smem.type.shape[2]
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
@@ -264,13 +275,12 @@ def _consumer(c_desc, c_ptr, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_p
         if DIRECT:               # straight from registers: no epilogue shared memory (deeper ring, see stages_for)
             ptrs = c_ptr + (gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0))
             gl.store(ptrs, acc.to(c_desc.dtype), mask=gl.expand_dims(rmask, 1) & gl.expand_dims(cols < N, 0))
+        elif SPLIT == 2:         # two column halves through a half-size tile (deeper ring, see stages_for)
+            lo, hi = gl.split(gl.permute(gl.reshape(acc.to(c_desc.dtype), [HM, 2, BN // 2]), [0, 2, 1]))
+            _tile_store(c_desc, c_smem, lo, off_m, off_n)
+            _tile_store(c_desc, c_smem, hi, off_m, off_n + BN // 2)
         else:
-            tma.store_wait(pendings=0)          # the previous tile's store has read c_smem
-            gl.thread_barrier()
-            c_smem.store(acc.to(c_desc.dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
+            _tile_store(c_desc, c_smem, acc.to(c_desc.dtype), off_m, off_n)
     if not DIRECT:
         tma.store_wait(pendings=0)
 
@@ -285,7 +295,7 @@ def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, c_ptr, sa_ptr, sb_ptr
                           M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
                           stride_cm, RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
                           MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr,
-                          KP: gl.constexpr, SB_CVT: gl.constexpr, DIRECT: gl.constexpr):
+                          KP: gl.constexpr, SB_CVT: gl.constexpr, DIRECT: gl.constexpr, SPLIT: gl.constexpr):
     HM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     BK: gl.constexpr = b_desc.block_type.shape[1]
@@ -299,8 +309,8 @@ def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, c_ptr, sa_ptr, sb_ptr
         c0_smem = a_smem
         c1_smem = a_smem
     else:
-        c0_smem = gl.allocate_shared_memory(c_desc.dtype, [HM, BN], c_desc.layout)
-        c1_smem = gl.allocate_shared_memory(c_desc.dtype, [HM, BN], c_desc.layout)
+        c0_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        c1_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -313,11 +323,11 @@ def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, c_ptr, sa_ptr, sb_ptr
         (_consumer, (c_desc, c_ptr, a_smem, b_smem, a2_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr,
                      flags_ptr, bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m,
                      stride_sa2j, stride_fm, stride_cm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, KP,
-                     SB_CVT, DIRECT, turn)),
+                     SB_CVT, DIRECT, SPLIT, turn)),
         (_consumer, (c_desc, c_ptr, a_smem, b_smem, a2_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr,
                      flags_ptr, bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m,
                      stride_sa2j, stride_fm, stride_cm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, KP,
-                     SB_CVT, DIRECT, turn)),
+                     SB_CVT, DIRECT, SPLIT, turn)),
         (_producer, (a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, flags_ptr, stride_fm, M, N, K,
                      FALLBACK, STAGES, GROUP, KP)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -363,16 +373,22 @@ def _num_sms(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def stages_for(out_dtype: torch.dtype, fallback: bool, direct: bool = False) -> int:
-    """Ring depth that fits shared memory next to the epilogue's output tile (none when ``direct``)."""
+def stages_for(out_dtype: torch.dtype, fallback: bool, direct: bool = False, split: int = 1) -> int:
+    """Ring depth that fits shared memory next to the epilogue's output tile (none when ``direct``; ``1/split`` of
+    the output tile when stored in ``split`` column pieces)."""
     stage = (2 if fallback else 1) * BLOCK_M * BLOCK_K + BLOCK_N * BLOCK_K
-    epilogue = 0 if direct else BLOCK_M * BLOCK_N * torch.empty((), dtype=out_dtype).element_size()
+    epilogue = 0 if direct else BLOCK_M * BLOCK_N * torch.empty((), dtype=out_dtype).element_size() // split
     return max(2, min(MAX_STAGES, (SMEM_BYTES - epilogue) // stage))
 
 
-def direct_store(out_dtype: torch.dtype, fallback: bool) -> bool:
+def direct_store(out_dtype: torch.dtype, fallback: bool, block_k: int = BLOCK_K) -> bool:
     """Whether the epilogue stores from registers (see :data:`DIRECT_FP32`)."""
-    return DIRECT_FP32 and out_dtype == torch.float32 and fallback
+    return DIRECT_FP32 and out_dtype == torch.float32 and fallback and block_k > BLOCK_K
+
+
+def split_store(out_dtype: torch.dtype, fallback: bool) -> int:
+    """In how many column pieces the epilogue stores a tile (see :data:`SPLIT_FP32`)."""
+    return 2 if SPLIT_FP32 and out_dtype == torch.float32 and fallback else 1
 
 
 def _desc(t: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
@@ -380,7 +396,8 @@ def _desc(t: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
 
 
 def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=None, flags=None, *, block_k=BLOCK_K,
-           magic=None, stages=None, grid_size=None, order=None, sb_cvt=None, group=None, direct=None) -> torch.Tensor:
+           magic=None, stages=None, grid_size=None, order=None, sb_cvt=None, group=None, direct=None,
+           split=None) -> torch.Tensor:
     """The kernel without argument checks (callers checked the contract and :func:`supported`), but for the one
     that costs nothing and turns a wrong ``block_k`` into an error instead of out-of-bounds scale reads.
     ``direct``: store the output from registers instead of through shared memory and TMA (default
@@ -397,7 +414,9 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
     a_desc = _desc(a, (HALF_M, BLOCK_K))
     b_desc = _desc(b, (BLOCK_N, BLOCK_K))
     a2_desc = _desc(a2, (HALF_M, BLOCK_K)) if fallback else a_desc
-    c_desc = _desc(out, (HALF_M, BLOCK_N))
+    direct = direct_store(out_dtype, fallback, block_k) if direct is None else direct
+    split = split_store(out_dtype, fallback) if split is None else split
+    c_desc = _desc(out, (HALF_M, BLOCK_N // split))
     if b_rows == 1:                       # [nkb, N padded to BLOCK_N]: one scale block's column scales contiguous
         n_pad = triton.cdiv(N, BLOCK_N) * BLOCK_N
         sb = b_scale.new_empty((b_scale.shape[1], n_pad))
@@ -416,15 +435,14 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
     tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
     grid = (min(tiles, grid_size or _num_sms(a.device.index if a.device.index is not None else 0)),)
     kp = block_k // BLOCK_K
-    direct = direct_store(out_dtype, fallback) if direct is None else direct
-    n_stages = stages or stages_for(out_dtype, fallback, direct)
+    n_stages = stages or stages_for(out_dtype, fallback, direct, split)
     _block_gemm_ws_kernel[grid](
         a_desc, b_desc, a2_desc, c_desc, out, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
         a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm, out.stride(0),
         RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=magic,
         STAGES=max(n_stages, kp), GROUP=group or GROUP_M, KP=kp,
         ORDER=int(ORDER[b_rows] if order is None else order),
-        SB_CVT=SB_CVT if sb_cvt is None else sb_cvt, DIRECT=direct, num_warps=4, maxnreg=MAXNREG)
+        SB_CVT=SB_CVT if sb_cvt is None else sb_cvt, DIRECT=direct, SPLIT=split, num_warps=4, maxnreg=MAXNREG)
     return out
 
 

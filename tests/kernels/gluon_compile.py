@@ -4,7 +4,7 @@
 ``run`` with a recorder, calls the modules' ``launch`` functions on CPU tensors for every constexpr combination
 the library and its benchmarks use (nothing executes), binds each launch as ``JITFunction.run`` would for an sm_90
 target, and compiles it (Gluon's front end, ``GluonASTSource``) down to a cubin. OUT.json: one
-``[kernel, label, error or null, SASS instruction counts]`` row per launch. The counts (cuobjdump of the cubin,
+``[kernel, label, error or null, SASS instruction counts, shared-memory bytes]`` row per launch. The counts (cuobjdump of the cubin,
 when Triton ships it) let a test check instruction-level properties without a GPU.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _block_operands(rb, bk, M=512, K=1024, N=512):
 
 def run_launchers() -> None:
     """The launches: block GEMM per weight blocking, scale-block width and column-scale load, fallback, bias, fp32
-    output (through shared memory and stored from registers); the row-scaled INT8 GEMM per scale kind."""
+    output (through shared memory, in two column halves, and stored from registers); the row-scaled INT8 GEMM per scale kind."""
     for rb in (128, 1):
         for bk in bg.BLOCK_KS:
             for sb_cvt in ((False, True) if rb == 1 else (False,)):
@@ -70,6 +70,11 @@ def run_launchers() -> None:
                       block_k=bk, grid_size=132, direct=True)
     a, b, sa, sb = _block_operands(1, 256)
     bg.launch(a, b, sa, sb, 1, torch.zeros(512), torch.float32, block_k=256, grid_size=132, direct=True)
+    for rb in (128, 1):                                     # fp32 output in two column halves (SPLIT)
+        for bk in bg.BLOCK_KS:
+            a, b, sa, sb = _block_operands(rb, bk)
+            bg.launch(a, b, sa, sb, rb, torch.zeros(512), torch.float32, a, sa,
+                      torch.zeros(4, 1024 // bk, dtype=torch.uint8), block_k=bk, grid_size=132, split=2)
     a, b = torch.zeros(512, 1024, dtype=torch.int8), torch.zeros(512, 1024, dtype=torch.int8)
     ig.launch(a, b, torch.ones(512), torch.ones(512), torch.zeros(512), torch.bfloat16)
     ig.launch(a, b, torch.ones(512), torch.ones(()), None, torch.float32)
@@ -101,9 +106,9 @@ def main(out_path: str) -> None:
     for name, label, src, options in jobs:
         try:
             kernel = triton.compile(src, target=TARGET, options=options)
-            rows.append([name, label, None, _counts(kernel.asm["cubin"])])
+            rows.append([name, label, None, _counts(kernel.asm["cubin"]), kernel.metadata.shared])
         except Exception as e:  # noqa: BLE001 - reported for this launch
-            rows.append([name, label, f"{type(e).__name__}: {e}", {}])
+            rows.append([name, label, f"{type(e).__name__}: {e}", {}, None])
     Path(out_path).write_text(json.dumps(rows, indent=1))
 
 

@@ -262,3 +262,19 @@ def test_direct_store(mkn, rb, bk, out_dtype):
         want = glu.launch(q, qb, s, sb, rb, bb, out_dtype, *fb, block_k=bk, direct=False)
         out = glu.launch(q, qb, s, sb, rb, bb, out_dtype, *fb, block_k=bk, direct=True)
         assert torch.equal(out, want), (len(fb), (out - want).abs().max().item())
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("bk", [128, 256])
+@pytest.mark.parametrize("rb", [128, 1])
+@pytest.mark.parametrize("mkn", [(1000, 1152, 520), (300, 4096, 136)], ids=str)
+def test_split_store(mkn, rb, bk):
+    """fp32 output stored in two column halves (``split=2``, half the epilogue tile, one more ring stage): the
+    same bits as the whole-tile epilogue, with and without the fallback term, on ragged M and N edges."""
+    M, K, N = mkn
+    q, s, q2, s2, flags, qb, sb, bb = _fallback_case(M, N, K, rb, 0.05, bias=True, bk=bk)
+    for fb in ((), (q2, s2, flags)):
+        want = glu.launch(q, qb, s, sb, rb, bb, torch.float32, *fb, block_k=bk, direct=False, split=1)
+        out = glu.launch(q, qb, s, sb, rb, bb, torch.float32, *fb, block_k=bk, direct=False, split=2)
+        assert torch.equal(out, want), (len(fb), (out - want).abs().max().item())

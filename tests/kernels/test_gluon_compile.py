@@ -38,6 +38,12 @@ def _find(rows, **constexprs):
     return found[0][3]
 
 
+def test_every_launch_fits_shared_memory(rows):
+    """Ring stages + epilogue tile + barriers fit the 227 KB a Hopper block may allocate (the host's
+    ``stages_for`` budget is what keeps them there)."""
+    assert all(r[4] is not None and r[4] <= 227 * 1024 for r in rows), [(r[1], r[4]) for r in rows]
+
+
 def test_every_launch_compiles_without_spills(rows):
     assert {r[0] for r in rows} == {"block_gemm_gluon._block_gemm_ws_kernel",
                                     "int8_gemm_gluon._gluon_int8_gemm_kernel"}
@@ -61,8 +67,8 @@ def test_wide_scale_blocks_halve_promotions_per_mma(rows, rb):
 
 @pytest.mark.parametrize("rb", [128, 1])
 def test_fallback_term_chains_both_steps_of_a_wide_block(rows, rb):
-    one = _find(rows, RB=128, KP=1, FALLBACK=True, DIRECT=False)
-    two = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=False)
+    one = _find(rows, RB=128, KP=1, FALLBACK=True, DIRECT=False, SPLIT=1)
+    two = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=False, SPLIT=1)
     if not one:
         pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
     assert two["IGMMA"] == 2 * one["IGMMA"]             # A·B and A2·B: two 128-deep steps each per scale block
@@ -83,9 +89,28 @@ def test_direct_store_frees_the_epilogue_tile_for_a_fourth_stage(rows, rb):
     from qtrain.kernels import block_gemm_gluon as bg
 
     assert bg.stages_for(torch.float32, True) == 3 and bg.stages_for(torch.float32, True, direct=True) == 4
-    tma = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=False, STAGES=4)      # bf16 output (the launch above)
+    tma = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=False, SPLIT=1, STAGES=4)      # bf16 output (the launch above)
     direct = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=True, STAGES=4)     # fp32 output, no epilogue tile
     if not direct:
         pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
     assert tma["UTMASTG"] > 0 and direct["UTMASTG"] == 0 and direct["STG"] > 0
     assert direct["IGMMA"] == tma["IGMMA"]
+
+
+@pytest.mark.parametrize("bk", [128, 256])
+@pytest.mark.parametrize("rb", [128, 1])
+def test_split_store_halves_the_epilogue_tile_for_a_fourth_stage(rows, rb, bk):
+    """fp32 fallback output stored in two column halves: a 32 KB epilogue tile, so 4 ring stages (3 with the
+    whole 64 KB tile), two TMA stores per warpgroup, and no layout conversion through shared memory."""
+    from qtrain.kernels import block_gemm_gluon as bg
+
+    assert bg.stages_for(torch.float32, True) == 3 and bg.stages_for(torch.float32, True, split=2) == 4
+    kp = bk // bg.BLOCK_K
+    split = _find(rows, RB=rb, KP=kp, FALLBACK=True, HAS_BIAS=True, SPLIT=2)
+    whole = _find(rows, RB=rb, KP=kp, FALLBACK=True, DIRECT=True)
+    shared = [r[4] for r in rows if all(w in r[1].split() for w in (f"RB={rb}", f"KP={kp}", "SPLIT=2"))]
+    assert shared and shared[0] >= 4 * 48 * 1024 + 32 * 1024
+    if not split:
+        pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
+    assert split["UTMASTG"] == 4 and split["STG"] == 0
+    assert split["IGMMA"] == whole["IGMMA"] and split["LDS"] == whole["LDS"]
