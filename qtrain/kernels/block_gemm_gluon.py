@@ -28,8 +28,9 @@ alternation (a second barrier) and the exact magic-number conversion ``bits(p + 
 Keeping two int32 partials per warpgroup (the next K block's wgmma in flight during the promotion) does not
 compile well: ptxas serializes every wgmma when a finished accumulator is read while another is in flight in this
 code (its notes C7514/C7512), so it was dropped.
-Epilogue per warpgroup: bias, output cast, shared memory, TMA store — or, with ``DIRECT`` (:data:`DIRECT_FP32`), a
-masked store from registers that leaves the epilogue's shared memory to the ring.
+Epilogue per warpgroup: bias, output cast, shared memory, TMA store — for fp32 output of the fallback kernel in
+two column halves through a half-size tile (``SPLIT``, :data:`SPLIT_FP32`), which leaves shared memory for a
+fourth ring stage.
 
 Scales are read with plain loads: ``a_scale`` as given ([M, nk], two values per thread per scale block),
 ``b_scale`` per 128-column block (one scalar) when ``b_rows`` is 128, or — for ``b_rows`` 1 — transposed on the
@@ -68,12 +69,11 @@ ORDER = {128: 0, 1: 1}
 CONSUMER_REGS = gl.constexpr(240)     # setmaxnreg of the second consumer warpgroup (the first gets the rest)
 PRODUCER_REGS = gl.constexpr(24)
 MAXNREG = 168                          # 12 warps (3 warpgroups) × 32 × 168 ≤ 64K registers
-# fp32 output of the fallback kernel stored from registers, not through a 64 KB shared-memory tile: the ring then
-# fits 4 stages, not 3 (fp32 out at 3 stages measured 1.43-1.66x the plain kernel's time against 1.05-1.12x with
-# bf16 out at 4, H200, benchmarks/results/2026-12-01-h200-fallback-out-dtype.md). False until its GPU test
-# (tests/kernels/test_block_gemm_gluon.py::test_direct_store) has run: the path is compiled on the CPU only.
-DIRECT_FP32 = False
-SPLIT_FP32 = False
+# fp32 output of the fallback kernel stored in two column halves through a 32 KB tile, not one 64 KB tile: the ring
+# then fits 4 stages, not 3. H200, 7B step GEMMs, 5 % flagged: 1.08-1.15x the plain kernel's time (whole tile:
+# 1.07-1.64x; stored from registers, no tile: 1.13-1.26x); compiled 7B step with 256-wide blocks 0.95 -> 1.02x BF16
+# (benchmarks/results/2026-12-01-h200-fallback-epilogue.md). The plain kernel gains nothing from it (0.98-1.03x).
+SPLIT_FP32 = True
 SB_CVT = True         # 1-row column scales: one load a thread + a layout conversion (True; wgrad +8-12 %
                       # on the H200) or 32 loads a thread
 
@@ -214,11 +214,11 @@ def _tile_store(c_desc, c_smem, value, off_m, off_n):
 
 
 @gluon.jit
-def _consumer(c_desc, c_ptr, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
+def _consumer(c_desc, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr, flags_ptr,
               bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
-              stride_cm, WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
+              WG: gl.constexpr, RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
               MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr,
-              KP: gl.constexpr, SB_CVT: gl.constexpr, DIRECT: gl.constexpr, SPLIT: gl.constexpr, turn):
+              KP: gl.constexpr, SB_CVT: gl.constexpr, SPLIT: gl.constexpr, turn):
     HM: gl.constexpr = c_desc.block_type.shape[0]
     BN: gl.constexpr = b_smem.type.shape[1]
     BM: gl.constexpr = 2 * HM
@@ -272,30 +272,26 @@ def _consumer(c_desc, c_ptr, a_smem, b_smem, a2_smem, c_smem, ready, empty, sa_p
         cols = off_n + gl.arange(0, BN, layout=col_l)  # made here: 32 registers a thread not held through the K loop
         if HAS_BIAS:
             acc += gl.expand_dims(gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32), 0)
-        if DIRECT:               # straight from registers: no epilogue shared memory (deeper ring, see stages_for)
-            ptrs = c_ptr + (gl.expand_dims(rows.to(gl.int64) * stride_cm, 1) + gl.expand_dims(cols, 0))
-            gl.store(ptrs, acc.to(c_desc.dtype), mask=gl.expand_dims(rmask, 1) & gl.expand_dims(cols < N, 0))
-        elif SPLIT == 2:         # two column halves through a half-size tile (deeper ring, see stages_for)
+        if SPLIT == 2:         # two column halves through a half-size tile (deeper ring, see stages_for)
             lo, hi = gl.split(gl.permute(gl.reshape(acc.to(c_desc.dtype), [HM, 2, BN // 2]), [0, 2, 1]))
             _tile_store(c_desc, c_smem, lo, off_m, off_n)
             _tile_store(c_desc, c_smem, hi, off_m, off_n + BN // 2)
         else:
             _tile_store(c_desc, c_smem, acc.to(c_desc.dtype), off_m, off_n)
-    if not DIRECT:
-        tma.store_wait(pendings=0)
+    tma.store_wait(pendings=0)
 
 
 # no integer specialization (divisibility by 16, == 1): one compiled kernel per constexpr set, whatever the shape
 _INT_ARGS = ["M", "N", "K", "stride_sam", "stride_saj", "stride_sbn", "stride_sbj", "stride_sa2m", "stride_sa2j",
-             "stride_fm", "stride_cm"]
+             "stride_fm"]
 
 
 @gluon.jit(do_not_specialize=_INT_ARGS)
-def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, c_ptr, sa_ptr, sb_ptr, sa2_ptr, flags_ptr, bias_ptr,
+def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, sa_ptr, sb_ptr, sa2_ptr, flags_ptr, bias_ptr,
                           M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m, stride_sa2j, stride_fm,
-                          stride_cm, RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
+                          RB: gl.constexpr, FALLBACK: gl.constexpr, HAS_BIAS: gl.constexpr,
                           MAGIC: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr, ORDER: gl.constexpr,
-                          KP: gl.constexpr, SB_CVT: gl.constexpr, DIRECT: gl.constexpr, SPLIT: gl.constexpr):
+                          KP: gl.constexpr, SB_CVT: gl.constexpr, SPLIT: gl.constexpr):
     HM: gl.constexpr = a_desc.block_type.shape[0]
     BN: gl.constexpr = b_desc.block_type.shape[0]
     BK: gl.constexpr = b_desc.block_type.shape[1]
@@ -305,12 +301,8 @@ def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, c_ptr, sa_ptr, sb_ptr
         a2_smem = gl.allocate_shared_memory(a2_desc.dtype, [2 * STAGES, HM, BK], a2_desc.layout)
     else:
         a2_smem = a_smem
-    if DIRECT:
-        c0_smem = a_smem
-        c1_smem = a_smem
-    else:
-        c0_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-        c1_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+    c0_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+    c1_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -320,14 +312,14 @@ def _block_gemm_ws_kernel(a_desc, b_desc, a2_desc, c_desc, c_ptr, sa_ptr, sb_ptr
         mbarrier.init(turn.index(i), count=1)          # warpgroup 0's wgmmas of a scale block are done
 
     gl.warp_specialize([
-        (_consumer, (c_desc, c_ptr, a_smem, b_smem, a2_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr,
+        (_consumer, (c_desc, a_smem, b_smem, a2_smem, c0_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr,
                      flags_ptr, bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m,
-                     stride_sa2j, stride_fm, stride_cm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, KP,
-                     SB_CVT, DIRECT, SPLIT, turn)),
-        (_consumer, (c_desc, c_ptr, a_smem, b_smem, a2_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr,
+                     stride_sa2j, stride_fm, 0, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, KP,
+                     SB_CVT, SPLIT, turn)),
+        (_consumer, (c_desc, a_smem, b_smem, a2_smem, c1_smem, ready, empty, sa_ptr, sb_ptr, sa2_ptr,
                      flags_ptr, bias_ptr, M, N, K, stride_sam, stride_saj, stride_sbn, stride_sbj, stride_sa2m,
-                     stride_sa2j, stride_fm, stride_cm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, KP,
-                     SB_CVT, DIRECT, SPLIT, turn)),
+                     stride_sa2j, stride_fm, 1, RB, FALLBACK, HAS_BIAS, MAGIC, STAGES, GROUP, ORDER, KP,
+                     SB_CVT, SPLIT, turn)),
         (_producer, (a_desc, b_desc, a2_desc, a_smem, b_smem, a2_smem, ready, empty, flags_ptr, stride_fm, M, N, K,
                      FALLBACK, STAGES, GROUP, KP)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -373,17 +365,12 @@ def _num_sms(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def stages_for(out_dtype: torch.dtype, fallback: bool, direct: bool = False, split: int = 1) -> int:
-    """Ring depth that fits shared memory next to the epilogue's output tile (none when ``direct``; ``1/split`` of
-    the output tile when stored in ``split`` column pieces)."""
+def stages_for(out_dtype: torch.dtype, fallback: bool, split: int = 1) -> int:
+    """Ring depth that fits shared memory next to the epilogue's tile (``1/split`` of the output tile when stored
+    in ``split`` column pieces)."""
     stage = (2 if fallback else 1) * BLOCK_M * BLOCK_K + BLOCK_N * BLOCK_K
-    epilogue = 0 if direct else BLOCK_M * BLOCK_N * torch.empty((), dtype=out_dtype).element_size() // split
+    epilogue = BLOCK_M * BLOCK_N * torch.empty((), dtype=out_dtype).element_size() // split
     return max(2, min(MAX_STAGES, (SMEM_BYTES - epilogue) // stage))
-
-
-def direct_store(out_dtype: torch.dtype, fallback: bool, block_k: int = BLOCK_K) -> bool:
-    """Whether the epilogue stores from registers (see :data:`DIRECT_FP32`)."""
-    return DIRECT_FP32 and out_dtype == torch.float32 and fallback and block_k > BLOCK_K
 
 
 def split_store(out_dtype: torch.dtype, fallback: bool) -> int:
@@ -396,12 +383,10 @@ def _desc(t: torch.Tensor, block: tuple[int, int]) -> TensorDescriptor:
 
 
 def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=None, flags=None, *, block_k=BLOCK_K,
-           magic=None, stages=None, grid_size=None, order=None, sb_cvt=None, group=None, direct=None,
-           split=None) -> torch.Tensor:
+           magic=None, stages=None, grid_size=None, order=None, sb_cvt=None, group=None, split=None) -> torch.Tensor:
     """The kernel without argument checks (callers checked the contract and :func:`supported`), but for the one
     that costs nothing and turns a wrong ``block_k`` into an error instead of out-of-bounds scale reads.
-    ``direct``: store the output from registers instead of through shared memory and TMA (default
-    :func:`direct_store`)."""
+    ``split``: store each tile in that many column pieces (default :func:`split_store`)."""
     (M, K), N = a.shape, b.shape[0]
     if a_scale.shape[-1] != -(-K // block_k) or (a2_scale is not None and a2_scale.shape[-1] != a_scale.shape[-1]):
         raise ValueError(f"block_k {block_k} needs {-(-K // block_k)} scale columns for K = {K}, got "
@@ -414,7 +399,6 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
     a_desc = _desc(a, (HALF_M, BLOCK_K))
     b_desc = _desc(b, (BLOCK_N, BLOCK_K))
     a2_desc = _desc(a2, (HALF_M, BLOCK_K)) if fallback else a_desc
-    direct = direct_store(out_dtype, fallback, block_k) if direct is None else direct
     split = split_store(out_dtype, fallback) if split is None else split
     c_desc = _desc(out, (HALF_M, BLOCK_N // split))
     if b_rows == 1:                       # [nkb, N padded to BLOCK_N]: one scale block's column scales contiguous
@@ -435,14 +419,14 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
     tiles = triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
     grid = (min(tiles, grid_size or _num_sms(a.device.index if a.device.index is not None else 0)),)
     kp = block_k // BLOCK_K
-    n_stages = stages or stages_for(out_dtype, fallback, direct, split)
+    n_stages = stages or stages_for(out_dtype, fallback, split)
     _block_gemm_ws_kernel[grid](
-        a_desc, b_desc, a2_desc, c_desc, out, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
-        a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm, out.stride(0),
+        a_desc, b_desc, a2_desc, c_desc, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
+        a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm,
         RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=magic,
         STAGES=max(n_stages, kp), GROUP=group or GROUP_M, KP=kp,
         ORDER=int(ORDER[b_rows] if order is None else order),
-        SB_CVT=SB_CVT if sb_cvt is None else sb_cvt, DIRECT=direct, SPLIT=split, num_warps=4, maxnreg=MAXNREG)
+        SB_CVT=SB_CVT if sb_cvt is None else sb_cvt, SPLIT=split, num_warps=4, maxnreg=MAXNREG)
     return out
 
 

@@ -50,7 +50,7 @@ def _block_operands(rb, bk, M=512, K=1024, N=512):
 
 def run_launchers() -> None:
     """The launches: block GEMM per weight blocking, scale-block width and column-scale load, fallback, bias, fp32
-    output (through shared memory, in two column halves, and stored from registers); the row-scaled INT8 GEMM per scale kind."""
+    output (the whole tile through shared memory, or two column halves); the row-scaled INT8 GEMM per scale kind."""
     for rb in (128, 1):
         for bk in bg.BLOCK_KS:
             for sb_cvt in ((False, True) if rb == 1 else (False,)):
@@ -63,18 +63,12 @@ def run_launchers() -> None:
         a, b, sa, sb = _block_operands(rb, 256)
         bg.launch(a, b, sa, sb, rb, None, torch.bfloat16, a, sa, torch.zeros(4, 4, dtype=torch.uint8), block_k=256,
                   grid_size=132)
-    for rb in (128, 1):                                     # fp32 output stored from registers (DIRECT)
+    for rb in (128, 1):                         # fallback, fp32 output: in two column halves (default), whole
         for bk in bg.BLOCK_KS:
             a, b, sa, sb = _block_operands(rb, bk)
-            bg.launch(a, b, sa, sb, rb, None, torch.float32, a, sa, torch.zeros(4, 1024 // bk, dtype=torch.uint8),
-                      block_k=bk, grid_size=132, direct=True)
-    a, b, sa, sb = _block_operands(1, 256)
-    bg.launch(a, b, sa, sb, 1, torch.zeros(512), torch.float32, block_k=256, grid_size=132, direct=True)
-    for rb in (128, 1):                                     # fp32 output in two column halves (SPLIT)
-        for bk in bg.BLOCK_KS:
-            a, b, sa, sb = _block_operands(rb, bk)
-            bg.launch(a, b, sa, sb, rb, torch.zeros(512), torch.float32, a, sa,
-                      torch.zeros(4, 1024 // bk, dtype=torch.uint8), block_k=bk, grid_size=132, split=2)
+            for split in (None, 1):
+                bg.launch(a, b, sa, sb, rb, torch.zeros(512), torch.float32, a, sa,
+                          torch.zeros(4, 1024 // bk, dtype=torch.uint8), block_k=bk, grid_size=132, split=split)
     a, b = torch.zeros(512, 1024, dtype=torch.int8), torch.zeros(512, 1024, dtype=torch.int8)
     ig.launch(a, b, torch.ones(512), torch.ones(512), torch.zeros(512), torch.bfloat16)
     ig.launch(a, b, torch.ones(512), torch.ones(()), None, torch.float32)

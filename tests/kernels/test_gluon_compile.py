@@ -67,8 +67,8 @@ def test_wide_scale_blocks_halve_promotions_per_mma(rows, rb):
 
 @pytest.mark.parametrize("rb", [128, 1])
 def test_fallback_term_chains_both_steps_of_a_wide_block(rows, rb):
-    one = _find(rows, RB=128, KP=1, FALLBACK=True, DIRECT=False, SPLIT=1)
-    two = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=False, SPLIT=1)
+    one = _find(rows, RB=128, KP=1, FALLBACK=True, HAS_BIAS=False, SPLIT=1)
+    two = _find(rows, RB=rb, KP=2, FALLBACK=True, HAS_BIAS=False, SPLIT=1)
     if not one:
         pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
     assert two["IGMMA"] == 2 * one["IGMMA"]             # A·B and A2·B: two 128-deep steps each per scale block
@@ -83,20 +83,6 @@ def test_column_scale_conversion_replaces_global_loads(rows):
     assert cvt["LDS"] > plain["LDS"]
 
 
-@pytest.mark.parametrize("rb", [128, 1])
-def test_direct_store_frees_the_epilogue_tile_for_a_fourth_stage(rows, rb):
-    """fp32 fallback output through shared memory leaves room for 3 ring stages; stored from registers, 4."""
-    from qtrain.kernels import block_gemm_gluon as bg
-
-    assert bg.stages_for(torch.float32, True) == 3 and bg.stages_for(torch.float32, True, direct=True) == 4
-    tma = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=False, SPLIT=1, STAGES=4)      # bf16 output (the launch above)
-    direct = _find(rows, RB=rb, KP=2, FALLBACK=True, DIRECT=True, STAGES=4)     # fp32 output, no epilogue tile
-    if not direct:
-        pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
-    assert tma["UTMASTG"] > 0 and direct["UTMASTG"] == 0 and direct["STG"] > 0
-    assert direct["IGMMA"] == tma["IGMMA"]
-
-
 @pytest.mark.parametrize("bk", [128, 256])
 @pytest.mark.parametrize("rb", [128, 1])
 def test_split_store_halves_the_epilogue_tile_for_a_fourth_stage(rows, rb, bk):
@@ -105,12 +91,13 @@ def test_split_store_halves_the_epilogue_tile_for_a_fourth_stage(rows, rb, bk):
     from qtrain.kernels import block_gemm_gluon as bg
 
     assert bg.stages_for(torch.float32, True) == 3 and bg.stages_for(torch.float32, True, split=2) == 4
+    assert bg.split_store(torch.float32, True) == 2 and bg.split_store(torch.bfloat16, True) == 1
     kp = bk // bg.BLOCK_K
-    split = _find(rows, RB=rb, KP=kp, FALLBACK=True, HAS_BIAS=True, SPLIT=2)
-    whole = _find(rows, RB=rb, KP=kp, FALLBACK=True, DIRECT=True)
+    split = _find(rows, RB=rb, KP=kp, FALLBACK=True, HAS_BIAS=True, SPLIT=2, STAGES=4)
+    whole = _find(rows, RB=rb, KP=kp, FALLBACK=True, HAS_BIAS=True, SPLIT=1, STAGES=3)
     shared = [r[4] for r in rows if all(w in r[1].split() for w in (f"RB={rb}", f"KP={kp}", "SPLIT=2"))]
     assert shared and shared[0] >= 4 * 48 * 1024 + 32 * 1024
     if not split:
         pytest.skip("Triton ships no cuobjdump here: the SASS is not counted")
-    assert split["UTMASTG"] == 4 and split["STG"] == 0
+    assert split["UTMASTG"] == 2 * whole["UTMASTG"] == 4 and split["STG"] == 0
     assert split["IGMMA"] == whole["IGMMA"] and split["LDS"] == whole["LDS"]
