@@ -280,8 +280,10 @@ def _(x, r, c, seed):
 
 
 def sr_seed(generator: torch.Generator) -> torch.Tensor:
-    """A one-element int64 seed drawn from ``generator`` on its own device (no host synchronization)."""
-    return torch.randint(0, 2**62, (1,), generator=generator, device=generator.device, dtype=torch.int64)
+    """A one-element int64 seed drawn from ``generator`` on its own device (no host synchronization; inside a
+    CUDA graph capture from the default generator: :func:`qtrain.quant.core.capture_safe`)."""
+    return torch.randint(0, 2**62, (1,), generator=quant.core.capture_safe(generator), device=generator.device,
+                         dtype=torch.int64)
 
 
 @torch.library.custom_op("qtrain::sr_seed", mutates_args=())

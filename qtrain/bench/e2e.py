@@ -1,5 +1,6 @@
 """End-to-end suite: full training steps of qtrain's LLaMA at LLaMA-7B and 1B layer shapes, BF16 against every
-recipe (and torchao float8 tensorwise when importable), each eager and under ``torch.compile``.
+recipe (and torchao float8 tensorwise when importable), eager, under ``torch.compile``, and (mode
+``cudagraphs``) compiled with Inductor's CUDA graphs.
 
 One step is what ``qtrain train`` runs per optimizer step: forward under BF16 autocast (fp32 master weights),
 the fp32 next-token cross-entropy, backward, the default optimizer (StableAdamW) and ``zero_grad``. Each row is
@@ -24,7 +25,8 @@ import torch
 ROW_SECONDS = 20.0          # cap on one row's timed steps: fewer steps (at least MIN_STEPS) when steps are slow
 MIN_STEPS = 3
 TORCHAO = "torchao_float8_tensorwise"
-MODES = ("eager", "compile")
+MODES = ("eager", "compile", "cudagraphs")
+COMPILED = ("compile", "cudagraphs")
 FILTERS = ("default", "all")
 
 
@@ -176,9 +178,10 @@ def build_step(shape: Shape, recipe, mode: str, device, filter_name: str = "defa
     defaults = TrainConfig()
     opt = make_optimizer(defaults.optimizer, model, 3e-4, defaults.weight_decay)
     step_model = model
-    if mode == "compile":
+    if mode in COMPILED:
         torch._dynamo.reset()           # a fresh cache per row: no recompile limit, no graphs of earlier rows
-        step_model = (compile_fn or torch.compile)(model)
+        step_model = (compile_fn or torch.compile)(model, **({"mode": "reduce-overhead"} if mode == "cudagraphs"
+                                                            else {}))
     g = torch.Generator(device="cpu").manual_seed(1)
     batches = [(torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len + 1), generator=g)
                 .to(device)) for _ in range(2)]
@@ -188,6 +191,8 @@ def build_step(shape: Shape, recipe, mode: str, device, filter_name: str = "defa
     def step(probe: Callable[[], None] | None = None):
         x, y = batches[calls[0] % len(batches)]
         calls[0] += 1
+        if mode == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()      # a new step: the last step's graph outputs are dead
         if probe is not None:
             probe()
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -234,7 +239,7 @@ def measure(shape: Shape, recipe, mode: str, device, timer: Timer, steps: int, w
         row["error"] = _error_text(e)
         where = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-2))
         print(f"\n{where[-3000:]}", end="", flush=True)      # the end of the traceback, for the log
-    if mode == "compile":
+    if mode in COMPILED:
         torch._dynamo.reset()       # compiled code holds the model: drop it before the next row
     timer.free()                    # the row's model, optimizer state and graphs are gone by now
     return row
@@ -263,8 +268,12 @@ def _run_row(row, shape, recipe, mode, device, timer, steps, warmup, filter_name
     saved = None if None in allocated else allocated[1] - allocated[0]
     row.update(step_ms=ms, tokens_per_s=shape.tokens / (ms / 1e3), steps=steps,
                peak_gib=None if peak is None else peak / 2**30, saved_gib=None if saved is None else saved / 2**30)
-    if mode == "compile":           # Dynamo graphs compiled for the row: 1 is the whole model in one graph,
+    if mode in COMPILED:            # Dynamo graphs compiled for the row: 1 is the whole model in one graph,
         row["graphs"] = counters["stats"]["unique_graphs"]      # more means graph breaks or recompiles
+    if mode == "cudagraphs":        # Inductor ran a graph without CUDA graphs: the row is not what it says
+        skips = counters["inductor"]["cudagraph_skips"]
+        if skips:
+            row["error"] = f"Inductor skipped CUDA graphs {skips}× (see the log): timings are not of CUDA graphs"
     row["fallback_pct"] = fallback_pct(step.model)
 
 
@@ -349,7 +358,11 @@ def notes_for(shapes: list[Shape], steps: int, warmup: int, filter_name: str, to
              "compile: torch.compile(model) of the whole model (default mode, as `qtrain train --compile`), the "
              "optimizer step eager; torch._dynamo.reset() before each row; graphs: Dynamo graphs compiled in the row "
              "(1: the whole forward in one graph; int4: 2, its first step calibrates in opaque ops and the second "
-             "recompiles once into one graph; more: graph breaks or recompiles).",
+             "recompiles once into one graph; more: graph breaks or recompiles). cudagraphs: the same with "
+             "mode=\"reduce-overhead\" (Inductor's CUDA graphs: no per-kernel host launches; "
+             "torch.compiler.cudagraph_mark_step_begin() before each step; a row where Inductor skipped CUDA graphs "
+             "is marked as an error). Stochastic rounding and int4's sampling draw from the default CUDA generator "
+             "inside a graph capture (qtrain.quant.core.capture_safe).",
              "fallback_pct: recipes with fallback — the share of tiles that fell back at the last step, averaged "
              "over every layer's fallback GEMMs (each layer's threshold tracks its own target).",
              "converted: quantized / all linear layers. "
@@ -448,7 +461,8 @@ def add_arguments(p, common: bool = True) -> None:
     p.add_argument("--recipes", default=None,
                    help="comma-separated preset names or recipe .json files (default: every preset in "
                         "qtrain.recipes.PRESETS); BF16 is always measured as the baseline")
-    p.add_argument("--modes", default="eager,compile", help="comma-separated, from eager, compile (default both)")
+    p.add_argument("--modes", default="eager,compile", help="comma-separated, from eager, compile, cudagraphs (compile with "
+                   "mode=reduce-overhead) (default eager,compile)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10; --quick 3)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps per row, the first compiles in compile mode (default 3; --quick 2)")

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-from qtrain.quant.core import check_2d, check_float
+from qtrain.quant.core import capture_safe, check_2d, check_float
 from qtrain.quant.int8_gemm import int8_gemm
 
 HI_WEIGHT = 14
@@ -69,7 +69,7 @@ def split_stacked(dy: torch.Tensor, generator: torch.Generator
     parts = torch.empty((2 * M, N), dtype=torch.float32, device=dy.device)
     hi, lo = parts[:M], parts[M:]
     torch.div(v, HI_WEIGHT, out=hi).round_().clamp_(-SPLIT_MAX, SPLIT_MAX)
-    u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+    u = torch.rand(v.shape, generator=capture_safe(generator), device=v.device, dtype=torch.float32)
     torch.add(v, hi, alpha=-HI_WEIGHT, out=lo).add_(u).floor_().clamp_(-SPLIT_MAX, SPLIT_MAX)
     return parts.to(torch.int8), s, _weigh_norms(parts.norm(dim=1))
 
@@ -117,7 +117,7 @@ def leverage_probabilities(c: torch.Tensor, budget: float) -> torch.Tensor:
 
 def sample_rows(p: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """bool ``keep`` like ``p``: ``u < p`` with ``u ~ U[0, 1)`` from ``generator``."""
-    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=torch.float32)
+    u = torch.rand(p.shape, generator=capture_safe(generator), device=p.device, dtype=torch.float32)
     return u < p
 
 

@@ -84,6 +84,27 @@ def test_compile_mode_and_a_recipe_that_cannot_run():
     assert rows[1]["recipe"] == "bad" and rows[1]["error"] and rows[1]["vs_bf16"] is None
 
 
+def test_cudagraphs_mode_compiles_with_reduce_overhead_and_flags_skipped_graphs(monkeypatch):
+    """``cudagraphs`` rows compile with ``mode="reduce-overhead"`` and mark each step's start; a row where
+    Inductor skipped CUDA graphs (its counter, bumped here by the stand-in compiler) is an error row."""
+    from torch._dynamo.utils import counters
+
+    seen, marks = [], []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    def compile_fn(model, **kwargs):
+        seen.append(kwargs)
+        if len(seen) == 2:
+            counters["inductor"]["cudagraph_skips"] += 1
+        return torch.compile(model, backend="eager")
+
+    rows = e2e.run_rows([TINY], [recipes.get("switchback")], ["cudagraphs"], device="cpu", timer=e2e.Timer(),
+                        steps=1, warmup=1, compile_fn=compile_fn)
+    assert seen == [{"mode": "reduce-overhead"}] * 2 and len(marks) == 2 * 3     # first, timed, probed step
+    assert rows[0]["error"] is None and rows[0]["graphs"] >= 1 and rows[0]["vs_bf16"] == 1.0
+    assert rows[1]["error"].startswith("Inductor skipped CUDA graphs 1×") and rows[1]["vs_bf16"] is None
+
+
 def test_add_ratios_only_within_shape_and_mode():
     def row(shape, mode, recipe, ms, peak=None, error=None):
         return {**e2e.empty_row(e2e.SHAPES[shape], mode, None), "recipe": recipe, "step_ms": ms, "peak_gib": peak,
