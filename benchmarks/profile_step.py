@@ -1,13 +1,15 @@
 """Where a training step's GPU time goes: torch.profiler over steps of `qtrain bench e2e`'s LLaMA shapes.
 
-Usage (on the GPU, PYTHONPATH=.): python benchmarks/profile_step.py [--compile] [SHAPE] RECIPE...   (SHAPE: 7b or
-1b, default 7b; RECIPE: bf16 or a preset / recipe file; --compile: `torch.compile` of the model as `qtrain bench
-e2e --modes compile` does, Inductor's fused kernels then appear as `triton_*`). Per recipe: the step time, then
+Usage (on the GPU, PYTHONPATH=.): python benchmarks/profile_step.py [--compile|--cudagraphs] [SHAPE] RECIPE...
+(SHAPE: 7b or 1b, default 7b; RECIPE: bf16 or a preset / recipe file; --compile: `torch.compile` of the model as
+`qtrain bench e2e --modes compile` does, Inductor's fused kernels then appear as `triton_*`; --cudagraphs: the same
+with Inductor's CUDA graphs, as `--modes cudagraphs`). Per recipe: the step time, then
 the kernels by total GPU time (2 profiled steps after 2 warm-up steps, 3 when compiled), the top 25, and the time
 per kind of kernel (INT8 GEMM, 16-bit GEMM, attention, quantize, optimizer, Inductor's fused kernels, the rest);
 the GPU's busy time (union of kernel intervals) and idle time per step (the profiled window less busy: host-bound
-gaps, syncs); then the aten ops with the most GPU time of their own, by input shapes (where copies and casts come
-from). User annotations on the GPU timeline (`## Call CompiledFxGraph`, `Optimizer.step#…`) span other kernels and
+gaps, syncs); the host time of qtrain's own ops (CPU time from the op's call to its return: argument checks,
+launchers, kernel launches — what keeps the GPU idle when the host is the bottleneck); then the aten ops with the
+most GPU time of their own, by input shapes (where copies and casts come from). User annotations on the GPU timeline (`## Call CompiledFxGraph`, `Optimizer.step#…`) span other kernels and
 are left out of every total.
 """
 from __future__ import annotations
@@ -67,10 +69,10 @@ def busy_and_window_us(prof) -> tuple[float, float]:
 
 def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
     recipe = None if name == "bf16" else resolve_recipe(name)
-    if mode == "compile":
+    if mode in e2e.COMPILED:
         torch._dynamo.reset()
     step, converted = e2e.build_step(shape, recipe, mode, "cuda")
-    for _ in range(3 if mode == "compile" else 2):            # compile: the first steps compile (int4: twice)
+    for _ in range(3 if mode in e2e.COMPILED else 2):         # compile: the first steps compile (int4: twice)
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -93,6 +95,13 @@ def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
           f"(profiled window {window / STEPS / 1e3:.1f} ms/step)")
     for e in events[:25]:
         print(f"  {e.device_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  {kind(e.key):8s} {e.key[:110]}")
+    host = [e for e in prof.key_averages() if e.key.startswith("qtrain::") and e.cpu_time_total > 0]
+    host.sort(key=lambda e: -e.cpu_time_total)
+    print(f"  host time of qtrain ops: {sum(e.cpu_time_total for e in host) / STEPS / 1e3:.1f} ms/step (nested "
+          "ops counted in their callers too)")
+    for e in host[:15]:
+        print(f"  {e.cpu_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  "
+              f"{e.cpu_time_total / max(e.count, 1):6.1f} µs/call  {e.key}")
     ops = [e for e in prof.key_averages(group_by_input_shape=True)
            if e.key.startswith("aten::") and e.self_device_time_total > 0]
     ops.sort(key=lambda e: -e.self_device_time_total)
@@ -105,8 +114,8 @@ def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
 
 
 def main(argv: list[str]) -> None:
-    mode = "compile" if "--compile" in argv else "eager"
-    argv = [a for a in argv if a != "--compile"]
+    mode = "cudagraphs" if "--cudagraphs" in argv else "compile" if "--compile" in argv else "eager"
+    argv = [a for a in argv if a not in ("--compile", "--cudagraphs")]
     shape = e2e.SHAPES["7b"]
     if argv and argv[0] in e2e.SHAPES:
         shape, argv = e2e.SHAPES[argv[0]], argv[1:]

@@ -50,7 +50,9 @@ sys.argv = ['qtrain.bench'] + sys.argv[1:]; runpy.run_module('qtrain.bench', run
     gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     optimizer) python benchmarks/optimizer.py 2>&1 | tee -a "$OUT/run.log" ;;
     # profile-SHAPE:RECIPE,RECIPE: benchmarks/profile_step.py (eager kernel and aten-op times of one step);
-    # profilec-SHAPE:RECIPE,...: the same under torch.compile
+    # profilec-SHAPE:RECIPE,...: the same under torch.compile; profileg-SHAPE:RECIPE,...: with CUDA graphs
+    profileg-*) spec="${step#profileg-}"; python benchmarks/profile_step.py --cudagraphs "${spec%%:*}" \
+                  $(echo "${spec#*:}" | tr , ' ') 2>&1 | tee -a "$OUT/run.log" ;;
     profilec-*) spec="${step#profilec-}"; python benchmarks/profile_step.py --compile "${spec%%:*}" \
                   $(echo "${spec#*:}" | tr , ' ') 2>&1 | tee -a "$OUT/run.log" ;;
     profile-*) spec="${step#profile-}"; python benchmarks/profile_step.py "${spec%%:*}" $(echo "${spec#*:}" | tr , ' ') \
