@@ -112,8 +112,9 @@ LSS_GATHER_MIN_OPS = 1 << 38
 
 
 def _lss_gather(device: torch.device, ops_count: int) -> bool:
-    """Whether dgrad's LSS GEMM of ``ops_count`` (2M·N·K) gathers the kept rows (see LSS_GATHER_MIN_OPS)."""
-    if torch.compiler.is_compiling():
+    """Whether dgrad's LSS GEMM of ``ops_count`` (2M·N·K) gathers the kept rows (see LSS_GATHER_MIN_OPS); never
+    under torch.compile or inside a CUDA graph capture (its host synchronization cannot be captured)."""
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return False
     return device.type == "cpu" or ops_count >= LSS_GATHER_MIN_OPS
 

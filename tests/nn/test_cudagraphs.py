@@ -70,6 +70,20 @@ def test_leverage_score_sampling_in_a_cuda_graph_samples_afresh():
     assert abs(torch.stack(keeps).mean().item() - 0.5) < 0.02
 
 
+@pytest.mark.gpu
+def test_lss_dgrad_does_not_gather_inside_a_capture(monkeypatch):
+    """The gathered LSS GEMM synchronizes with the host (the kept-row count): inside a capture the masked one runs."""
+    from qtrain.nn import linear
+
+    monkeypatch.setattr(linear, "LSS_GATHER_MIN_OPS", 0)
+    seen = []
+    assert linear._lss_gather(torch.device("cuda"), 1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seen.append(linear._lss_gather(torch.device("cuda"), 1))
+    assert seen == [False]
+
+
 SMALL = e2e.Shape("small", d_model=512, ffn_hidden=1536, n_layer=2, n_head=4, batch=2, seq_len=256, vocab_size=1024)
 
 
