@@ -15,7 +15,7 @@ from qtrain.nn.functional import Operand, emulate
 from qtrain.quant import hadamard as _hadamard, lsq as _lsq, lss as _lss
 from qtrain.nn.plan import GEMMS, build_plan
 from qtrain.quant.fallback import fallback_ratio
-from qtrain.quant.core import FLOAT_DTYPES, relative_error, sqnr
+from qtrain.quant.core import FLOAT_DTYPES, capturing, relative_error, sqnr
 
 
 _optimizer_steps = 0
@@ -114,7 +114,7 @@ LSS_GATHER_MIN_OPS = 1 << 38
 def _lss_gather(device: torch.device, ops_count: int) -> bool:
     """Whether dgrad's LSS GEMM of ``ops_count`` (2M·N·K) gathers the kept rows (see LSS_GATHER_MIN_OPS); never
     under torch.compile or inside a CUDA graph capture (its host synchronization cannot be captured)."""
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling() or capturing(device):
         return False
     return device.type == "cpu" or ops_count >= LSS_GATHER_MIN_OPS
 

@@ -23,12 +23,17 @@ QMAX = {"int8": 127, "int4": 7}
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``device`` (never on other devices)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def capture_safe(generator: torch.Generator | None) -> torch.Generator | None:
     """The generator to draw from now: ``generator``, except while a CUDA graph is being captured on the current
     stream, where None (the device's default generator). A capture registers the default generator, whose draws
     advance on every replay; a replay of a draw from an unregistered generator would repeat the captured numbers
     (and PyTorch cannot capture one). Graph replays are therefore not reproduced by ``reseed``."""
-    if generator is not None and generator.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if generator is not None and capturing(generator.device):
         return None
     return generator
 

@@ -11,12 +11,12 @@ from qtrain import ops, recipes
 from qtrain.bench import e2e
 from qtrain.nn.functional import sr_generator
 from qtrain.quant import lss
-from qtrain.quant.core import capture_safe
+from qtrain.quant.core import capture_safe, capturing
 
 
 def test_capture_safe_keeps_the_generator_outside_a_capture():
     g = torch.Generator()
-    assert capture_safe(g) is g and capture_safe(None) is None
+    assert capture_safe(g) is g and capture_safe(None) is None and not capturing(torch.device("cpu"))
 
 
 def _replays(fn, n: int) -> list[torch.Tensor]:
