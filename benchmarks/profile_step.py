@@ -10,8 +10,8 @@ the GPU's busy time (union of kernel intervals) and idle time per step (the prof
 gaps, syncs); the host time of qtrain's own ops (CPU time from the op's call to its return: argument checks,
 launchers, kernel launches — what keeps the GPU idle when the host is the bottleneck; compiled modes only: eager
 calls bypass the op dispatcher, so the profiler records no `qtrain::` ops there); then the aten ops with the
-most GPU time of their own, by input shapes (where copies and casts come from). User annotations on the GPU timeline (`## Call CompiledFxGraph`, `Optimizer.step#…`) span other kernels and
-are left out of every total.
+most GPU time of their own, by input shapes (where copies and casts come from). User annotations on the GPU
+timeline (`## Call CompiledFxGraph`, `Optimizer.step#…`) span other kernels and are left out of every total.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ for step in "${steps[@]}"; do
     # layer but lm_head converted (the default filter keeps the 1B shape's layers in BF16).
     e2e) python -m qtrain.bench e2e --time-limit "${E2E_TIME_LIMIT:-480}" ${E2E_ARGS:-} --out "$OUT/results" 2>&1 \
            | tee -a "$OUT/run.log" ;;
-    # e2e-gluon=FLAG: the same with block_gemm_gluon.FLAG = True (e.g. DIRECT_FP32, SPLIT_FP32); results in $OUT/results/FLAG
+    # e2e-gluon=FLAG: e2e with the boolean module flag block_gemm_gluon.FLAG (e.g. MAGIC) set True; in $OUT/results/FLAG
     e2e-gluon=*) flag="${step#e2e-gluon=}"; python -c "import runpy, sys; import qtrain.kernels.block_gemm_gluon as g
 assert hasattr(g, '$flag'), 'no flag $flag'; setattr(g, '$flag', True)
 sys.argv = ['qtrain.bench'] + sys.argv[1:]; runpy.run_module('qtrain.bench', run_name='__main__')" \

@@ -461,8 +461,9 @@ def add_arguments(p, common: bool = True) -> None:
     p.add_argument("--recipes", default=None,
                    help="comma-separated preset names or recipe .json files (default: every preset in "
                         "qtrain.recipes.PRESETS); BF16 is always measured as the baseline")
-    p.add_argument("--modes", default="eager,compile", help="comma-separated, from eager, compile, cudagraphs (compile with "
-                   "mode=reduce-overhead) (default eager,compile)")
+    p.add_argument("--modes", default="eager,compile",
+                   help="comma-separated, from eager, compile, cudagraphs (compile with mode=reduce-overhead) "
+                        "(default eager,compile)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10; --quick 3)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed steps per row, the first compiles in compile mode (default 3; --quick 2)")

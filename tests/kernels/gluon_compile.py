@@ -4,8 +4,8 @@
 ``run`` with a recorder, calls the modules' ``launch`` functions on CPU tensors for every constexpr combination
 the library and its benchmarks use (nothing executes), binds each launch as ``JITFunction.run`` would for an sm_90
 target, and compiles it (Gluon's front end, ``GluonASTSource``) down to a cubin. OUT.json: one
-``[kernel, label, error or null, SASS instruction counts, shared-memory bytes]`` row per launch. The counts (cuobjdump of the cubin,
-when Triton ships it) let a test check instruction-level properties without a GPU.
+``[kernel, label, error or null, SASS instruction counts, shared-memory bytes]`` row per launch. The counts
+(cuobjdump of the cubin, when Triton ships it) let a test check instruction-level properties without a GPU.
 """
 from __future__ import annotations
 
