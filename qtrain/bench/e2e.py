@@ -266,6 +266,8 @@ def _run_row(row, shape, recipe, mode, device, timer, steps, warmup, filter_name
     allocated = []
     step(lambda: (timer.sync(), allocated.append(timer.allocated_bytes())))
     saved = None if None in allocated else allocated[1] - allocated[0]
+    if mode == "cudagraphs":        # activations live in the graphs' private pool, allocated at capture: the
+        peak = saved = None         # allocator's counters see no allocation during replays (measure in compile)
     row.update(step_ms=ms, tokens_per_s=shape.tokens / (ms / 1e3), steps=steps,
                peak_gib=None if peak is None else peak / 2**30, saved_gib=None if saved is None else saved / 2**30)
     if mode in COMPILED:            # Dynamo graphs compiled for the row: 1 is the whole model in one graph,
@@ -354,7 +356,10 @@ def notes_for(shapes: list[Shape], steps: int, warmup: int, filter_name: str, to
              "mode in the same process; mem_vs_bf16 likewise for peak_gib, torch.cuda.max_memory_allocated over "
              "the timed steps (reset after warm-up: weights, gradients, optimizer state and activations); saved_gib: "
              "torch.cuda.memory_allocated after the forward (loss computed) minus before it, in one more step: "
-             "what the forward keeps for backward (activations, quantized copies), saved_vs_bf16 its ratio.",
+             "what the forward keeps for backward (activations, quantized copies), saved_vs_bf16 its ratio. "
+             "Not measured in cudagraphs rows: there activations live in the graphs' private memory pool, "
+             "allocated at capture, and the allocator's counters see no allocation during a replay (the compile "
+             "rows run the same model).",
              "compile: torch.compile(model) of the whole model (default mode, as `qtrain train --compile`), the "
              "optimizer step eager; torch._dynamo.reset() before each row; graphs: Dynamo graphs compiled in the row "
              "(1: the whole forward in one graph; int4: 2, its first step calibrates in opaque ops and the second "
