@@ -10,7 +10,7 @@ import torch
 from qtrain.errors import UserError
 from qtrain.models import build
 from qtrain.train import TrainConfig, compare, train
-from qtrain.train.loop import lr_at, param_groups
+from qtrain.train.loop import lr_at, param_groups, resume_config
 
 SMALL = dict(batch_size=4, seq_len=64, eval_batches=8, sample_tokens=0, progress=False)
 
@@ -114,6 +114,24 @@ def test_resume_rejects_other_model_and_corrupt_files(tmp_path):
         train(TrainConfig(resume=str(other)), explicit={"resume"})
     with pytest.raises(UserError, match="not a checkpoint"):
         train(TrainConfig(resume=str(tmp_path)), explicit={"resume"})
+
+
+def test_resume_config_without_compile_mode(tmp_path):
+    """A checkpoint written before --compile-mode existed resumes (default compile mode); the mode is run control:
+    a resumed run may change it, and it implies --compile."""
+    run = tmp_path / "run"
+    train(TrainConfig(recipe="bf16", steps=2, save_every=2, eval_every=2, out=str(run), **{**SMALL, "eval_batches": 1}))
+    for path in (run / "config.json", run / "step-000002" / "config.json"):
+        saved = json.loads(path.read_text())
+        del saved["train"]["compile_mode"]
+        path.write_text(json.dumps(saved))
+    cfg, _, _ = resume_config(TrainConfig(resume=str(run), compile_mode="reduce-overhead", seq_len=32),
+                              {"resume", "compile_mode"})
+    assert cfg.compile and cfg.compile_mode == "reduce-overhead" and cfg.seq_len == 64
+    summary = train(TrainConfig(resume=str(run), steps=3, progress=False), explicit={"resume", "steps", "progress"})
+    assert summary["steps"] == 3 and math.isfinite(summary["final_val_loss"])
+    resumed = json.loads((run / "step-000003" / "config.json").read_text())["train"]
+    assert resumed["compile_mode"] == "default" and not resumed["compile"]
 
 
 def test_adamw_grad_accum_gpt2(tmp_path):

@@ -1,12 +1,15 @@
 """Bad input to ``qtrain train`` / ``qtrain compare`` is one line on stderr, exit code 2, no traceback, and leaves
-no run folder behind: invalid numbers, a binary ``--data`` file, and errors building or converting the model."""
+no run folder behind: invalid numbers, a binary ``--data`` file, errors building or converting the model, and a
+``--compile-mode`` the device or the world cannot run."""
 import random
 
 import pytest
+import torch
 
 import qtrain
-from qtrain.cli import main
-from qtrain.train import loop
+from qtrain.cli import build_parser, main
+from qtrain.errors import UserError
+from qtrain.train import TrainConfig, distributed, loop
 
 from .cli_checks import one_error_line
 
@@ -91,3 +94,37 @@ def test_model_build_error_makes_no_run_folder(capsys, tmp_path, corpus, monkeyp
 def test_fsdp_without_torchrun_makes_no_run_folder(capsys, tmp_path, corpus):
     out = tmp_path / "run"
     _refused(capsys, out, ["train", "--data", corpus, *FLAGS, "--fsdp", "--out", str(out)], "--fsdp", "torchrun")
+
+
+def _parsed(*argv) -> TrainConfig:
+    return TrainConfig.from_namespace(build_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("command", [["train"], ["compare", "--recipes", "bf16"]])
+def test_compile_mode_implies_compile(command):
+    cfg = _parsed(*command, "--compile-mode", "reduce-overhead")
+    assert cfg.compile and cfg.compile_mode == "reduce-overhead"
+    assert _parsed(*command, "--compile-mode", "default").compile
+    assert build_parser().parse_args([*command, "--compile-mode", "default"]).compile is True   # given: resume keeps it
+    assert _parsed(*command, "--compile").compile_mode == "default"
+    plain = _parsed(*command)
+    assert not plain.compile and plain.compile_mode == "default"
+    with pytest.raises(SystemExit):                     # argparse: not one of the choices
+        build_parser().parse_args([*command, "--compile-mode", "max-autotune"])
+    with pytest.raises(UserError, match="unknown compile mode 'max-autotune'; accepted: default, reduce-overhead"):
+        loop.check_compile_mode(TrainConfig(compile_mode="max-autotune"), torch.device("cpu"), distributed.World())
+
+
+def test_cuda_graphs_on_cpu_makes_no_run_folder(capsys, tmp_path, corpus):
+    out = tmp_path / "run"
+    flags = [*FLAGS, "--device", "cpu", "--compile-mode", "reduce-overhead", "--out", str(out)]
+    expected = ("--compile-mode reduce-overhead", "CUDA graphs need a CUDA device; got cpu")
+    _refused(capsys, out, ["train", "--data", corpus, *flags], *expected)
+    _refused(capsys, out, ["compare", "--recipes", "bf16", "--data", corpus, *flags], *expected)
+
+
+def test_cuda_graphs_under_torchrun_makes_no_run_folder(capsys, tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(loop.distributed, "init", lambda device: (distributed.World(0, 2, 0), torch.device("cuda", 0)))
+    out = tmp_path / "run"
+    _refused(capsys, out, ["train", "--data", corpus, *FLAGS, "--compile-mode", "reduce-overhead", "--out", str(out)],
+             "--compile-mode reduce-overhead under torchrun (2 processes): not supported", "--compile-mode default")

@@ -12,9 +12,17 @@ from qtrain.models import PRESETS as MODEL_PRESETS
 from qtrain.train import distributed
 from qtrain.train.compare import compare, parse_recipes
 from qtrain.train.config import TrainConfig
-from qtrain.train.loop import train
+from qtrain.train.loop import COMPILE_MODES, train
 
 __all__ = ["add_commands", "train", "compare", "TrainConfig"]
+
+
+class _CompileMode(argparse.Action):
+    """``--compile-mode MODE``: sets the mode and ``--compile`` (both then count as given)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.compile = True
 
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -43,6 +51,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--precision", help="auto (default: fp32 on CPU, BF16 autocast on GPU), fp32 or bf16")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--compile-mode", choices=COMPILE_MODES, action=_CompileMode,
+                   help="torch.compile's mode (implies --compile): default, or reduce-overhead: the compiled "
+                        "forward and backward replay as CUDA graphs (no per-kernel launches from the host; "
+                        "faster when the host is the bottleneck, activations then live in the graphs' own "
+                        "memory pool). reduce-overhead needs a CUDA device and one process (not under torchrun "
+                        "with DDP or --fsdp); gradient accumulation stays exact (gradients are zeroed, not freed, "
+                        "between steps)")
     g.add_argument("--fsdp", action="store_true", default=None,
                    help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (one unit per "
                         "transformer block) instead of replicating them with DDP")

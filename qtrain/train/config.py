@@ -5,7 +5,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 
 # Settings that define what is trained. Resuming keeps the checkpoint's values; giving a different one is an
-# error. The others (steps, evaluation, saving, device, compile, progress) may change when resuming.
+# error. The others (steps, evaluation, saving, device, compile, compile_mode, progress) may change when
+# resuming.
 IDENTITY = ("model", "recipe", "data", "tokenizer", "batch_size", "grad_accum", "seq_len", "optimizer", "lr",
             "warmup", "weight_decay", "grad_clip", "precision", "seed")
 
@@ -34,6 +35,8 @@ class TrainConfig:
     grad_clip: float = 1.0           # AdamW only; StableAdamW clips its updates itself
     precision: str = "auto"
     compile: bool = False
+    compile_mode: str = "default"    # torch.compile's mode: default or reduce-overhead (CUDA graphs); not
+                                     # default implies compile
     fsdp: bool = False               # under torchrun: FSDP2 instead of DDP
     device: str = "auto"
     seed: int = 0
@@ -45,6 +48,10 @@ class TrainConfig:
     out: str | None = None           # None: runs/<date-time>-<model>-<recipe>
     resume: str | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        if self.compile_mode != "default":      # reduce-overhead implies compile (the CLI: any --compile-mode)
+            self.compile = True
 
     @classmethod
     def from_namespace(cls, ns) -> "TrainConfig":

@@ -35,6 +35,7 @@ from qtrain.train.plots import plot_runs, read_log
 
 OPTIMIZERS = ("stableadamw", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead")     # torch.compile modes of --compile-mode
 
 
 class TrainingStopped(UserError):
@@ -204,6 +205,36 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def check_compile_mode(cfg: TrainConfig, device: torch.device, world: distributed.World) -> None:
+    """:class:`UserError` when ``--compile-mode`` is unknown or cannot run on this device and world."""
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise UserError(f"unknown compile mode {cfg.compile_mode!r}; accepted: {', '.join(COMPILE_MODES)}")
+    if cfg.compile_mode != "reduce-overhead":
+        return
+    if device.type != "cuda":
+        raise UserError(f"--compile-mode reduce-overhead: CUDA graphs need a CUDA device; got {device.type} "
+                        f"(use --compile-mode default there)")
+    if world.size > 1:
+        raise UserError(f"--compile-mode reduce-overhead under torchrun ({world.size} processes): not supported, "
+                        f"DDP/FSDP2 with CUDA graphs is untested; use --compile-mode default (or --compile), or "
+                        f"train in one process")
+
+
+def prepare_grads(model: nn.Module) -> None:
+    """Give every trainable parameter of ``model`` a zero ``.grad`` where it has none. Under CUDA graphs
+    (``--compile-mode reduce-overhead``) call it before the run's first micro-step, and zero the gradients
+    with ``zero_grad(set_to_none=False)`` after each optimizer step.
+
+    Why: the compiled backward's outputs live in the CUDA graph's private memory pool. A parameter whose
+    ``.grad`` is None takes the first backward's output tensor itself as its ``.grad`` (AccumulateGrad steals
+    it), and the next replay overwrites that memory, so gradient accumulation silently gives wrong gradients
+    (pytorch/pytorch#96693, #169545). A ``.grad`` that exists is added to in place, in memory the graph does
+    not own. (A parameter that never gets a gradient is then stepped with a zero one.)"""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 @dataclass
 class Run:
     """Everything a run holds while training (built by :func:`setup`)."""
@@ -226,6 +257,11 @@ class Run:
     record: dict = field(default_factory=dict)
     world: distributed.World = distributed.World()
     ddp: nn.Module | None = None   # the DDP wrapper under torchrun (for no_sync)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether ``step_model`` runs as CUDA graphs (``--compile-mode reduce-overhead``)."""
+        return self.cfg.compile and self.cfg.compile_mode == "reduce-overhead"
 
     def reuse_weights(self):
         """``qtrain.reuse_quantized_weights`` — except under FSDP2, where the reused INT8 weights would be
@@ -251,7 +287,8 @@ def resume_config(cfg: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, Pa
             raise UserError(f"checkpoint {ckpt} was trained with --{name.replace('_', '-')} {getattr(old, name)}, "
                             f"not {getattr(cfg, name)}: omit the flag to resume (it is read from the checkpoint)")
     keep = {f: getattr(cfg, f) for f in ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
-                                         "sample_tokens", "device", "compile", "fsdp", "progress")
+                                         "sample_tokens", "device", "compile", "compile_mode", "fsdp",
+                                         "progress")
             if f in explicit or f == "progress"}
     out = cfg.out if "out" in explicit else str(ckpt.parent)
     return old.replace(resume=str(ckpt), out=out, **keep), ckpt, saved
@@ -266,6 +303,7 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     if cfg.optimizer not in OPTIMIZERS:
         raise UserError(f"unknown optimizer {cfg.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
     world, device = distributed.init(resolve_device(cfg.device))
+    check_compile_mode(cfg, device, world)
     if saved is not None and saved.get("world_size", 1) != world.size:
         raise UserError(f"checkpoint {ckpt} was trained on {saved.get('world_size', 1)} processes, not "
                         f"{world.size}: resume with as many (the global batch and data order depend on it)")
@@ -325,7 +363,7 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
         ddp, optimizer = shard(cfg, world, device, model, optimizer, peak_lr)
     else:
         ddp = distributed.wrap(model, world, device)
-    step_model = torch.compile(ddp) if cfg.compile else ddp
+    step_model = torch.compile(ddp, mode=cfg.compile_mode) if cfg.compile else ddp
     make_out(out)                 # last: an error above leaves no run folder behind
     record = {"train": cfg.to_dict(), "model_config": model_config.to_dict(), "recipe": recipe.to_dict(),
               "data": tokens.meta, "parameters": model.num_params(), "device": str(device),
@@ -381,6 +419,8 @@ def evaluate(run: Run) -> float:
     with run.reuse_weights():
         for x, y in qdata.eval_batches(run.tokens.val, run.cfg.eval_batches, run.cfg.batch_size, run.cfg.seq_len,
                                        run.world.rank, run.world.size):
+            if run.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()     # the last call's graph outputs are dead
             with autocast(run.device, run.precision):
                 _, loss = model(x.to(run.device), y.to(run.device))
             total, count = total + loss.item(), count + 1
@@ -477,6 +517,8 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     say(describe(run))
 
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world.size
+    if run.cuda_graphs:          # gradients that exist before the first backward, zeroed (not freed) after steps
+        prepare_grads(run.model)
     rates, val_loss = [], None
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
                disable=not (cfg.progress and world.main), desc=f"{cfg.model} {run.recipe.name}", unit="step",
@@ -493,15 +535,17 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                     x, y = run.batches.next()
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     last = micro == cfg.grad_accum - 1
+                    if run.cuda_graphs:       # a new graph step: the last micro-step's graph outputs are dead
+                        torch.compiler.cudagraph_mark_step_begin()
                     with run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext():
                         with autocast(device, run.precision):        # DDP all-reduces the gradients once,
                             _, loss = model(x, y)                     # in the last micro-step's backward
+                        loss_sum += loss.detach()     # before backward: under CUDA graphs `loss` is graph memory
                         (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.detach()
             if cfg.optimizer == "adamw" and cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=not run.cuda_graphs)     # see prepare_grads
             loss_value = distributed.all_sum([loss_sum.item()], world, device)[0] / (cfg.grad_accum * world.size)
             rate = tokens_per_step / (time.perf_counter() - t0)
             rates.append(rate)
