@@ -74,6 +74,40 @@ def test_compare_cli(capsys, tmp_path):
     _error(capsys, ["compare", "--jobs", "0"], "--jobs 0")
 
 
+def test_compare_over_seeds(capsys, tmp_path):
+    """``--seeds``: every recipe once per seed (its own folder and seed), the table pairs each run with bf16 of
+    the same seed; --seed and --seeds together and bad seed lists are refused."""
+    out = tmp_path / "seeds"
+    argv = ["compare", "--recipes", "bf16,switchback", "--seeds", "3,4", "--steps", "2", "--batch-size", "2",
+            "--seq-len", "32", "--eval-batches", "1", "--sample-tokens", "0", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    runs = json.loads((out / "compare.json").read_text())
+    assert [(s["recipe"], s["seed"]) for s in runs] == [("bf16", 3), ("bf16", 4), ("switchback", 3), ("switchback", 4)]
+    for s in runs:
+        config = json.loads((out / f"{s['recipe']}-seed{s['seed']}" / "config.json").read_text())
+        assert config["train"]["seed"] == s["seed"]
+    bf16 = {s["seed"]: s["final_val_loss"] for s in runs if s["recipe"] == "bf16"}
+    assert bf16[3] != bf16[4]                                 # another seed: another init and data order
+    assert "val loss seed 3" in printed and "mean Δ % ± s.e." in printed and "| switchback (seed 4) |" in printed
+    _error(capsys, [*argv[:-1], str(tmp_path / "x"), "--seed", "1"], "--seed or --seeds")
+    _error(capsys, ["compare", "--seeds", "1,a"], "--seeds '1,a'", "integers")
+    _error(capsys, ["compare", "--seeds", "1,1"], "distinct")
+
+
+def test_seeds_table_pairs_each_seed_with_its_bf16():
+    from qtrain.train.compare import seeds_table
+
+    runs = [{"recipe": r, "seed": n, "final_val_loss": v} for r, n, v in
+            [("bf16", 0, 1.0), ("bf16", 1, 2.0), ("x", 0, 1.01), ("x", 1, 2.06)]]
+    row = next(line for line in seeds_table(runs).splitlines() if line.startswith("| x |"))
+    # Δ 1 % and 3 %: mean 2 %, s.d. √2, s.e. √2/√2 = 1
+    assert row == "| x | 1.0100 | 2.0600 | 1.5350 | +1.00 % | +3.00 % | +2.00 % ± 1.00 |"
+    one = seeds_table([{"recipe": "bf16", "seed": 5, "final_val_loss": 1.0},
+                       {"recipe": "y", "seed": 5, "final_val_loss": 1.02}])
+    assert "| y | 1.0200 | 1.0200 | +2.00 % | +2.00 % |" in one
+
+
 def test_recipe_from_json_file(capsys, tmp_path):
     from qtrain.recipes import GemmSpec, Recipe, block, int8
 
