@@ -9,7 +9,8 @@ per kind of kernel (INT8 GEMM, 16-bit GEMM, attention, quantize, optimizer, Indu
 the GPU's busy time (union of kernel intervals) and idle time per step (the profiled window less busy: host-bound
 gaps, syncs); the host time of qtrain's own ops (CPU time from the op's call to its return: argument checks,
 launchers, kernel launches — what keeps the GPU idle when the host is the bottleneck; compiled modes only: eager
-calls bypass the op dispatcher, so the profiler records no `qtrain::` ops there); then the aten ops with the
+calls bypass the op dispatcher, so the profiler records no `qtrain::` ops there) and their GPU time per input
+shapes (which GEMM or quantize call costs what); then the aten ops with the
 most GPU time of their own, by input shapes (where copies and casts come from). User annotations on the GPU
 timeline (`## Call CompiledFxGraph`, `Optimizer.step#…`) span other kernels and are left out of every total.
 """
@@ -103,8 +104,14 @@ def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
     for e in host[:15]:
         print(f"  {e.cpu_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  "
               f"{e.cpu_time_total / max(e.count, 1):6.1f} µs/call  {e.key}")
-    ops = [e for e in prof.key_averages(group_by_input_shape=True)
-           if e.key.startswith("aten::") and e.self_device_time_total > 0]
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    gpu = [e for e in by_shape if e.key.startswith("qtrain::") and e.device_time_total > 0]
+    gpu.sort(key=lambda e: -e.device_time_total)
+    print("  qtrain ops by GPU time, per input shapes (their kernels; compiled modes only):")
+    for e in gpu[:20]:
+        print(f"  {e.device_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  "
+              f"{e.device_time_total / max(e.count, 1):7.1f} µs/call  {e.key} {str(e.input_shapes)[:90]}")
+    ops = [e for e in by_shape if e.key.startswith("aten::") and e.self_device_time_total > 0]
     ops.sort(key=lambda e: -e.self_device_time_total)
     print("  aten ops by own GPU time:")
     for e in ops[:15]:
