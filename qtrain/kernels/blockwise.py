@@ -122,12 +122,19 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
                       DOWN: tl.constexpr = False):
     """``SR``: stochastic rounding with uniforms from ``seed`` (:func:`_uniforms`, or :func:`_uniforms_down`
     with ``DOWN``: ``x`` a transposed view); else round to nearest.
-    ``SCALED_INPUT``: ``x`` holds int8 codes whose value is ``x[i, j] · xs[i // XR, j // XC]`` (fp32)."""
+    ``SCALED_INPUT``: ``x`` holds int8 codes whose value is ``x[i, j] · xs[i // XR, j // XC]`` (fp32); where a
+    tile's rows lie in one scale row (``XR`` a multiple of ``TM``, as for the transposed INT8 X of wgrad) the
+    scales are loaded once per column, not per element (a per-element gather of 4-byte scales cost more than
+    the 1-byte codes)."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows, cols, mask, x = load_tile(x_ptr, M, K, stride_xm, stride_xk, TM, C)
     if SCALED_INPUT:
-        xs = tl.load(xs_ptr + (rows // XR)[:, None].to(tl.int64) * stride_sm + (cols // XC)[None, :] * stride_sk,
-                     mask=mask, other=0.0)
+        if XR % TM == 0:            # masked elements stay 0 (0 · an Inf scale would be NaN in the absmax)
+            xs = tl.where(mask, tl.load(xs_ptr + ((pid_m * TM) // XR) * stride_sm + (cols // XC) * stride_sk,
+                                        mask=cols < K, other=0.0)[None, :], 0.0)
+        else:
+            xs = tl.load(xs_ptr + (rows // XR)[:, None].to(tl.int64) * stride_sm + (cols // XC)[None, :] * stride_sk,
+                         mask=mask, other=0.0)
         x = x * xs
     bits = tl.reshape(abs_bits(x), [TM // R, R, C])
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]

@@ -46,3 +46,19 @@ def test_bad_input_and_compile():
                       fullgraph=True)
     got, want = f(q, s), quant.requantize_blockwise_t(q, s, 1, 128, 1, 64)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("shape,tm", [((256, 384), 16), ((200, 300), 32), ((130, 100), 8)], ids=str)
+def test_tiles_inside_one_scale_row_match_twin(shape, tm):
+    """The GPU's tiling (tiles of fewer rows than a scale block: the scales loaded once per column) — the
+    interpreter's default tiles are larger, so this sets the tile; a NaN and an Inf block scale in ragged
+    shapes."""
+    from qtrain.kernels.blockwise import _launch
+
+    x = rows_with_distinct_scales(*shape, torch.float32, DEV)
+    q, s = quant.quantize_blockwise(x, 1, 64)
+    s[1, 0], s[-1, -1] = float("nan"), float("inf")
+    got = _launch(q.t(), 1, 128, None, (s.t(), 64, 1), config=(tm, 4))
+    want = quant.requantize_blockwise_t(q, s, 1, 64, 1, 128)
+    assert_same(got[0], want[0], "codes")
+    assert_same(got[1], want[1], "scales")
