@@ -91,22 +91,35 @@ def _norm_kernel(xq_ptr, xs_ptr, w_ptr, b_ptr, yq_ptr, ys_ptr, M, K, nkb, n_bloc
 
 
 @triton.jit
+def _block_scales(s_ptr, rows, cols, rmask, mask, first_col, nkb, R: tl.constexpr, C: tl.constexpr,
+                  ALIGNED: tl.constexpr):
+    """The ``[TM, C]`` tile's scales of the ``r × C`` blocks of columns ``cols`` (``first_col + j``): one load per
+    row where the tile starts on a block boundary (``ALIGNED``: its columns lie in one block), else per element."""
+    if ALIGNED:
+        s = tl.load(s_ptr + (rows // R) * nkb + first_col // C, mask=rmask, other=0.0)[:, None]
+    else:
+        s = tl.load(s_ptr + (rows // R)[:, None] * nkb + (cols // C)[None, :], mask=mask, other=0.0)
+    return s
+
+
+@triton.jit
 def _act_kernel(hq_ptr, hs_ptr, aq_ptr, as_ptr, M, F, K_in, nkb_in, nkb_out, n_block_rows,
-                R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr):
+                R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr,
+                UP_ALIGNED: tl.constexpr):
+    """``UP_ALIGNED``: ``F`` is a multiple of ``C`` (the up half's tiles start on block boundaries too)."""
     pid_m, kb = tl.program_id(0), tl.program_id(1)
     rows = pid_m * TM + tl.arange(0, TM)
     cols = kb * C + tl.arange(0, C)
-    mask = (rows[:, None] < M) & (cols[None, :] < F)
-    brow = (rows // R)[:, None] * nkb_in
+    rmask = rows < M
+    mask = rmask[:, None] & (cols[None, :] < F)
     rows64 = rows[:, None].to(tl.int64) * K_in
-    g = tl.load(hq_ptr + rows64 + cols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
-        hs_ptr + brow + (cols // C)[None, :], mask=mask, other=0.0)
+    g = tl.load(hq_ptr + rows64 + cols[None, :], mask=mask, other=0).to(tl.float32) * \
+        _block_scales(hs_ptr, rows, cols, rmask, mask, kb * C, nkb_in, R, C, True)
     if SWIGLU:
         ucols = cols + F
-        u = tl.load(hq_ptr + rows64 + ucols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
-            hs_ptr + brow + (ucols // C)[None, :], mask=mask, other=0.0)
-        e = tl.exp(-tl.abs(g))                                       # no overflow: sigmoid from exp(-|g|)
-        a = g * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e)) * u
+        u = tl.load(hq_ptr + rows64 + ucols[None, :], mask=mask, other=0).to(tl.float32) * \
+            _block_scales(hs_ptr, rows, ucols, rmask, mask, kb * C + F, nkb_in, R, C, UP_ALIGNED)
+        a = g * _sigmoid(g) * u
     else:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         e = tl.exp(-2.0 * tl.abs(inner))
@@ -117,29 +130,33 @@ def _act_kernel(hq_ptr, hs_ptr, aq_ptr, as_ptr, M, F, K_in, nkb_in, nkb_out, n_b
 
 @triton.jit
 def _sigmoid(x):
-    e = tl.exp(-tl.abs(x))                                           # no overflow: sigmoid from exp(-|x|)
-    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    """One division: ``1/(1 + e)`` and ``e·1/(1 + e)`` with ``e = exp(−|x|)`` (no overflow)."""
+    e = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + e)
+    return tl.where(x >= 0, r, e * r)
 
 
 @triton.jit
 def _act_bwd_kernel(hq_ptr, hs_ptr, gq_ptr, gs_ptr, dh_ptr, M, F, K_in, nkb_in, nkb_g,
-                    R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr, BF16: tl.constexpr):
+                    R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr, BF16: tl.constexpr,
+                    UP_ALIGNED: tl.constexpr):
     """``dh`` of the activation for the ``[TM, C]`` tile of output columns ``cols`` (SwiGLU: gate ``cols`` and
-    up ``F + cols`` of ``h`` and ``dh``); ``BF16``: ``dh`` stored rounded to bf16."""
+    up ``F + cols`` of ``h`` and ``dh``); ``BF16``: ``dh`` stored rounded to bf16; ``UP_ALIGNED`` as in
+    :func:`_act_kernel`."""
     pid_m, kb = tl.program_id(0), tl.program_id(1)
     rows = pid_m * TM + tl.arange(0, TM)
     cols = kb * C + tl.arange(0, C)
-    mask = (rows[:, None] < M) & (cols[None, :] < F)
-    brow = (rows // R)[:, None]
+    rmask = rows < M
+    mask = rmask[:, None] & (cols[None, :] < F)
     rows_in = rows[:, None].to(tl.int64) * K_in
     g = tl.load(gq_ptr + rows[:, None].to(tl.int64) * F + cols[None, :], mask=mask, other=0).to(tl.float32) * \
-        tl.load(gs_ptr + brow * nkb_g + (cols // C)[None, :], mask=mask, other=0.0)
-    h = tl.load(hq_ptr + rows_in + cols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
-        hs_ptr + brow * nkb_in + (cols // C)[None, :], mask=mask, other=0.0)
+        _block_scales(gs_ptr, rows, cols, rmask, mask, kb * C, nkb_g, R, C, True)
+    h = tl.load(hq_ptr + rows_in + cols[None, :], mask=mask, other=0).to(tl.float32) * \
+        _block_scales(hs_ptr, rows, cols, rmask, mask, kb * C, nkb_in, R, C, True)
     if SWIGLU:
         ucols = cols + F
-        u = tl.load(hq_ptr + rows_in + ucols[None, :], mask=mask, other=0).to(tl.float32) * tl.load(
-            hs_ptr + brow * nkb_in + (ucols // C)[None, :], mask=mask, other=0.0)
+        u = tl.load(hq_ptr + rows_in + ucols[None, :], mask=mask, other=0).to(tl.float32) * \
+            _block_scales(hs_ptr, rows, ucols, rmask, mask, kb * C + F, nkb_in, R, C, UP_ALIGNED)
         sig = _sigmoid(h)
         tl.store(dh_ptr + rows_in + cols[None, :], _out(g * u * sig * (1.0 + h * (1.0 - sig)), BF16), mask=mask)
         tl.store(dh_ptr + rows_in + ucols[None, :], _out(g * (h * sig), BF16), mask=mask)
@@ -193,6 +210,58 @@ def _norm_bwd_kernel(xq_ptr, xs_ptr, w_ptr, gq_ptr, gs_ptr, dx_ptr, dwp_ptr, dbp
         tl.store(dwp_ptr + pid * K + cols, tl.sum(g * xhat, axis=0), mask=cols < K)
         if LAYERNORM:
             tl.store(dbp_ptr + pid * K + cols, tl.sum(g, axis=0), mask=cols < K)
+
+
+@triton.jit
+def _norm_bwd_rows_kernel(xq_ptr, xs_ptr, w_ptr, gq_ptr, gs_ptr, dx_ptr, dwp_ptr, dbp_ptr, M, K, nkb, eps,
+                          R: tl.constexpr, C: tl.constexpr, NB: tl.constexpr, TM: tl.constexpr,
+                          STEPS: tl.constexpr, LAYERNORM: tl.constexpr):
+    """:func:`_norm_bwd_kernel` with whole rows in registers: ``STEPS`` groups of ``TM`` rows, each loaded once as
+    ``[TM, NB, C]`` (``NB`` ≥ ⌈K/C⌉ blocks, a power of two; one scale per row and block) — no second and third
+    pass over the features; the program's partial sums of ``g·x̂`` (and ``g``) per feature over its rows."""
+    pid = tl.program_id(0)
+    blocks = tl.arange(0, NB)
+    cols = blocks[:, None] * C + tl.arange(0, C)[None, :]                         # [NB, C]
+    cmask = cols < K
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :, :]
+    kf = tl.full([TM], K, tl.float32)
+    dw = tl.zeros([NB, C], dtype=tl.float32)
+    db = tl.zeros([NB, C], dtype=tl.float32)
+    for step in range(STEPS):
+        rows = (pid * STEPS + step) * TM + tl.arange(0, TM)
+        rmask = rows < M
+        mask = rmask[:, None, None] & cmask[None, :, :]
+        soff = (rows // R)[:, None] * nkb + blocks[None, :]
+        smask = rmask[:, None] & (blocks < nkb)[None, :]
+        off = rows[:, None, None].to(tl.int64) * K + cols[None, :, :]
+        x = tl.where(mask, tl.load(xq_ptr + off, mask=mask, other=0).to(tl.float32)
+                     * tl.load(xs_ptr + soff, mask=smask, other=0.0)[:, :, None], 0.0)
+        g = tl.where(mask, tl.load(gq_ptr + off, mask=mask, other=0).to(tl.float32)
+                     * tl.load(gs_ptr + soff, mask=smask, other=0.0)[:, :, None], 0.0)
+        if LAYERNORM:
+            mean = tl.math.div_rn(tl.sum(tl.sum(x, axis=2), axis=1), kf)
+            x = tl.where(mask, x - mean[:, None, None], 0.0)
+        var = tl.math.div_rn(tl.sum(tl.sum(x * x, axis=2), axis=1), kf)
+        rstd = tl.math.div_rn(tl.full([TM], 1.0, tl.float32), tl.sqrt_rn(var + eps))
+        xhat = x * rstd[:, None, None]
+        gw = g * w
+        dot = tl.math.div_rn(tl.sum(tl.sum(gw * xhat, axis=2), axis=1), kf)
+        if LAYERNORM:
+            gw = gw - tl.math.div_rn(tl.sum(tl.sum(gw, axis=2), axis=1), kf)[:, None, None]
+        dx = rstd[:, None, None] * (gw - xhat * dot[:, None, None])
+        tl.store(dx_ptr + off, dx, mask=mask)
+        dw += tl.sum(g * xhat, axis=0)
+        if LAYERNORM:
+            db += tl.sum(g, axis=0)
+    tl.store(dwp_ptr + pid * K + cols, dw, mask=cmask)
+    if LAYERNORM:
+        tl.store(dbp_ptr + pid * K + cols, db, mask=cmask)
+
+
+# The norm backward keeps whole rows in registers up to this many features (rounded up to a power of two of
+# blocks); wider rows take the kernel that walks the features in three passes (profile, 7B shape: 269 µs a call for
+# 8192×4096, ~4× its bytes' time).
+NORM_BWD_ROW_ELEMS = 8192
 
 
 def _check_pow2(r, c):
@@ -253,7 +322,8 @@ def _act(hq, hs, r, c, swiglu):
         return aq, a_s.fill_(1.0)
     tm = _tile_rows(r, c, M)
     _act_kernel[(triton.cdiv(M, tm), nkb)](hq, hs, aq, a_s, M, F, K_in, hs.shape[1], nkb, nr,
-                                           R=r, C=c, TM=tm, SWIGLU=swiglu, num_warps=8 if tm * c >= 8192 else 4)
+                                           R=r, C=c, TM=tm, SWIGLU=swiglu, UP_ALIGNED=F % c == 0,
+                                           num_warps=8 if tm * c >= 8192 else 4)
     return aq, a_s
 
 
@@ -279,7 +349,7 @@ def _act_backward(hq, hs, gq, gs, r, c, swiglu, out_dtype):
     tm = _tile_rows(r, c, M)
     _act_bwd_kernel[(triton.cdiv(M, tm), -(-F // c))](hq, hs, gq, gs, dh, M, F, K_in, hs.shape[1], gs.shape[1],
                                                      R=r, C=c, TM=tm, SWIGLU=swiglu,
-                                                     BF16=out_dtype == torch.bfloat16,
+                                                     BF16=out_dtype == torch.bfloat16, UP_ALIGNED=F % c == 0,
                                                      num_warps=8 if tm * c >= 8192 else 4)
     return dh
 
@@ -299,10 +369,21 @@ def _norm_backward(xq, xs, weight, bias, gq, gs, eps, r, c, layernorm):
     M, K = xq.shape
     xq, xs, gq, gs = xq.contiguous(), xs.contiguous(), gq.contiguous(), gs.contiguous()
     dx = torch.empty((M, K), dtype=torch.float32, device=xq.device)
-    tm = _tile_rows(r, c, M, 2048, 16384)
-    grid = triton.cdiv(M, tm)
+    nb = triton.next_power_of_2(max(1, -(-K // c)))
+    rows_kernel = nb * c <= NORM_BWD_ROW_ELEMS
+    if rows_kernel:        # whole rows in registers, ≥ 16 rows a program (fewer partial sums to add up)
+        tm = max(1, NORM_BWD_ROW_ELEMS // (nb * c))
+        steps = max(1, 16 // tm)
+        grid = triton.cdiv(M, tm * steps)
+    else:
+        tm = _tile_rows(r, c, M, 2048, 16384)
+        grid = triton.cdiv(M, tm)
     partial = torch.empty((2 if layernorm else 1, grid, K), dtype=torch.float32, device=xq.device)
-    if M and K:
+    if M and K and rows_kernel:
+        _norm_bwd_rows_kernel[(grid,)](xq, xs, weight.contiguous(), gq, gs, dx, partial[0], partial[-1], M, K,
+                                       xs.shape[1], float(eps), R=r, C=c, NB=nb, TM=tm, STEPS=steps,
+                                       LAYERNORM=layernorm, num_warps=8 if tm * nb * c >= 8192 else 4)
+    elif M and K:
         _norm_bwd_kernel[(grid,)](xq, xs, weight.contiguous(), gq, gs, dx, partial[0], partial[-1], M, K,
                                   xs.shape[1], float(eps), R=r, C=c, TM=tm, LAYERNORM=layernorm,
                                   num_warps=8 if tm * c >= 8192 else 4)

@@ -120,6 +120,9 @@ def _dataflow(mod):
     mod.swiglu_quantize(_empty(M, 2 * F), scales(2 * F, r, c), r, c)
     mod.swiglu_backward(_empty(M, 2 * F), scales(2 * F, r, c), _empty(M, F), scales(F, r, c), r, c)
     mod.rmsnorm_backward(_empty(M, K), scales(K, r, c), w, _empty(M, K), scales(K, r, c), 1e-6, r, c)
+    wide = 4 * mod.NORM_BWD_ROW_ELEMS                              # rows too wide for registers: three passes
+    mod.rmsnorm_backward(_empty(M, wide), scales(wide, r, c), _empty(wide, dtype=bf16), _empty(M, wide),
+                         scales(wide, r, c), 1e-6, r, c)
 
 
 def _hadamard(mod):

@@ -46,8 +46,8 @@ def test_norm_kernels_match_reference(shape, blk):
 
 
 @pytest.mark.parametrize("blk", [(32, 32), (1, 128), (4, 64)], ids=str)
-@pytest.mark.parametrize("shape", [(70, 200), (33, 96)], ids=str)
-def test_activation_kernels_match_reference(shape, blk):
+@pytest.mark.parametrize("shape", [(70, 200), (33, 96), (40, 256)], ids=str)     # SwiGLU's up half on block
+def test_activation_kernels_match_reference(shape, blk):                          # boundaries or not
     hq, hs = _int8_blocks(*shape, *blk)
     hq[3, 5] = 127                                   # saturated codes: |h| in the thousands, exp must not overflow
     _assert_twins(kdf.gelu_quantize(hq, hs, *blk), rdf.gelu_quantize(hq, hs, *blk), "gelu")
@@ -102,7 +102,7 @@ def _exact_vjp(kind, hq, hs, gq, gs, blk):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("blk", [(32, 32), (1, 128), (4, 64)], ids=str)
-@pytest.mark.parametrize("shape", [(70, 200), (33, 96)], ids=str)
+@pytest.mark.parametrize("shape", [(70, 200), (33, 96), (40, 256)], ids=str)
 def test_activation_backward_kernels_match_reference(shape, blk, out_dtype):
     """INT8 h and INT8 gradient in, dh out: fp32 — kernel and twin within 1e-5 of max |dh|, both within 1e-5 of
     fp64 autograd (saturated codes included: |h| in the thousands); bf16 — each element within half a bf16 ulp of
@@ -160,11 +160,14 @@ def _exact_norm_vjp(kind, xq, xs, w, b, gq, gs, blk):
     return torch.autograd.grad(y, leaves, rdf.dequantize_blocks(gq, gs, *blk).double())
 
 
+@pytest.mark.parametrize("row_elems", [kdf.NORM_BWD_ROW_ELEMS, 0], ids=["whole rows", "three passes"])
 @pytest.mark.parametrize("blk", [(32, 32), (1, 128), (4, 64)], ids=str)
-@pytest.mark.parametrize("shape", [(70, 200), (33, 96)], ids=str)
-def test_norm_backward_kernels_match_reference(shape, blk):
+@pytest.mark.parametrize("shape", [(70, 200), (33, 96), (40, 1000)], ids=str)
+def test_norm_backward_kernels_match_reference(shape, blk, row_elems, monkeypatch):
     """INT8 x and INT8 gradient in, fp32 (dx, dw, db) out: kernel and twin each within 1e-5 of fp64 autograd
-    (relative to the largest magnitude of each output)."""
+    (relative to the largest magnitude of each output) — the whole-row kernel (several row groups a program for
+    1000 features) and the three-pass one that wider rows take."""
+    monkeypatch.setattr(kdf, "NORM_BWD_ROW_ELEMS", row_elems)
     xq, xs = _int8_blocks(*shape, *blk)
     gq, gs = _int8_blocks(*shape, *blk, seed=2)
     g = torch.Generator().manual_seed(1)
