@@ -1,0 +1,53 @@
+"""The data-flow ops of one 7B-shape jetfire_wide layer (1×256 blocks, 8192 tokens, d 4096, ffn 11008) against the
+time of their bytes at copy bandwidth: SwiGLU + quantize, SwiGLU backward (bf16 dh), RMSNorm backward, and the
+re-blocking of the saved INT8 X for wgrad.
+
+Usage (on the GPU): PYTHONPATH=. python benchmarks/dataflow_ops.py. One line per op: µs per call (median,
+``qtrain.bench.common.bench``), the bytes read and written, and the share of copy bandwidth that is (copy: a
+``torch.Tensor.copy_`` of the same bytes). The session-10 profile of the step (before the kernels changed) gave
+572 / 502 / 269 / 115 µs for these calls (`benchmarks/results/2026-12-01-h200-profile-7b-session10.md`).
+"""
+from __future__ import annotations
+
+import torch
+
+from qtrain import ops
+from qtrain.bench.common import bench
+
+M, D, F, C = 8192, 4096, 11008, 256
+
+
+def codes(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8, device="cuda")
+    return q, torch.rand(rows, -(-cols // C), device="cuda") * 0.01 + 1e-3
+
+
+def copy_us(n_bytes: int) -> float:
+    src = torch.empty(n_bytes // 2, dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    return 1e3 * bench(lambda: dst.copy_(src))         # reads and writes n_bytes in all
+
+
+def main() -> None:
+    hq, hs = codes(M, 2 * F)
+    gq, gs = codes(M, F)
+    xq, xs = codes(M, D)
+    dq, ds = codes(M, D)
+    w = torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5
+    calls = {
+        "swiglu_quantize [8192, 22016] → int8 [8192, 11008]":
+            (lambda: ops.swiglu_quantize(hq, hs, 1, C), M * 2 * F + M * F),
+        "swiglu_backward → bf16 dh [8192, 22016]":
+            (lambda: ops.swiglu_backward(hq, hs, gq, gs, 1, C, torch.bfloat16), M * 2 * F + M * F + 2 * M * 2 * F),
+        "rmsnorm_backward [8192, 4096] → fp32 dx":
+            (lambda: ops.rmsnorm_backward(xq, xs, w, dq, ds, 1e-6, 1, C), 2 * M * D + 4 * M * D),
+        "requantize_blockwise_t [8192, 4096] → 256-token blocks":
+            (lambda: ops.requantize_blockwise_t(xq, xs, 1, C, 1, C), 2 * M * D),
+    }
+    for name, (fn, n_bytes) in calls.items():
+        us, floor = 1e3 * bench(fn), copy_us(n_bytes)
+        print(f"{name:58s} {us:8.1f} µs  {n_bytes / 2**20:7.0f} MiB  {100 * floor / us:5.1f} % of copy bandwidth")
+
+
+if __name__ == "__main__":
+    main()
