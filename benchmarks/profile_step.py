@@ -98,27 +98,25 @@ def profile_recipe(shape: e2e.Shape, name: str, mode: str = "eager") -> None:
     for e in events[:25]:
         print(f"  {e.device_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  {kind(e.key):8s} {e.key[:110]}")
     host = [e for e in prof.key_averages() if e.key.startswith("qtrain::") and e.cpu_time_total > 0]
-    host.sort(key=lambda e: -e.cpu_time_total)
-    print(f"  host time of qtrain ops: {sum(e.cpu_time_total for e in host) / STEPS / 1e3:.1f} ms/step (nested "
-          "ops counted in their callers too)")
-    for e in host[:15]:
-        print(f"  {e.cpu_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  "
-              f"{e.cpu_time_total / max(e.count, 1):6.1f} µs/call  {e.key}")
+    _op_table(f"host time of qtrain ops: {sum(e.cpu_time_total for e in host) / STEPS / 1e3:.1f} ms/step (nested "
+              "ops counted in their callers too)", host, lambda e: e.cpu_time_total, 15)
     by_shape = prof.key_averages(group_by_input_shape=True)
-    gpu = [e for e in by_shape if e.key.startswith("qtrain::") and e.device_time_total > 0]
-    gpu.sort(key=lambda e: -e.device_time_total)
-    print("  qtrain ops by GPU time, per input shapes (their kernels; compiled modes only):")
-    for e in gpu[:20]:
-        print(f"  {e.device_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  "
-              f"{e.device_time_total / max(e.count, 1):7.1f} µs/call  {e.key} {str(e.input_shapes)[:90]}")
-    ops = [e for e in by_shape if e.key.startswith("aten::") and e.self_device_time_total > 0]
-    ops.sort(key=lambda e: -e.self_device_time_total)
-    print("  aten ops by own GPU time:")
-    for e in ops[:15]:
-        print(f"  {e.self_device_time_total / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  {e.key} "
-              f"{str(e.input_shapes)[:100]}")
+    _op_table("qtrain ops by GPU time, per input shapes (their kernels; compiled modes only):",
+              [e for e in by_shape if e.key.startswith("qtrain::")], lambda e: e.device_time_total, 20, shapes=True)
+    _op_table("aten ops by own GPU time:", [e for e in by_shape if e.key.startswith("aten::")],
+              lambda e: e.self_device_time_total, 15, shapes=True)
     del step
     torch.cuda.empty_cache()
+
+
+def _op_table(title: str, events, time_us, n: int, shapes: bool = False) -> None:
+    """The ``n`` events with the most ``time_us(event)`` (µs over the profiled steps): ms per step, calls per
+    step, µs per call, name (and input shapes)."""
+    events = sorted((e for e in events if time_us(e) > 0), key=lambda e: -time_us(e))
+    print(f"  {title}")
+    for e in events[:n]:
+        print(f"  {time_us(e) / STEPS / 1e3:7.2f} ms  {e.count // STEPS:4d}×  {time_us(e) / max(e.count, 1):7.1f} "
+              f"µs/call  {e.key}" + (f" {str(e.input_shapes)[:90]}" if shapes else ""))
 
 
 def main(argv: list[str]) -> None:
