@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from qtrain import recipes
@@ -56,3 +58,26 @@ def test_jetfire_presets_round_trip_and_describe(name):
     assert "INT8 data flow" in str(r)
     if name == "jetfire":
         assert {s.granularity.block for g in (r.fprop, r.dgrad, r.wgrad) for s in (g.lhs, g.rhs)} == {(32, 32)}
+
+
+RECIPE_FILES = Path(__file__).parents[1] / "benchmarks" / "recipes"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPE_FILES.glob("*.json")))
+def test_benchmark_recipe_files_build(name):
+    """Every recipe file the benchmarks and the README's GPU commands name loads and converts a small model
+    (one forward and backward on the CPU), so a change of the recipe format cannot leave them stale."""
+    import torch
+
+    import qtrain
+    from qtrain.models import build
+    from qtrain.train.loop import resolve_recipe
+
+    recipe = resolve_recipe(str(RECIPE_FILES / name))
+    torch.manual_seed(0)
+    model = build("llama-tiny", vocab_size=64, n_layer=1)
+    qtrain.convert(model, recipe, filter_fn=lambda m, name: "lm_head" not in name)
+    x = torch.randint(0, 64, (2, 32))
+    _, loss = model(x, x)
+    loss.backward()
+    assert torch.isfinite(loss) and qtrain.nn.quantized_linear_names(model)
