@@ -49,6 +49,7 @@ sys.argv = ['qtrain.bench'] + sys.argv[1:]; runpy.run_module('qtrain.bench', run
     host-profile) python benchmarks/host_profile.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
     dataflow-ops) python benchmarks/dataflow_ops.py 2>&1 | tee -a "$OUT/run.log" ;;
+    dataflow-sweep) python benchmarks/dataflow_ops.py sweep 2>&1 | tee -a "$OUT/run.log" ;;
     optimizer) python benchmarks/optimizer.py 2>&1 | tee -a "$OUT/run.log" ;;
     # profile-SHAPE:RECIPE,RECIPE: benchmarks/profile_step.py (eager kernel and aten-op times of one step);
     # profilec-SHAPE:RECIPE,...: the same under torch.compile; profileg-SHAPE:RECIPE,...: with CUDA graphs

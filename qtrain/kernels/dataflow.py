@@ -258,10 +258,14 @@ def _norm_bwd_rows_kernel(xq_ptr, xs_ptr, w_ptr, gq_ptr, gs_ptr, dx_ptr, dwp_ptr
         tl.store(dbp_ptr + pid * K + cols, db, mask=cmask)
 
 
-# The norm backward keeps whole rows in registers up to this many features (rounded up to a power of two of
-# blocks); wider rows take the kernel that walks the features in three passes (profile, 7B shape: 269 µs a call for
-# 8192×4096, ~4× its bytes' time).
+# Tilings (benchmarks/dataflow_sweep.py times alternatives on a GPU). The norm backward keeps whole rows in
+# registers up to NORM_BWD_ROW_ELEMS features (rounded up to a power of two of blocks), NORM_BWD_ROWS rows a
+# program (each program adds up partial sums of dw over its rows); wider rows take the kernel that walks the
+# features in three passes (profile, 7B shape: 269 µs a call for 8192×4096, ~4× its bytes' time; whole rows:
+# 151 µs). The activation kernels take [TM, c] tiles of about ACT_TILE_ELEMS elements.
 NORM_BWD_ROW_ELEMS = 8192
+NORM_BWD_ROWS = 16
+ACT_TILE_ELEMS = 4096
 
 
 def _check_pow2(r, c):
@@ -320,7 +324,7 @@ def _act(hq, hs, r, c, swiglu):
     a_s = torch.empty((nr, nkb), dtype=torch.float32, device=hq.device)
     if M == 0 or F == 0:
         return aq, a_s.fill_(1.0)
-    tm = _tile_rows(r, c, M)
+    tm = _tile_rows(r, c, M, ACT_TILE_ELEMS)
     _act_kernel[(triton.cdiv(M, tm), nkb)](hq, hs, aq, a_s, M, F, K_in, hs.shape[1], nkb, nr,
                                            R=r, C=c, TM=tm, SWIGLU=swiglu, UP_ALIGNED=F % c == 0,
                                            num_warps=8 if tm * c >= 8192 else 4)
@@ -346,7 +350,7 @@ def _act_backward(hq, hs, gq, gs, r, c, swiglu, out_dtype):
     dh = torch.empty((M, K_in), dtype=out_dtype, device=hq.device)
     if M == 0 or F == 0:
         return dh
-    tm = _tile_rows(r, c, M)
+    tm = _tile_rows(r, c, M, ACT_TILE_ELEMS)
     _act_bwd_kernel[(triton.cdiv(M, tm), -(-F // c))](hq, hs, gq, gs, dh, M, F, K_in, hs.shape[1], gs.shape[1],
                                                      R=r, C=c, TM=tm, SWIGLU=swiglu,
                                                      BF16=out_dtype == torch.bfloat16, UP_ALIGNED=F % c == 0,
@@ -371,9 +375,9 @@ def _norm_backward(xq, xs, weight, bias, gq, gs, eps, r, c, layernorm):
     dx = torch.empty((M, K), dtype=torch.float32, device=xq.device)
     nb = triton.next_power_of_2(max(1, -(-K // c)))
     rows_kernel = nb * c <= NORM_BWD_ROW_ELEMS
-    if rows_kernel:        # whole rows in registers, ≥ 16 rows a program (fewer partial sums to add up)
+    if rows_kernel:        # whole rows in registers, ≥ NORM_BWD_ROWS rows a program
         tm = max(1, NORM_BWD_ROW_ELEMS // (nb * c))
-        steps = max(1, 16 // tm)
+        steps = max(1, NORM_BWD_ROWS // tm)
         grid = triton.cdiv(M, tm * steps)
     else:
         tm = _tile_rows(r, c, M, 2048, 16384)
