@@ -6,8 +6,9 @@ Usage (on the GPU): PYTHONPATH=. python benchmarks/dataflow_ops.py [sweep]. One 
 ``qtrain.bench.common.bench``), the bytes read and written, and the share of copy bandwidth that is (copy: a
 ``torch.Tensor.copy_`` of the same bytes). ``sweep``: each op again under other tilings (the module constants of
 :mod:`qtrain.kernels.dataflow`, the re-blocking's ``(TM, warps)``), each checked against the default tiling's
-output (codes and scales equal; the norm backward's fp32 sums within 1e-5 — their order depends on the tiling). The session-10 profile of the step (before the kernels changed) gave
-572 / 502 / 269 / 115 µs for these calls (`benchmarks/results/2026-12-01-h200-profile-7b-session10.md`).
+output (codes and scales equal; the norm backward's fp32 sums within 1e-5 — their order depends on the tiling).
+The session-10 profile of the step (before the kernels changed) gave 572 / 502 / 269 / 115 µs for these calls
+(`benchmarks/results/2026-12-01-h200-profile-7b-session10.md`); after: `…-dataflow-kernels.md`.
 """
 from __future__ import annotations
 
