@@ -363,7 +363,7 @@ PRESETS: dict[str, Recipe] = {r.name: r for r in (BF16, SWITCHBACK, SWITCHBACK_M
 _HQ = OperandSpec("int4", TENSOR, transform=Hadamard(256, search=True), step=LearnedStep())
 # LSS budget 1.5·M (the paper's M: +5.60 % / +3.76 % val loss vs BF16 in two 500-step llama-125m runs; 1.5·M:
 # +2.22 %, sampling in wgrad only +2.29 %, none +0.42 % — benchmarks/results/2026-12-01-h200-compare-llama125m-int4-*;
-# 1.5·M at seed 1: +5.69 %, …-compare-llama125m-seed1.md)
+# 1.5·M at seeds 1 and 2: +5.69 % and +5.71 %, …-compare-llama125m-seed1.md, …-seed2.md)
 _BS = OperandSpec("int4", TENSOR, "stochastic", split=BitSplit(budget=1.5))
 INT4 = Recipe(
     "int4",

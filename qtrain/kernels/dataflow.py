@@ -274,7 +274,7 @@ def _check_pow2(r, c):
                          "reference (qtrain.ops backend 'reference') for others")
 
 
-def _tile_rows(r: int, c: int, M: int, elems: int = 4096, interp_elems: int = 65536) -> int:
+def _tile_rows(r: int, c: int, M: int, elems: int, interp_elems: int = 65536) -> int:
     """Rows ``TM`` of a ``[TM, c]`` tile of about ``elems`` elements (``interp_elems`` under the interpreter),
     at least one block row ``r``, at most ``M`` rounded up to a power of two."""
     target = interp_elems if interpreting() else elems

@@ -261,7 +261,7 @@ class Run:
     @property
     def cuda_graphs(self) -> bool:
         """Whether ``step_model`` runs as CUDA graphs (``--compile-mode reduce-overhead``)."""
-        return self.cfg.compile and self.cfg.compile_mode == "reduce-overhead"
+        return self.cfg.compile_mode == "reduce-overhead"          # (TrainConfig sets compile with it)
 
     def reuse_weights(self):
         """``qtrain.reuse_quantized_weights`` — except under FSDP2, where the reused INT8 weights would be
