@@ -9,10 +9,10 @@ backend is chosen — by :func:`get_backend` and the first dispatched op — as 
 ``UserError``: the CLI prints it as one line), not at import, where ``python -m qtrain`` could only show a
 traceback.
 
-Each primitive is also a ``torch.library.custom_op`` with a fake (meta) implementation: under ``torch.compile``
-the public functions call the custom op, so the compiler sees opaque, shape-checked ops; in eager mode they call
-the implementation directly (the custom-op dispatcher costs ~100 µs of host time a call, measured on the H100,
-which dominated small layers).
+Each primitive is also a ``qtrain::`` operator (:func:`custom_op`) with a fake (meta) implementation: under
+``torch.compile`` the public functions call the operator, so the compiler sees opaque, shape-checked ops; in eager
+mode they call the implementation directly (``torch.library.custom_op``'s dispatch cost ~100 µs of host time a
+call on the H100, which dominated small layers).
 """
 from __future__ import annotations
 
@@ -88,6 +88,67 @@ def interpreting() -> bool:
 _KERNELS: dict[tuple[str, str], object] = {}
 _TRITON = triton_available()
 
+# ------------------------------------------------------------------------------------------ op registration
+_LIB = torch.library.Library("qtrain", "FRAGMENT")
+# Check on every call of an op through the dispatcher that its outputs are fresh tensors (the tests switch it on):
+# what torch.library.custom_op checks at run time, and what Inductor relies on for an op without alias annotations.
+CHECK_ALIASING = False
+OPS: dict[str, "Op"] = {}             # every operator :func:`custom_op` defined, by name
+
+
+class Op:
+    """A functional ``qtrain::`` operator (see :func:`custom_op`): call it like the function it was made from."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.overload = getattr(torch.ops.qtrain, name).default
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                           for a in (*args, *kwargs.values())):
+            raise RuntimeError(f"qtrain::{self.name} has no gradient: call it on tensors that do not require grad "
+                               "(qtrain.nn's autograd Functions do), or under torch.no_grad()")
+        return self.overload(*args, **kwargs)
+
+    def register_fake(self, fn):
+        """``fn`` (same arguments; output shapes, dtypes and devices only) is the op's fake and meta kernel."""
+        torch.library.register_fake(f"qtrain::{self.name}", fn, lib=_LIB)
+        return fn
+
+
+def custom_op(name: str):
+    """Decorator: the function (type-annotated, functional: returns new tensors, mutates nothing) as the operator
+    ``qtrain::<name>``, opaque to ``torch.compile``, with ``.register_fake`` — what ``torch.library.custom_op(...,
+    mutates_args=())`` gives, registered on the dispatcher directly as one CompositeExplicitAutograd kernel,
+    without custom_op's Python autograd and aliasing layers: 32 → 12 µs of host time per call on the CPU machine
+    (``benchmarks/op_dispatch.py`` measures both). Under torch.compile every qtrain primitive is called through
+    the dispatcher, so at 1B widths (host-bound) this is step time. No gradient is defined: qtrain's
+    autograd.Functions call the ops."""
+    def define(fn):
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+
+        def kernel(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if CHECK_ALIASING:
+                _check_fresh(name, (*args, *kwargs.values()), out)
+            return out
+
+        _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+        OPS[name] = Op(name)
+        return OPS[name]
+    return define
+
+
+def _check_fresh(name: str, inputs, out) -> None:
+    def storages(values):
+        return [v.untyped_storage().data_ptr() for v in values
+                if isinstance(v, torch.Tensor) and v.untyped_storage().nbytes()]
+    outs = storages(out if isinstance(out, (tuple, list)) else (out,))
+    ins = set(storages(v for i in inputs for v in (i if isinstance(i, (tuple, list)) else (i,))))
+    if len(set(outs)) != len(outs) or ins.intersection(outs):
+        raise RuntimeError(f"qtrain::{name} returned a tensor that aliases an input or another output; an op "
+                           "must return fresh tensors (clone the aliased one)")
+
 
 def _kernel(module: str, fn: str, device: torch.device):
     """The Triton twin ``qtrain.kernels.<module>.<fn>`` if the backend wants it for ``device``, else None."""
@@ -114,7 +175,7 @@ def _quantize_rowwise(x):
     return (k or quant.quantize_rowwise)(x)
 
 
-@torch.library.custom_op("qtrain::quantize_rowwise", mutates_args=())
+@custom_op("quantize_rowwise")
 def _quantize_rowwise_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_rowwise(x)
 
@@ -137,7 +198,7 @@ def _quantize_tensorwise(w):
     return (k or quant.quantize_tensorwise)(w)
 
 
-@torch.library.custom_op("qtrain::quantize_tensorwise", mutates_args=())
+@custom_op("quantize_tensorwise")
 def _quantize_tensorwise_op(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _quantize_tensorwise(w)
 
@@ -162,7 +223,7 @@ def _transpose_int8(q):
     return (k or quant.transpose_int8)(q)
 
 
-@torch.library.custom_op("qtrain::transpose_int8", mutates_args=())
+@custom_op("transpose_int8")
 def _transpose_int8_op(q: torch.Tensor) -> torch.Tensor:
     return _transpose_int8(q)
 
@@ -184,7 +245,7 @@ def _int8_gemm(a, b, a_scale, b_scale, bias, out_dtype):
     return (k or quant.int8_gemm)(a, b, a_scale, b_scale, bias, out_dtype)
 
 
-@torch.library.custom_op("qtrain::int8_gemm", mutates_args=())
+@custom_op("int8_gemm")
 def _int8_gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     return _int8_gemm(a, b, a_scale, b_scale, bias, out_dtype)
@@ -210,7 +271,7 @@ def _quantize_blockwise(x, r, c):
     return (k or quant.quantize_blockwise)(x, r, c)
 
 
-@torch.library.custom_op("qtrain::quantize_blockwise", mutates_args=())
+@custom_op("quantize_blockwise")
 def _quantize_blockwise_op(x: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_blockwise(x, r, c)
 
@@ -235,7 +296,7 @@ def _requantize_blockwise_t(q, scale, r_in, c_in, r, c):
     return (k or quant.requantize_blockwise_t)(q, scale, r_in, c_in, r, c)
 
 
-@torch.library.custom_op("qtrain::requantize_blockwise_t", mutates_args=())
+@custom_op("requantize_blockwise_t")
 def _requantize_blockwise_t_op(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in: int, r: int,
                                c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _requantize_blockwise_t(q, scale, r_in, c_in, r, c)
@@ -261,12 +322,12 @@ def requantize_blockwise_t(q: torch.Tensor, scale: torch.Tensor, r_in: int, c_in
 # ------------------------------------------------------------------------------------- quantize_blockwise_sr
 def _quantize_blockwise_sr(x, r, c, seed):
     k = _kernel("blockwise", "quantize_blockwise_sr", x.device)
-    return (k or quant.quantize_blockwise_sr)(x, r, c, seed)
+    return (k or quant.quantize_blockwise_sr)(x, r, c, _drawn(seed, x))
 
 
-@torch.library.custom_op("qtrain::quantize_blockwise_sr", mutates_args=())
-def _quantize_blockwise_sr_op(x: torch.Tensor, r: int, c: int, seed: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
+@custom_op("quantize_blockwise_sr")
+def _quantize_blockwise_sr_op(x: torch.Tensor, r: int, c: int, seed: torch.Tensor | None) -> tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
     return _quantize_blockwise_sr(x, r, c, seed)
 
 
@@ -286,16 +347,6 @@ def sr_seed(generator: torch.Generator) -> torch.Tensor:
                          dtype=torch.int64)
 
 
-@torch.library.custom_op("qtrain::sr_seed", mutates_args=())
-def _sr_seed_op(like: torch.Tensor) -> torch.Tensor:
-    return sr_seed(_sr_generator(like.device))
-
-
-@_sr_seed_op.register_fake
-def _(like):
-    return like.new_empty((1,), dtype=torch.int64)
-
-
 def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int,
                           generator: "torch.Generator | torch.Tensor | None" = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,28 +360,33 @@ def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int,
     return _quantize_blockwise_sr(x, r, c, seed)
 
 
-def _sr_seed_of(x: torch.Tensor, generator, what: str) -> torch.Tensor:
+def _sr_seed_of(x: torch.Tensor, generator, what: str) -> torch.Tensor | None:
     """The one-element seed tensor of an SR op on ``x``: ``generator`` itself if a tensor, else drawn from it
-    (None: the project's generator of ``x``'s device; under torch.compile inside an opaque op, and a
-    ``torch.Generator`` cannot be traced there)."""
+    (None: the project's generator of ``x``'s device) — under torch.compile None, which the op draws inside (one
+    opaque op instead of two; a ``torch.Generator`` cannot be traced there)."""
     if isinstance(generator, torch.Tensor):
         return generator
     if torch.compiler.is_compiling():
         if generator is not None:
             raise ValueError(f"under torch.compile {what} takes generator=None (the project's) or a seed tensor, "
                              "not a torch.Generator")
-        return _sr_seed_op(x)
+        return None
     return sr_seed(generator if generator is not None else _sr_generator(x.device))
+
+
+def _drawn(seed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``seed``, or (None) one drawn from the project's stochastic-rounding generator of ``x``'s device."""
+    return seed if seed is not None else sr_seed(_sr_generator(x.device))
 
 
 # -------------------------------------------------------------------------------- quantize_blockwise_sr_dual
 def _quantize_blockwise_sr_dual(x, c, seed):
     k = _kernel("blockwise", "quantize_blockwise_sr_dual", x.device)
-    return (k or quant.quantize_blockwise_sr_dual)(x, c, seed)
+    return (k or quant.quantize_blockwise_sr_dual)(x, c, _drawn(seed, x))
 
 
-@torch.library.custom_op("qtrain::quantize_blockwise_sr_dual", mutates_args=())
-def _quantize_blockwise_sr_dual_op(x: torch.Tensor, c: int, seed: torch.Tensor) -> tuple[
+@custom_op("quantize_blockwise_sr_dual")
+def _quantize_blockwise_sr_dual_op(x: torch.Tensor, c: int, seed: torch.Tensor | None) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _quantize_blockwise_sr_dual(x, c, seed)
 
@@ -362,7 +418,7 @@ def _block_int8_gemm(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_
     return (k or quant.block_int8_gemm)(a, b, a_scale, b_scale, a_rows, b_rows, block_k, bias, out_dtype)
 
 
-@torch.library.custom_op("qtrain::block_int8_gemm", mutates_args=())
+@custom_op("block_int8_gemm")
 def _block_int8_gemm_op(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                         a_rows: int, b_rows: int, block_k: int, bias: torch.Tensor | None,
                         out_dtype: torch.dtype) -> torch.Tensor:
@@ -389,7 +445,7 @@ def _quantize_fallback(x, tau, block_k):
     return (k or quant.quantize_fallback)(x, tau, block_k)
 
 
-@torch.library.custom_op("qtrain::quantize_fallback", mutates_args=())
+@custom_op("quantize_fallback")
 def _quantize_fallback_op(x: torch.Tensor, tau: torch.Tensor, block_k: int) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _quantize_fallback(x, tau, block_k)
@@ -419,7 +475,7 @@ def _fallback_block_gemm(a, a_scale, a2, a2_scale, flags, b, b_scale, b_rows, bl
                                             out_dtype)
 
 
-@torch.library.custom_op("qtrain::fallback_block_gemm", mutates_args=())
+@custom_op("fallback_block_gemm")
 def _fallback_block_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor, a2_scale: torch.Tensor,
                             flags: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, b_rows: int,
                             block_k: int, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
@@ -447,7 +503,7 @@ def _block_hadamard(x, b):
     return (k or quant.hadamard.block_hadamard)(x, b)
 
 
-@torch.library.custom_op("qtrain::block_hadamard", mutates_args=())
+@custom_op("block_hadamard")
 def _block_hadamard_op(x: torch.Tensor, b: int) -> torch.Tensor:
     return _block_hadamard(x, b)
 
@@ -470,7 +526,7 @@ def _hadamard_quantize_int4(x, b, step):
     return (k or quant.hadamard.hadamard_quantize_int4)(x, b, step)
 
 
-@torch.library.custom_op("qtrain::hadamard_quantize_int4", mutates_args=())
+@custom_op("hadamard_quantize_int4")
 def _hadamard_quantize_int4_op(x: torch.Tensor, b: int, step: torch.Tensor) -> torch.Tensor:
     return _hadamard_quantize_int4(x, b, step)
 
@@ -513,7 +569,7 @@ def _fake_same_blocks(q, s, r, c, k_out=None):
     return q.new_empty((m, k), dtype=torch.int8), s.new_empty((-(-m // r), -(-k // c)), dtype=torch.float32)
 
 
-@torch.library.custom_op("qtrain::rmsnorm_quantize", mutates_args=())
+@custom_op("rmsnorm_quantize")
 def _rmsnorm_quantize_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, eps: float, r: int,
                          c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _dataflow("rmsnorm_quantize", xq, xs, weight, eps, r, c)
@@ -532,7 +588,7 @@ def rmsnorm_quantize(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, e
     return _dataflow("rmsnorm_quantize", xq, xs, weight, eps, r, c)
 
 
-@torch.library.custom_op("qtrain::layernorm_quantize", mutates_args=())
+@custom_op("layernorm_quantize")
 def _layernorm_quantize_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _dataflow("layernorm_quantize", xq, xs, weight, bias, eps, r, c)
@@ -551,7 +607,7 @@ def layernorm_quantize(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor,
     return _dataflow("layernorm_quantize", xq, xs, weight, bias, eps, r, c)
 
 
-@torch.library.custom_op("qtrain::swiglu_quantize", mutates_args=())
+@custom_op("swiglu_quantize")
 def _swiglu_quantize_op(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _dataflow("swiglu_quantize", hq, hs, r, c)
 
@@ -568,7 +624,7 @@ def swiglu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple
     return _dataflow("swiglu_quantize", hq, hs, r, c)
 
 
-@torch.library.custom_op("qtrain::gelu_quantize", mutates_args=())
+@custom_op("gelu_quantize")
 def _gelu_quantize_op(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _dataflow("gelu_quantize", hq, hs, r, c)
 
@@ -588,7 +644,7 @@ def gelu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[t
 def _activation_backward(name: str, doc: str):
     """``ops.<name>`` (``swiglu_backward``/``gelu_backward``): ``dh`` (fp32 or bf16, ``out_dtype``) from INT8 ``h``
     and the INT8 gradient, both in ``(r, c)`` blocks; an opaque custom op under torch.compile."""
-    @torch.library.custom_op(f"qtrain::{name}", mutates_args=())
+    @custom_op(name)
     def op(hq: torch.Tensor, hs: torch.Tensor, gq: torch.Tensor, gs: torch.Tensor, r: int, c: int,
            out_dtype: torch.dtype) -> torch.Tensor:
         return _dataflow(name, hq, hs, gq, gs, r, c, out_dtype)
@@ -616,7 +672,7 @@ gelu_backward = _activation_backward(
                      "both in ``(r, c)`` blocks; see :mod:`qtrain.quant.dataflow`.")
 
 
-@torch.library.custom_op("qtrain::rmsnorm_backward", mutates_args=())
+@custom_op("rmsnorm_backward")
 def _rmsnorm_backward_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, gq: torch.Tensor,
                          gs: torch.Tensor, eps: float, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _dataflow("rmsnorm_backward", xq, xs, weight, gq, gs, eps, r, c)
@@ -636,7 +692,7 @@ def rmsnorm_backward(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, g
     return _dataflow("rmsnorm_backward", xq, xs, weight, gq, gs, eps, r, c)
 
 
-@torch.library.custom_op("qtrain::layernorm_backward", mutates_args=())
+@custom_op("layernorm_backward")
 def _layernorm_backward_op(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                            gq: torch.Tensor, gs: torch.Tensor, eps: float, r: int,
                            c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -666,7 +722,7 @@ def _sr_generator(device: torch.device) -> torch.Generator:
     return sr_generator(device)
 
 
-@torch.library.custom_op("qtrain::bit_split", mutates_args=())
+@custom_op("bit_split")
 def _bit_split_op(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return quant.lss.split_stacked(dy, _sr_generator(dy.device))
 
@@ -689,7 +745,7 @@ def bit_split(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return quant.lss.split_stacked(dy, _sr_generator(dy.device))
 
 
-@torch.library.custom_op("qtrain::lss_sample", mutates_args=())
+@custom_op("lss_sample")
 def _lss_sample_op(c: torch.Tensor, budget: float, sampling: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _lss_sample(c, budget, sampling)
 

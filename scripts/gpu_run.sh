@@ -48,6 +48,7 @@ sys.argv = ['qtrain.bench'] + sys.argv[1:]; runpy.run_module('qtrain.bench', run
     fallback-out-dtype) python benchmarks/fallback_out_dtype.py 2>&1 | tee -a "$OUT/run.log" ;;
     host-profile) python benchmarks/host_profile.py 2>&1 | tee -a "$OUT/run.log" ;;
     gluon-overhead) python benchmarks/gluon_overhead.py 2>&1 | tee -a "$OUT/run.log" ;;
+    op-dispatch) python benchmarks/op_dispatch.py 2>&1 | tee -a "$OUT/run.log" ;;
     dataflow-ops) python benchmarks/dataflow_ops.py 2>&1 | tee -a "$OUT/run.log" ;;
     dataflow-sweep) python benchmarks/dataflow_ops.py sweep 2>&1 | tee -a "$OUT/run.log" ;;
     optimizer) python benchmarks/optimizer.py 2>&1 | tee -a "$OUT/run.log" ;;

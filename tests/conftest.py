@@ -8,6 +8,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+import qtrain.ops  # noqa: E402
+
+qtrain.ops.CHECK_ALIASING = True      # every op called through the dispatcher checks its outputs are fresh tensors
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -264,7 +264,7 @@ class _Int4FirstLinear(torch.autograd.Function):
         return dx if need[0] else None, dw if need[1] else None, db, dstep if need[3] else None, None, None, None
 
 
-@torch.library.custom_op("qtrain::int4_first_forward", mutates_args=())
+@ops.custom_op("int4_first_forward")
 def _int4_first_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: torch.Tensor,
                         layer: int, w_kn: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """The layer's calibration (once), then :class:`Int4LinearFunction`'s forward."""
@@ -283,7 +283,7 @@ def _(x, weight, bias, step, layer, w_kn, out_dtype):
     return x.new_empty((x.shape[0], weight.shape[1] if w_kn else weight.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("qtrain::int4_first_backward", mutates_args=())
+@ops.custom_op("int4_first_backward")
 def _int4_first_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, step: torch.Tensor, layer: int,
                          need: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dw, dstep)`` as :class:`Int4LinearFunction` gives them (zeros where ``need`` says none)."""
