@@ -87,43 +87,31 @@ def _blockwise_rows(quick: bool, cases=BLOCKWISE, device: str = "cuda") -> list[
     from qtrain import quant
     from qtrain.kernels.blockwise import quantize_blockwise, quantize_blockwise_sr
 
-    from qtrain.kernels import blockwise as kbw
-
     rows = []
     seed = torch.tensor([7], device=device)
-    default_rng = kbw.SR_RNG
-    # SR rows once per uniform source (kbw.SR_RNGS; the default first), the others labelled with theirs
-    runs = [(case, rng) for case in (cases[::3] if quick else cases)
-            for rng in ((default_rng, *(g for g in kbw.SR_RNGS if g != default_rng)) if case[5] else (None,))]
-    try:
-        for (what, (R, C), dtype, (r, c), transposed, sr), rng in runs:
-            if rng is not None:
-                kbw.SR_RNG = rng
-                what = what if rng == default_rng else f"{what} ({rng})"
-            base = torch.randn(R, C, device=device, dtype=dtype) * torch.rand(R, 1, device=device, dtype=dtype)
-            x = base.t() if transposed else base
-            n = x.numel()
+    for what, (R, C), dtype, (r, c), transposed, sr in cases[::3] if quick else cases:
+        base = torch.randn(R, C, device=device, dtype=dtype) * torch.rand(R, 1, device=device, dtype=dtype)
+        x = base.t() if transposed else base
+        n = x.numel()
 
-            def kern():
-                return quantize_blockwise_sr(x, r, c, seed) if sr else quantize_blockwise(x, r, c)
+        def kern():
+            return quantize_blockwise_sr(x, r, c, seed) if sr else quantize_blockwise(x, r, c)
 
-            def ref():
-                return quant.quantize_blockwise_sr(x, r, c, seed) if sr else quant.quantize_blockwise(x, r, c)
+        def ref():
+            return quant.quantize_blockwise_sr(x, r, c, seed) if sr else quant.quantize_blockwise(x, r, c)
 
-            got, want = kern(), quant.quantize_blockwise(x.cpu(), r, c)
-            same = (torch.equal(got[1].cpu(), want[1]) and (sr or torch.equal(got[0].cpu(), want[0])))
-            if not same:
-                raise RuntimeError(f"blockwise kernel differs from the reference for {what}")
-            dst = torch.empty_like(base)
-            t_copy, t_kern, t_ref = bench(lambda: dst.copy_(base), quick), bench(kern, quick), bench(ref, quick)
-            copy_bw = 2 * n * base.element_size() / t_copy / 1e9
-            bw = (n * base.element_size() + n + 4 * n // (r * c)) / t_kern / 1e9
-            rows.append({"kernel": f"blockwise {what}", "shape": f"{R}x{C}" + ("ᵀ" if transposed else ""),
-                         "time_us": t_kern * 1e3, "TB_s": bw, "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw,
-                         "torch_ref_us": t_ref * 1e3, "speedup_vs_torch_ref": t_ref / t_kern})
-            print(rows[-1], flush=True)
-    finally:
-        kbw.SR_RNG = default_rng
+        got, want = kern(), quant.quantize_blockwise(x.cpu(), r, c)
+        same = (torch.equal(got[1].cpu(), want[1]) and (sr or torch.equal(got[0].cpu(), want[0])))
+        if not same:
+            raise RuntimeError(f"blockwise kernel differs from the reference for {what}")
+        dst = torch.empty_like(base)
+        t_copy, t_kern, t_ref = bench(lambda: dst.copy_(base), quick), bench(kern, quick), bench(ref, quick)
+        copy_bw = 2 * n * base.element_size() / t_copy / 1e9
+        bw = (n * base.element_size() + n + 4 * n // (r * c)) / t_kern / 1e9
+        rows.append({"kernel": f"blockwise {what}", "shape": f"{R}x{C}" + ("ᵀ" if transposed else ""),
+                     "time_us": t_kern * 1e3, "TB_s": bw, "copy_TB_s": copy_bw, "pct_of_copy": 100 * bw / copy_bw,
+                     "torch_ref_us": t_ref * 1e3, "speedup_vs_torch_ref": t_ref / t_kern})
+        print(rows[-1], flush=True)
     return rows
 
 

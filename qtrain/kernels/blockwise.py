@@ -10,17 +10,16 @@ the transpose, e.g. ``(128, 1)`` token blocks of an activation for the weight gr
 the INT8 codes (no float copy), bit-exact with the reference.
 
 ``quantize_blockwise_sr(x, r, c, seed [1] int tensor)``: the same scales (bit-exact), stochastic rounding
-``floor(v + u)`` of ``v = x · (1/scale)`` with 16-bit uniforms ``u`` (:data:`SR_RNG`: an integer hash of each
-element's index keyed by the seed, or Philox — ``tl.randint4x``, :data:`PHILOX_ROUNDS` rounds, eight uniforms per
-call: grouped along a tile's columns, or down its rows for a transposed view) — the twin of the reference's SR in
-distribution (unbiased to within 2⁻¹⁷ of a step, every code within one step of ``x / scale``), not bit for bit:
-the uniforms are another stream.
+``floor(v + u)`` of ``v = x · (1/scale)`` with 16-bit uniforms ``u`` from Philox (``tl.randint4x``,
+:data:`PHILOX_ROUNDS` rounds, eight uniforms per call: grouped along a tile's columns, or down its rows for a
+transposed view) — the twin of the reference's SR in distribution (unbiased to within 2⁻¹⁷ of a step, every code
+within one step of ``x / scale``), not bit for bit: the uniforms are another stream.
 
 ``quantize_blockwise_sr_dual(x [M, N], c, seed) -> (q, s, qt [N, M], st)``: the 1×c SR blocks of ``x`` and of
 ``xᵀ`` (c-token blocks, ``qt`` contiguous) from one read of ``x``: each program loads a ``[TM, c]`` tile (TM a
 multiple of c), takes both absmaxes and stores both codes (``qt`` through ``tl.trans``). ``(q, s)`` are bit for bit
-``quantize_blockwise_sr(x, 1, c, seed)``'s; ``qt``'s uniforms come from another stream of the seed (hash: another
-key; Philox: the high offset word 1), so the two roundings are independent. ``c`` a power of two ≤ 256.
+``quantize_blockwise_sr(x, 1, c, seed)``'s; ``qt``'s uniforms come from the Philox counters with the high offset
+word 1 (the first direction's is 0), so the two roundings are independent. ``c`` a power of two ≤ 256.
 """
 from __future__ import annotations
 
@@ -39,12 +38,6 @@ MAX_C_DUAL = 256
 # 1, 2, 3"; 10, Triton's default, adds a safety margin for general use). Rounding needs unbiased, uncorrelated
 # uniforms, which the distributional tests check; 7 rounds cut the generator's instructions by 30 %.
 PHILOX_ROUNDS = tl.constexpr(7)
-# Where the SR uniforms come from: "hash" — one 32-bit integer hash (Wellons' lowbias32) of each element's index
-# in the tensor, keyed by the seed: the uniform of an element is computed in the thread that holds it, in any
-# layout; "philox" — Philox-4×32, eight uniforms per call regrouped across a tile's columns (or rows for a
-# transposed view) through shared memory. Read at launch (a compile-time switch of the kernels).
-SR_RNG = "hash"
-SR_RNGS = ("hash", "philox")
 
 
 @triton.jit
@@ -72,34 +65,6 @@ def _u16(r, shift: tl.constexpr):
     else:
         m = (r << (7 - shift)) & 0x7FFF80
     return (m | 0x3F800040).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _lowbias32(h):
-    """Wellons' lowbias32 integer hash of uint32 ``h`` (a bijection; low avalanche bias)."""
-    h = h ^ (h >> 16)
-    h = h * 0x7FEB352D
-    h = h ^ (h >> 15)
-    h = h * 0x846CA68B
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def _hash_key(seed, STREAM: tl.constexpr = 0):
-    """uint32 key of an int64 ``seed`` (both halves hashed in) for :func:`_hash_uniforms`; ``STREAM`` another key
-    of the same seed (a second rounding of the same elements)."""
-    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
-    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    return _lowbias32(lo ^ _lowbias32(hi + STREAM * 0x9E3779B9 + 0x632BE5AB))
-
-
-@triton.jit
-def _hash_uniforms(key, rows, cols, n_cols):
-    """``[len(rows), len(cols)]`` fp32 ``1 + u`` of the elements ``(rows, cols)`` of a tensor with ``n_cols``
-    columns: ``u`` from the top 16 bits of ``lowbias32(index · φ + key)`` (:func:`_u16`; φ = 0x9E3779B9 spreads
-    consecutive indices). Each element's uniform is made where the element is, whatever the layout."""
-    idx = (rows[:, None] * n_cols + cols[None, :]).to(tl.uint32)
-    return _u16(_lowbias32(idx * 0x9E3779B9 + key), 16)
 
 
 @triton.jit
@@ -154,9 +119,9 @@ def _rows_of(v, R: tl.constexpr, TM: tl.constexpr, C: tl.constexpr):
 def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, stride_xk, stride_sm, stride_sk,
                       n_block_rows, n_block_cols, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
                       SR: tl.constexpr, XR: tl.constexpr, XC: tl.constexpr, SCALED_INPUT: tl.constexpr,
-                      DOWN: tl.constexpr = False, HASH: tl.constexpr = False):
-    """``SR``: stochastic rounding with uniforms from ``seed`` (``HASH``: :func:`_hash_uniforms`; else Philox,
-    :func:`_uniforms`, or :func:`_uniforms_down` with ``DOWN``: ``x`` a transposed view); else round to nearest.
+                      DOWN: tl.constexpr = False):
+    """``SR``: stochastic rounding with uniforms from ``seed`` (:func:`_uniforms`, or :func:`_uniforms_down`
+    with ``DOWN``: ``x`` a transposed view); else round to nearest.
     ``SCALED_INPUT``: ``x`` holds int8 codes whose value is ``x[i, j] · xs[i // XR, j // XC]`` (fp32); where a
     tile's rows lie in one scale row (``XR`` a multiple of ``TM``, as for the transposed INT8 X of wgrad) the
     scales are loaded once per column, not per element (a per-element gather of 4-byte scales cost more than
@@ -175,9 +140,7 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
     d, inv, pre = divisor(scale)
     if SR:
-        if HASH:
-            u = _hash_uniforms(_hash_key(tl.load(seed_ptr)), rows, cols, K)
-        elif DOWN:
+        if DOWN:
             u = _uniforms_down(tl.load(seed_ptr), pid_m, cols, tl.cdiv(M, 8), TM, C)
         else:
             u = _uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols, TM, C)
@@ -191,8 +154,7 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
 
 @triton.jit
 def _blockwise_sr_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, seed_ptr, M, N, stride_xm, stride_xn,
-                              n_block_rows, n_block_cols, C: tl.constexpr, TM: tl.constexpr,
-                              HASH: tl.constexpr = False):
+                              n_block_rows, n_block_cols, C: tl.constexpr, TM: tl.constexpr):
     """The ``[TM, C]`` tile at ``(pid_m, pid_n)``: its ``TM`` row blocks (1×C, into ``q``/``s``) and its
     ``TM / C · C`` column blocks (C×1, into ``qt``/``st`` transposed: ``qt[n, m]``, ``st[n, m // C]``)."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -201,21 +163,14 @@ def _blockwise_sr_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, seed_ptr, M, 
     seed = tl.load(seed_ptr)
     scale = scale_from_bits(tl.max(bits, axis=1))                                      # [TM]
     _, inv, pre = divisor(scale)
-    if HASH:
-        u = _hash_uniforms(_hash_key(seed), rows, cols, N)
-    else:
-        u = _uniforms(seed, rows, pid_n, n_block_cols, TM, C)
-    q = quantize_sr(x * pre[:, None], tl.broadcast_to(inv[:, None], x.shape), u)
+    q = quantize_sr(x * pre[:, None], tl.broadcast_to(inv[:, None], x.shape),
+                    _uniforms(seed, rows, pid_n, n_block_cols, TM, C))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows * n_block_cols + pid_n, scale, mask=rows < M)
     scale_t = scale_from_bits(tl.max(tl.reshape(bits, [TM // C, C, C]), axis=1))     # [TM // C, C]
     col_scale = tl.reshape(tl.broadcast_to(scale_t[:, None, :], [TM // C, C, C]), [TM, C])
     _, inv_t, pre_t = divisor(col_scale)
-    if HASH:
-        ut = _hash_uniforms(_hash_key(seed, 1), rows, cols, N)
-    else:
-        ut = _uniforms(seed, rows, pid_n, n_block_cols, TM, C, 1)
-    qt = quantize_sr(x * pre_t, inv_t, ut)
+    qt = quantize_sr(x * pre_t, inv_t, _uniforms(seed, rows, pid_n, n_block_cols, TM, C, 1))
     tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qt),
              mask=(cols[:, None] < N) & (rows[None, :] < M))
     brow = pid_m * (TM // C) + tl.arange(0, TM // C)
@@ -264,7 +219,7 @@ def quantize_blockwise_sr_dual(x: torch.Tensor, c: int, seed: torch.Tensor, conf
         raise ValueError(f"dual blockwise tile rows {tm} must be a power of two and a multiple of c = {c}")
     seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
     _blockwise_sr_dual_kernel[(triton.cdiv(M, tm), nbn)](x, q, s, qt, st, seed, M, N, x.stride(0), x.stride(1),
-                                                         nbm, nbn, C=c, TM=tm, num_warps=warps, HASH=_hash_rng())
+                                                         nbm, nbn, C=c, TM=tm, num_warps=warps)
     return q, s, qt, st
 
 
@@ -311,11 +266,5 @@ def _launch(x, r, c, seed, input_scale=None, config=None):
                                                 R=r, C=c, TM=tm, SR=seed is not None, XR=xr, XC=xc,
                                                 SCALED_INPUT=input_scale is not None, num_warps=warps,
                                                 DOWN=seed is not None and x.stride(0) == 1 and x.stride(1) != 1
-                                                and tm % 8 == 0, HASH=seed is not None and _hash_rng())
+                                                and tm % 8 == 0)
     return q, scale
-
-
-def _hash_rng() -> bool:
-    if SR_RNG not in SR_RNGS:
-        raise ValueError(f"qtrain.kernels.blockwise.SR_RNG must be one of {SR_RNGS}, got {SR_RNG!r}")
-    return SR_RNG == "hash"

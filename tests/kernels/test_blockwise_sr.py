@@ -16,26 +16,15 @@ from qtrain.kernels import blockwise as kbw  # noqa: E402
 from .helpers import assert_same, rows_with_distinct_scales  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-IMPLS = {"reference": quant.quantize_blockwise_sr, "kernel": kbw.quantize_blockwise_sr,
-         **{f"kernel-{rng}": (rng, kbw.quantize_blockwise_sr) for rng in kbw.SR_RNGS if rng != kbw.SR_RNG}}
-
-
-@pytest.fixture
-def sr_impl(request, monkeypatch):
-    """The SR quantizer ``request.param`` names; ``kernel-<rng>``: the kernel with that uniform source."""
-    impl = IMPLS[request.param]
-    if isinstance(impl, tuple):
-        monkeypatch.setattr(kbw, "SR_RNG", impl[0])
-        impl = impl[1]
-    return impl
+IMPLS = {"reference": quant.quantize_blockwise_sr, "kernel": kbw.quantize_blockwise_sr}
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
 @pytest.mark.parametrize("blk", [(32, 32), (1, 128)], ids=str)
-@pytest.mark.parametrize("sr_impl", IMPLS, indirect=True)
-def test_sr_is_unbiased_and_within_one_step(sr_impl, blk, transposed):
-    """Transposed: a ``.t()`` view (Philox's uniforms then run down the columns, ``_uniforms_down``)."""
-    fn = sr_impl
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sr_is_unbiased_and_within_one_step(impl, blk, transposed):
+    """Transposed: a ``.t()`` view (the kernel's uniforms then run down the columns, ``_uniforms_down``)."""
+    fn = IMPLS[impl]
     x = rows_with_distinct_scales(40, 100, torch.bfloat16, DEV, seed=3)       # ragged in both dims
     if transposed:
         x = x.t().contiguous().t()
@@ -60,9 +49,9 @@ def test_sr_is_unbiased_and_within_one_step(sr_impl, blk, transposed):
     assert (q[0, :4] == 0).all()
 
 
-@pytest.mark.parametrize("sr_impl", IMPLS, indirect=True)
-def test_sr_seed_reproducible_and_transposed_input(sr_impl):
-    fn = sr_impl
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sr_seed_reproducible_and_transposed_input(impl):
+    fn = IMPLS[impl]
     x = rows_with_distinct_scales(64, 96, torch.float32, DEV)
     a = fn(x.t(), 32, 32, torch.tensor([7], device=DEV))
     b = fn(x.t(), 32, 32, torch.tensor([7], device=DEV))
@@ -88,12 +77,10 @@ def test_ops_dispatch_sr_from_generator():
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
 @pytest.mark.parametrize("c", [128, 256])
-@pytest.mark.parametrize("rng", kbw.SR_RNGS)
-def test_sr_kernel_roundings_are_uncorrelated(c, transposed, rng, monkeypatch):
+def test_sr_kernel_roundings_are_uncorrelated(c, transposed):
     """Every element halfway between two codes: each rounds up with probability ½, independently of its
-    neighbours along rows and columns (Philox: eight uniforms per call, grouped along columns, or along rows for a
-    transposed view; hash: consecutive indices hashed)."""
-    monkeypatch.setattr(kbw, "SR_RNG", rng)
+    neighbours along rows and columns (the kernel draws eight uniforms per Philox call, grouped along columns, or
+    along rows for a transposed view)."""
     M, K = 64, 2 * c
     x = torch.full((M, K), 0.5, device=DEV)
     x[:, ::c] = 127.0                                                     # every block's scale is exactly 1
@@ -111,11 +98,11 @@ def test_sr_kernel_roundings_are_uncorrelated(c, transposed, rng, monkeypatch):
         assert abs((a * b).mean().item() / (a.std() * b.std()).item()) < 0.06
 
 
-@pytest.mark.parametrize("sr_impl", IMPLS, indirect=True)
-def test_sr_tiny_blocks(sr_impl):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sr_tiny_blocks(impl):
     """Blocks whose scale is subnormal (absmax ~1e-37: its reciprocal overflows fp32) or underflows to 0 keep the
     contract: every code within one step of x / scale (±127 where x / scale is ±Inf), zeros stay 0."""
-    fn = sr_impl
+    fn = IMPLS[impl]
     x = rows_with_distinct_scales(8, 256, torch.float32, DEV, seed=5)
     x[0] *= 1e-37 / x[0].abs().max()
     x[1] *= 3e-39 / x[1].abs().max()
