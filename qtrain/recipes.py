@@ -333,12 +333,14 @@ FALLBACK = Recipe(
                 "threshold (5 % of tiles) add an INT8 residual term inside the same GEMM.",
 )
 
-def _jetfire(name: str, act: Granularity, weight: Granularity, description: str) -> Recipe:
+def _jetfire(name: str, act: Granularity, weight: Granularity, description: str,
+             wgrad_x: Granularity | None = None) -> Recipe:
+    """``wgrad_x``: wgrad's X blocks (rows: features, columns: tokens), if not ``act``'s."""
     x, g = int8(act), int8(act, "stochastic")                   # activations RTN, gradients SR
     return Recipe(name,
                   fprop=GemmSpec(lhs=x, rhs=int8(weight), out="int8_blocks"),
                   dgrad=GemmSpec(lhs=g, rhs=int8(weight), out="int8_blocks"),
-                  wgrad=GemmSpec(lhs=g, rhs=x),
+                  wgrad=GemmSpec(lhs=g, rhs=int8(wgrad_x) if wgrad_x else x),
                   dataflow=True, description=description)
 
 
@@ -352,11 +354,15 @@ JETFIRE = _jetfire(
 JETFIRE_WIDE = _jetfire(
     "jetfire_wide", block(1, 256), block(128, 256),
     "Jetfire with Hopper-friendly blocks: activations and gradients 1×256 along the reduced dim, weights 128×256, "
-    "wgrad's dY and X 1×256 along tokens — one promotion of the INT8 GEMM's int32 partial per 256-deep K slice "
-    "instead of per 32 (compiled 7B step 89.1 ms against 93.8 ms with 128-wide blocks under the profiler; val "
-    "loss −0.55 % vs BF16 on llama-125m, benchmarks/results/2026-12-01-h200-compare-llama125m-k256.md); gradients "
-    "stochastic rounding; the same INT8 data flow. wgrad re-quantizes the saved INT8 X along tokens, dgrad "
-    "quantizes Wᵀ itself (1×c and 128×c blocks do not transpose).")
+    "wgrad's dY 1×256 along tokens and X 128×256 (128 features × 256 tokens) — one promotion of the INT8 GEMM's "
+    "int32 partial per 256-deep K slice instead of per 32 (compiled 7B step 89.1 ms against 93.8 ms with "
+    "128-wide blocks under the profiler; val loss −0.55 % vs BF16 on llama-125m, benchmarks/results/"
+    "2026-12-01-h200-compare-llama125m-k256.md), and in wgrad a row scale times one scalar as in fprop (7B step "
+    "1.151× BF16 against 1.123× with X in 1×256 blocks; val loss +0.29 % / +1.57 % at seeds 1 / 2, "
+    "…-e2e-session11.md, …-compare-llama125m-wgx128-int4nolss.md); gradients stochastic rounding; the same INT8 "
+    "data flow. wgrad re-blocks the saved INT8 X along tokens, dgrad quantizes Wᵀ itself (1×c and 128×c blocks "
+    "do not transpose).",
+    wgrad_x=block(128, 256))
 
 PRESETS: dict[str, Recipe] = {r.name: r for r in (BF16, SWITCHBACK, SWITCHBACK_M, FALLBACK, JETFIRE, JETFIRE_WIDE)}
 

@@ -96,6 +96,7 @@ def _blockwise(mod):
         mod.quantize_blockwise_sr_dual(_x(), c, torch.zeros(1, dtype=torch.int64))
     mod.requantize_blockwise_t(_empty(M, K), _empty(M, K // 128, dtype=fp32), 1, 128, 1, 128)
     mod.requantize_blockwise_t(_empty(M, K), _empty(M, K // 256, dtype=fp32), 1, 256, 1, 256)
+    mod.requantize_blockwise_t(_empty(M, K), _empty(M, K // 256, dtype=fp32), 1, 256, 128, 256)  # jetfire_wide's Xᵀ
 
 
 def _dataflow(mod):

@@ -18,7 +18,8 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("shape,blk_in,blk", [((256, 384), (1, 128), (1, 128)), ((200, 300), (1, 128), (1, 128)),
-                                              ((96, 64), (32, 32), (32, 32)), ((130, 100), (1, 64), (4, 32))],
+                                              ((96, 64), (32, 32), (32, 32)), ((130, 100), (1, 64), (4, 32)),
+                                              ((300, 512), (1, 256), (128, 256))],          # jetfire_wide's Xᵀ
                          ids=str)
 def test_matches_twin(shape, blk_in, blk):
     x = rows_with_distinct_scales(*shape, torch.float32, DEV)

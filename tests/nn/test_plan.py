@@ -82,7 +82,7 @@ def test_sr_block_operands_take_the_block_path():
 
 def test_jetfire_presets_plan():
     for name, blocks, reuse_wt in (("jetfire", ((32, 32, 32),) * 3, True),
-                                   ("jetfire_wide", ((1, 128, 256), (1, 128, 256), (1, 1, 256)), False)):
+                                   ("jetfire_wide", ((1, 128, 256), (1, 128, 256), (1, 128, 256)), False)):
         r = recipes.get(name)
         plan = build_plan(r)
         assert r.dataflow and (plan.fprop.path, plan.dgrad.path, plan.wgrad.path) == ("block",) * 3
