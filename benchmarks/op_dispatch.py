@@ -83,13 +83,14 @@ def launch_pieces(x: torch.Tensor) -> None:
         print("launch pieces: no compiled kernel (interpreter)")
         return
     full = (*args, *meta.values())
+    grid3 = (*grid, 1)                             # a CompiledKernel takes all three grid dims
     pieces = {
         "checks + launch config": lambda: (kbw.check_2d(x), kbw.check_float(x), kbw.check_block(1, 128),
                                            kbw.launch_config(M, 1, 128)),
         "two torch.empty": lambda: (torch.empty((M, K), dtype=torch.int8, device=x.device),
                                     torch.empty((nr, nc), dtype=torch.float32, device=x.device)),
         "JITFunction launch": lambda: kbw._blockwise_kernel[grid](*args, **meta, num_warps=warps),
-        "CompiledKernel launch": lambda: compiled[grid](*full),
+        "CompiledKernel launch": lambda: compiled[grid3](*full),
         "whole kernels.quantize_blockwise": lambda: kbw.quantize_blockwise(x, 1, 128),
     }
     print("host µs of the pieces of one quantize_blockwise call:")
@@ -99,7 +100,7 @@ def launch_pieces(x: torch.Tensor) -> None:
         except Exception as e:                     # a diagnostic: report and go on
             print(f"  {name:34s} failed: {type(e).__name__}: {e}")
     q2 = torch.empty_like(q)
-    compiled[grid](x, q2, s, s, s, *args[5:], *meta.values())
+    compiled[grid3](x, q2, s, s, s, *args[5:], *meta.values())
     print("  CompiledKernel launch writes what the JIT launch writes:", torch.equal(q, q2))
 
 
