@@ -723,26 +723,27 @@ def _sr_generator(device: torch.device) -> torch.Generator:
 
 
 @custom_op("bit_split")
-def _bit_split_op(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return quant.lss.split_stacked(dy, _sr_generator(dy.device))
+def _bit_split_op(dy: torch.Tensor, per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return quant.lss.split_stacked(dy, _sr_generator(dy.device), per_row)
 
 
 @_bit_split_op.register_fake
-def _(dy):
+def _(dy, per_row):
     check_float(dy)
     check_2d(dy)
     m, n = dy.shape
-    return (dy.new_empty((2 * m, n), dtype=torch.int8), dy.new_empty((), dtype=torch.float32),
+    return (dy.new_empty((2 * m, n), dtype=torch.int8), dy.new_empty((m,) if per_row else (), dtype=torch.float32),
             dy.new_empty((2 * m,), dtype=torch.float32))
 
 
-def bit_split(dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dy [M, N]`` → ``(codes int8 [2M, N], s [] fp32, norms fp32 [2M])``: the stacked ``[hi; lo]`` INT4 parts
-    and their rows' norms, the low part's SR drawn from the stochastic-rounding generator of ``dy``'s device (an
-    op opaque to ``torch.compile``); see :func:`qtrain.quant.lss.split_stacked`."""
+def bit_split(dy: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dy [M, N]`` → ``(codes int8 [2M, N], s [] fp32 (per_row: [M]), norms fp32 [2M])``: the stacked
+    ``[hi; lo]`` INT4 parts and the norms the sampling weighs their rows by, the low part's SR drawn from the
+    stochastic-rounding generator of ``dy``'s device (an op opaque to ``torch.compile``); see
+    :func:`qtrain.quant.lss.split_stacked`."""
     if torch.compiler.is_compiling():
-        return _bit_split_op(dy)
-    return quant.lss.split_stacked(dy, _sr_generator(dy.device))
+        return _bit_split_op(dy, per_row)
+    return quant.lss.split_stacked(dy, _sr_generator(dy.device), per_row)
 
 
 @custom_op("lss_sample")

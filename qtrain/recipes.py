@@ -136,7 +136,8 @@ class LearnedStep:
 
 @dataclass(frozen=True)
 class BitSplit:
-    """Bit splitting of the output gradient into two INT4 parts, ``dY ≈ (14·hi + lo)/s`` (~8 bits), with
+    """Bit splitting of the output gradient into two INT4 parts, ``dY ≈ (14·hi + lo)/s`` (~8 bits; ``s`` one per
+    tensor, METHODS.md's, or one per row — token — where the operand's granularity is ``row``), with
     leverage-score sampling of the stacked ``[hi; lo]`` rows (METHODS.md § INT4): ``sampling=True`` keeps row
     ``i`` with probability ``p_i`` (``Σp = budget·M`` of the ``2M`` rows, capped at 1), scaled by ``1/p_i``
     (unbiased); ``budget`` 1.0 costs about one GEMM, 2.0 keeps every row (no sampling error)."""
@@ -184,9 +185,10 @@ class OperandSpec:
             raise TypeError(f"step must be None or qtrain.recipes.LearnedStep, got {self.step!r}")
         if self.split is not None and not isinstance(self.split, BitSplit):
             raise TypeError(f"split must be None or qtrain.recipes.BitSplit, got {self.split!r}")
-        if (self.step is not None or self.split is not None) and (self.format != "int4"
-                                                                   or self.granularity.kind != "tensor"):
-            raise ValueError("a learned step or bit splitting needs an INT4 per-tensor operand, got "
+        if self.step is not None and (self.format != "int4" or self.granularity.kind != "tensor"):
+            raise ValueError(f"a learned step needs an INT4 per-tensor operand, got {self.format}/{self.granularity}")
+        if self.split is not None and (self.format != "int4" or self.granularity.kind not in ("tensor", "row")):
+            raise ValueError("bit splitting needs an INT4 operand scaled per tensor or per row, got "
                              f"{self.format}/{self.granularity}")
         if self.step is not None and self.split is not None:
             raise ValueError("an operand takes a learned step (forward) or bit splitting (gradient), not both")

@@ -184,7 +184,7 @@ def _int4_backward(dy, x, weight, bias, step, qw, plan, w_kn, b, need):
         xh = ops.block_hadamard(x, b)
         qx, inside_x, r_x = _lsq.lsq_quantize(xh, sx, residual=learn_x)
         if split:
-            codes, s, norms = ops.bit_split(dy.contiguous())
+            codes, s, norms = ops.bit_split(dy.contiguous(), plan.dgrad.spec.lhs.granularity.kind == "row")
             scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
     if run_dgrad:
         if split:

@@ -16,9 +16,10 @@ hq_int4    fprop only (the ``int4`` preset): X and W INT4 per tensor, both with 
            :class:`~qtrain.recipes.Hadamard` transform and a :class:`~qtrain.recipes.LearnedStep` →
            ``ops.hadamard_quantize_int4`` → ``ops.int4_gemm`` (today the INT8 GEMM); run by
            :class:`qtrain.nn.linear.Int4LinearFunction`
-bitsplit_lss dgrad/wgrad with an hq_int4 fprop: lhs dY with :class:`~qtrain.recipes.BitSplit` (INT4 per tensor,
-           SR), rhs fprop's quantized W (dgrad) or X (wgrad) reused (``rhs == fprop.rhs`` / ``fprop.lhs``) →
-           :mod:`qtrain.quant.lss` (dgrad on ``ops.int4_gemm``, wgrad in fp32 over the sampled codes); or both
+bitsplit_lss dgrad/wgrad with an hq_int4 fprop: lhs dY with :class:`~qtrain.recipes.BitSplit` (INT4 scaled per
+           tensor or per row, SR; dgrad's and wgrad's alike: one split), rhs fprop's quantized W (dgrad) or X
+           (wgrad) reused (``rhs == fprop.rhs`` / ``fprop.lhs``) → :mod:`qtrain.quant.lss` (dgrad on
+           ``ops.int4_gemm``, wgrad in fp32 over the sampled codes); or both
            ``hp`` with an hq_int4 fprop (the ablation of the gradient quantization: fp32 dY against fprop's codes)
 emulated   other quantized specs (SR rows/tensors, INT4, other blocks, mixed kinds): reference quantize-dequantize,
            fp32 matmul
@@ -229,11 +230,12 @@ def _int4_gemm_plan(recipe: Recipe, name: str, spec: GemmSpec) -> GemmPlan | Non
     reused = "lhs" if name == "wgrad" else "rhs"
     lhs = spec.lhs
     if not (lhs.split is not None and lhs.rounding == "stochastic" and lhs.transform is None
+            and lhs.granularity.kind in ("tensor", "row")
             and lhs.fallback is None and _hq(recipe.fprop.lhs) and _hq(recipe.fprop.rhs)
             and recipe.fprop.lhs.transform == recipe.fprop.rhs.transform
             and spec.rhs == getattr(recipe.fprop, reused)):
         raise _reject(recipe, name, "with a Hadamard transform, learned step or bit splitting runs on the "
-                                    "'bitsplit_lss' path only, which needs an lhs INT4 per tensor with BitSplit "
+                                    "'bitsplit_lss' path only, which needs an lhs INT4 per tensor or per row with BitSplit "
                                     "and stochastic rounding (the low part), an fprop on the 'hq_int4' path, "
                                     f"and as rhs fprop's quantized {'X' if name == 'wgrad' else 'W'} reused "
                                     f"(rhs == fprop.{reused}); got {spec}")
@@ -254,6 +256,10 @@ def _check_int4(recipe: Recipe, fprop: GemmPlan, dgrad: GemmPlan, wgrad: GemmPla
         raise ValueError(f"recipe {recipe.name!r}: the INT4 paths go together; accepted: fprop 'hq_int4' with "
                          f"dgrad and wgrad both 'bitsplit_lss' or both 'hp' (see qtrain.nn.plan); got "
                          f"{'/'.join(paths)}")
+    if dgrad.path == "bitsplit_lss" and dgrad.spec.lhs.granularity != wgrad.spec.lhs.granularity:
+        raise ValueError(f"recipe {recipe.name!r}: dgrad and wgrad take the same bit split of dY (one split per "
+                         f"step), so their lhs granularity must agree; got dgrad {dgrad.spec.lhs.granularity}, "
+                         f"wgrad {wgrad.spec.lhs.granularity}")
     if recipe.save_int8_input:
         raise ValueError(f"recipe {recipe.name!r}: save_int8_input with the INT4 paths is not implemented (the "
                          "backward recomputes the INT4 X from the saved X); accepted: save_int8_input=False")

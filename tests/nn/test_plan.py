@@ -2,6 +2,7 @@
 built (before any training), with what is accepted."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -130,7 +131,17 @@ INT4_REJECTED = {
                             wgrad=GemmSpec(_BS, _HQ)), "stochastic"),
     "save int8": (Recipe("g", fprop=GemmSpec(_HQ, _HQ), dgrad=GemmSpec(_BS, _HQ), wgrad=GemmSpec(_BS, _HQ),
                          save_int8_input=True), "save_int8_input"),
+    "split scales differ": (Recipe("h", fprop=GemmSpec(_HQ, _HQ),
+                                   dgrad=GemmSpec(dataclasses.replace(_BS, granularity=ROW), _HQ),
+                                   wgrad=GemmSpec(_BS, _HQ)), "lhs granularity must agree"),
 }
+
+
+def test_int4_bit_split_per_row_plans():
+    bs = dataclasses.replace(_BS, granularity=ROW)
+    r = Recipe("int4_row", fprop=GemmSpec(_HQ, _HQ), dgrad=GemmSpec(bs, _HQ), wgrad=GemmSpec(bs, _HQ))
+    plan = build_plan(r)
+    assert (plan.fprop.path, plan.dgrad.path, plan.wgrad.path) == ("hq_int4", "bitsplit_lss", "bitsplit_lss")
 
 
 def test_int4_preset_paths():
@@ -153,7 +164,9 @@ def test_int4_schema_validation_and_round_trip():
     with pytest.raises(ValueError, match="INT4 per-tensor"):
         OperandSpec("int8", TENSOR, step=LearnedStep())
     with pytest.raises(ValueError, match="INT4 per-tensor"):
-        OperandSpec("int4", ROW, split=BitSplit())
+        OperandSpec("int4", ROW, step=LearnedStep())
+    with pytest.raises(ValueError, match="per tensor or per row"):
+        OperandSpec("int4", block(1, 128), split=BitSplit())
     with pytest.raises(ValueError, match="budget"):
         BitSplit(budget=0.0)
     with pytest.raises(ValueError, match="budget"):
