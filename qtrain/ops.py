@@ -120,10 +120,12 @@ def custom_op(name: str):
     """Decorator: the function (type-annotated, functional: returns new tensors, mutates nothing) as the operator
     ``qtrain::<name>``, opaque to ``torch.compile``, with ``.register_fake`` — what ``torch.library.custom_op(...,
     mutates_args=())`` gives, registered on the dispatcher directly as one CompositeExplicitAutograd kernel,
-    without custom_op's Python autograd and aliasing layers: 32 → 12 µs of host time per call on the CPU machine
-    (``benchmarks/op_dispatch.py`` measures both). Under torch.compile every qtrain primitive is called through
-    the dispatcher, so at 1B widths (host-bound) this is step time. No gradient is defined: qtrain's
-    autograd.Functions call the ops."""
+    without custom_op's Python autograd and aliasing layers: the dispatcher's part of a call 36–41 → 6–11 µs on
+    the H200 (``benchmarks/op_dispatch.py``; a later call on another machine was too noisy to tell). Under
+    torch.compile every qtrain primitive is called through the dispatcher, so at 1B widths (host-bound) this is
+    step time (jetfire_wide 0.61 → 0.73× BF16 with this and the SR seeds drawn inside the ops,
+    benchmarks/results/2026-12-01-h200-e2e-session11.md). No gradient is defined: qtrain's autograd.Functions
+    call the ops."""
     def define(fn):
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
 

@@ -235,8 +235,8 @@ def _int4_gemm_plan(recipe: Recipe, name: str, spec: GemmSpec) -> GemmPlan | Non
             and recipe.fprop.lhs.transform == recipe.fprop.rhs.transform
             and spec.rhs == getattr(recipe.fprop, reused)):
         raise _reject(recipe, name, "with a Hadamard transform, learned step or bit splitting runs on the "
-                                    "'bitsplit_lss' path only, which needs an lhs INT4 per tensor or per row with BitSplit "
-                                    "and stochastic rounding (the low part), an fprop on the 'hq_int4' path, "
+                                    "'bitsplit_lss' path only, which needs an lhs INT4 per tensor or per row with "
+                                    "BitSplit and stochastic rounding (the low part), an fprop on the 'hq_int4' path, "
                                     f"and as rhs fprop's quantized {'X' if name == 'wgrad' else 'W'} reused "
                                     f"(rhs == fprop.{reused}); got {spec}")
     return GemmPlan(name, spec, "bitsplit_lss")
