@@ -16,10 +16,10 @@ Both parts are INT4 values in ``[-6, 6]`` stored in int8. The formula clips ``|d
 recipe's ``row`` granularity for dY): METHODS.md's one scale per tensor leaves the gradient of most tokens in the
 low part alone — on gradients whose rows differ in scale (a token's gradient norm spreads over orders of
 magnitude) 99.7 % of the entries have ``|dY·s| < 7`` and the split's relative error is ~27 %, against ~2 % with
-one scale per row (``tests/quant/test_int4_reference.py``); a row scale factors out of dgrad's sum and rides on the
-per-row weights of wgrad's, so it costs neither GEMM anything. :func:`split_stacked` returns the
-same parts as one ``[2M, N]`` tensor, the stack ``[hi; lo]`` the functions below take (``bit_split``'s ``hi``
-and ``lo`` are its two halves).
+one scale per row (``tests/quant/test_int4_reference.py``); a row scale factors out of dgrad's sum and rides on
+the per-row weights of wgrad's, so it costs neither GEMM anything. :func:`split_stacked` returns the same parts as
+one ``[2M, N]`` tensor, the stack ``[hi; lo]`` the functions below take (``bit_split``'s ``hi`` and ``lo`` are
+its two halves).
 
 Leverage-score sampling keeps row ``i`` of the ``2M`` stacked rows ``[14·hi; lo]`` (row ``i < M`` is ``hi`` of
 token ``i`` with weight 14, row ``M + i`` is ``lo`` with weight 1) with probability ``p_i``:
