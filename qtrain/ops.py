@@ -356,24 +356,22 @@ def quantize_blockwise_sr(x: torch.Tensor, r: int, c: int,
     stochastic-rounding generator of ``x``'s device, ``qtrain.nn.functional.sr_generator``) or given as a
     one-element integer tensor; see :mod:`qtrain.quant.blockwise`. Under ``torch.compile`` the project's
     generator is drawn inside an opaque op; other generators cannot be traced (pass a seed tensor)."""
-    seed = _sr_seed_of(x, generator, "quantize_blockwise_sr")
+    seed = _sr_seed_of(generator, "quantize_blockwise_sr")
     if torch.compiler.is_compiling():
         return _quantize_blockwise_sr_op(x, r, c, seed)
     return _quantize_blockwise_sr(x, r, c, seed)
 
 
-def _sr_seed_of(x: torch.Tensor, generator, what: str) -> torch.Tensor | None:
-    """The one-element seed tensor of an SR op on ``x``: ``generator`` itself if a tensor, else drawn from it
-    (None: the project's generator of ``x``'s device) — under torch.compile None, which the op draws inside (one
-    opaque op instead of two; a ``torch.Generator`` cannot be traced there)."""
-    if isinstance(generator, torch.Tensor):
+def _sr_seed_of(generator, what: str) -> torch.Tensor | None:
+    """The one-element seed tensor of an SR op: ``generator`` itself if a tensor, else drawn from it; None for
+    the project's generator, which the implementation draws from inside (:func:`_drawn`; under torch.compile one
+    opaque op instead of two, and a ``torch.Generator`` cannot be traced there)."""
+    if generator is None or isinstance(generator, torch.Tensor):
         return generator
     if torch.compiler.is_compiling():
-        if generator is not None:
-            raise ValueError(f"under torch.compile {what} takes generator=None (the project's) or a seed tensor, "
-                             "not a torch.Generator")
-        return None
-    return sr_seed(generator if generator is not None else _sr_generator(x.device))
+        raise ValueError(f"under torch.compile {what} takes generator=None (the project's) or a seed tensor, "
+                         "not a torch.Generator")
+    return sr_seed(generator)
 
 
 def _drawn(seed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -408,7 +406,7 @@ def quantize_blockwise_sr_dual(x: torch.Tensor, c: int, generator: "torch.Genera
     """``x [M, N]`` float → ``(q [M, N], s [M, ⌈N/c⌉], qt [N, M], st [N, ⌈M/c⌉])``: the 1×c SR blocks of ``x`` and
     of ``xᵀ`` (independent roundings) from one read of ``x``; the seed as :func:`quantize_blockwise_sr` takes it;
     see :mod:`qtrain.quant.blockwise`."""
-    seed = _sr_seed_of(x, generator, "quantize_blockwise_sr_dual")
+    seed = _sr_seed_of(generator, "quantize_blockwise_sr_dual")
     if torch.compiler.is_compiling():
         return _quantize_blockwise_sr_dual_op(x, c, seed)
     return _quantize_blockwise_sr_dual(x, c, seed)
