@@ -258,7 +258,7 @@ def _norm_bwd_rows_kernel(xq_ptr, xs_ptr, w_ptr, gq_ptr, gs_ptr, dx_ptr, dwp_ptr
         tl.store(dbp_ptr + pid * K + cols, db, mask=cmask)
 
 
-# Tilings (benchmarks/dataflow_sweep.py times alternatives on a GPU). The norm backward keeps whole rows in
+# Tilings (`benchmarks/dataflow_ops.py sweep` times alternatives on a GPU). The norm backward keeps whole rows in
 # registers up to NORM_BWD_ROW_ELEMS features (rounded up to a power of two of blocks), NORM_BWD_ROWS rows a
 # program (each program adds up partial sums of dw over its rows); wider rows take the kernel that walks the
 # features in three passes (profile, 7B shape: 269 µs a call for 8192×4096, ~4× its bytes' time; whole rows:

@@ -8,7 +8,7 @@ recipe; the comparison writes ``compare.png`` (train and validation loss, one li
 ``seeds`` (``--seeds 0,1,2``): every recipe once per seed, in sub-folders ``<recipe>-seed<N>``; the table then
 gives each recipe's final validation loss per seed, its Δ % against ``bf16`` of the same seed, and the mean Δ with
 its standard error over seeds (one run per recipe does not resolve differences below the run-to-run spread: on
-llama-125m at 500 steps two BF16 runs of the same seed ended 0.46 % apart).
+llama-125m at 500 steps BF16 runs of the same seed ended up to 1 % apart).
 
 ``jobs > 1`` trains that many recipes at once, each in its own process on the same device: the losses are the
 same as one after another (same seed, same data), but tokens/s and peak memory then measure runs sharing the
