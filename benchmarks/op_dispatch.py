@@ -4,8 +4,7 @@ CompositeExplicitAutograd kernel) and the same function as a ``torch.library.cus
 Launch-bound shapes, so the numbers are host time. Runs on CUDA when present, else on the CPU (reference kernels).
 On CUDA also where a direct call's host time goes: the block quantize kernel launched by Triton's ``JITFunction``
 with prebuilt arguments, the same compiled kernel launched directly (``CompiledKernel[grid]``: no binder, cache
-key or global checks), qtrain's cached launch (:func:`qtrain.kernels.launch.launch_kernel`), output allocation,
-the whole call with and without the cached launch, and a cProfile of the direct calls.
+key or global checks), output allocation, and a cProfile of the direct calls.
 
     PYTHONPATH=. python benchmarks/op_dispatch.py
 """
@@ -72,18 +71,9 @@ def main():
             print(f"cProfile of 300 direct {name} calls (tottime):\n{out.getvalue()[:4000]}")
 
 
-def _slow(fn, *args):
-    launch.FAST = False
-    try:
-        return fn(*args)
-    finally:
-        launch.FAST = True
-
-
 def launch_pieces(x: torch.Tensor) -> None:
     """Host µs of the pieces of one ``quantize_blockwise`` call (RTN, 1×128 blocks)."""
     from qtrain.kernels import blockwise as kbw
-    from qtrain.kernels import launch
     M, K = x.shape
     nr, nc = M, K // 128
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
@@ -105,10 +95,7 @@ def launch_pieces(x: torch.Tensor) -> None:
                                     torch.empty((nr, nc), dtype=torch.float32, device=x.device)),
         "JITFunction launch": lambda: kbw._blockwise_kernel[grid](*args, **meta, num_warps=warps),
         "CompiledKernel launch": lambda: compiled[grid3](*full),
-        "launch_kernel (cached path)": lambda: launch.launch_kernel(kbw._blockwise_kernel, grid, *args, **meta,
-                                                                    num_warps=warps),
         "whole kernels.quantize_blockwise": lambda: kbw.quantize_blockwise(x, 1, 128),
-        "whole, Triton's launch (FAST off)": lambda: _slow(kbw.quantize_blockwise, x, 1, 128),
     }
     print("host µs of the pieces of one quantize_blockwise call:")
     for name, fn in pieces.items():

@@ -53,7 +53,6 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qtrain.quant.block_gemm import check_block_gemm_args
 from qtrain.quant.fallback import check_fallback_gemm_args
-from qtrain.kernels.launch import launch_kernel
 
 _GL_OUT = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
@@ -421,13 +420,13 @@ def launch(a, b, a_scale, b_scale, b_rows, bias, out_dtype, a2=None, a2_scale=No
     grid = (min(tiles, grid_size or _num_sms(a.device.index if a.device.index is not None else 0)),)
     kp = block_k // BLOCK_K
     n_stages = stages or stages_for(out_dtype, fallback, split)
-    launch_kernel(_block_gemm_ws_kernel, grid,
-                  a_desc, b_desc, a2_desc, c_desc, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
-                  a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm,
-                  RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=magic,
-                  STAGES=max(n_stages, kp), GROUP=group or GROUP_M, KP=kp,
-                  ORDER=int(ORDER[b_rows] if order is None else order),
-                  SB_CVT=SB_CVT if sb_cvt is None else sb_cvt, SPLIT=split, num_warps=4, maxnreg=MAXNREG)
+    _block_gemm_ws_kernel[grid](
+        a_desc, b_desc, a2_desc, c_desc, a_scale, sb, sa2, fl, bias if bias is not None else a_scale, M, N, K,
+        a_scale.stride(0), a_scale.stride(1), *sb_strides, *sa2_strides, fm,
+        RB=b_rows, FALLBACK=fallback, HAS_BIAS=bias is not None, MAGIC=magic,
+        STAGES=max(n_stages, kp), GROUP=group or GROUP_M, KP=kp,
+        ORDER=int(ORDER[b_rows] if order is None else order),
+        SB_CVT=SB_CVT if sb_cvt is None else sb_cvt, SPLIT=split, num_warps=4, maxnreg=MAXNREG)
     return out
 
 

@@ -31,7 +31,6 @@ from qtrain.kernels._common import (abs_bits, check_device, divisor, int8_of_rou
                                    quantize_rtn, scale_from_bits)
 from qtrain.quant.blockwise import check_block, check_requantize_args, check_seed
 from qtrain.quant.core import check_2d, check_float
-from qtrain.kernels.launch import launch_kernel
 
 MAX_C = 1024
 MAX_C_DUAL = 256
@@ -219,9 +218,8 @@ def quantize_blockwise_sr_dual(x: torch.Tensor, c: int, seed: torch.Tensor, conf
     if tm % c or tm & (tm - 1):
         raise ValueError(f"dual blockwise tile rows {tm} must be a power of two and a multiple of c = {c}")
     seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
-    launch_kernel(_blockwise_sr_dual_kernel, (triton.cdiv(M, tm), nbn),
-                  x, q, s, qt, st, seed, M, N, x.stride(0), x.stride(1),
-                  nbm, nbn, C=c, TM=tm, num_warps=warps)
+    _blockwise_sr_dual_kernel[(triton.cdiv(M, tm), nbn)](x, q, s, qt, st, seed, M, N, x.stride(0), x.stride(1),
+                                                         nbm, nbn, C=c, TM=tm, num_warps=warps)
     return q, s, qt, st
 
 
@@ -263,11 +261,10 @@ def _launch(x, r, c, seed, input_scale=None, config=None):
     if seed is not None:
         seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
     xs, xr, xc = input_scale if input_scale is not None else (scale, 1, 1)
-    launch_kernel(_blockwise_kernel, (triton.cdiv(M, tm), nc),
-                  x, q, scale, seed if seed is not None else scale, xs, M, K,
-                  x.stride(0), x.stride(1), xs.stride(0), xs.stride(1), nr, nc,
-                  R=r, C=c, TM=tm, SR=seed is not None, XR=xr, XC=xc,
-                  SCALED_INPUT=input_scale is not None, num_warps=warps,
-                  DOWN=seed is not None and x.stride(0) == 1 and x.stride(1) != 1
-                  and tm % 8 == 0)
+    _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, seed if seed is not None else scale, xs, M, K,
+                                                x.stride(0), x.stride(1), xs.stride(0), xs.stride(1), nr, nc,
+                                                R=r, C=c, TM=tm, SR=seed is not None, XR=xr, XC=xc,
+                                                SCALED_INPUT=input_scale is not None, num_warps=warps,
+                                                DOWN=seed is not None and x.stride(0) == 1 and x.stride(1) != 1
+                                                and tm % 8 == 0)
     return q, scale

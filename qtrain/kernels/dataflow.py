@@ -17,7 +17,6 @@ import triton.language as tl
 
 from qtrain.kernels._common import (abs_bits, check_device, interpreting, quantize_rtn_rows, round_to_bf16,
                                    scale_from_bits)
-from qtrain.kernels.launch import launch_kernel
 from qtrain.quant.dataflow import (_check_backward, _check_norm_backward, _check_out_dtype, check_int8_blocks,
                                   check_vector)
 
@@ -297,9 +296,9 @@ def _norm(xq, xs, weight, bias, eps, r, c, layernorm):
     tm = _tile_rows(r, c, M, 4096, 16384)
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w
-    launch_kernel(_norm_kernel, (triton.cdiv(M, tm),), xq, xs, w, b, yq, ys, M, K, xs.shape[1], xs.shape[0], float(eps),
-                  R=r, C=c, TM=tm, LAYERNORM=layernorm, HAS_BIAS=bias is not None,
-                  num_warps=8 if tm * c >= 8192 else 4)
+    _norm_kernel[(triton.cdiv(M, tm),)](xq, xs, w, b, yq, ys, M, K, xs.shape[1], xs.shape[0], float(eps),
+                                        R=r, C=c, TM=tm, LAYERNORM=layernorm, HAS_BIAS=bias is not None,
+                                        num_warps=8 if tm * c >= 8192 else 4)
     return yq, ys
 
 
@@ -326,9 +325,9 @@ def _act(hq, hs, r, c, swiglu):
     if M == 0 or F == 0:
         return aq, a_s.fill_(1.0)
     tm = _tile_rows(r, c, M, ACT_TILE_ELEMS)
-    launch_kernel(_act_kernel, (triton.cdiv(M, tm), nkb), hq, hs, aq, a_s, M, F, K_in, hs.shape[1], nkb, nr,
-                  R=r, C=c, TM=tm, SWIGLU=swiglu, UP_ALIGNED=F % c == 0,
-                  num_warps=8 if tm * c >= 8192 else 4)
+    _act_kernel[(triton.cdiv(M, tm), nkb)](hq, hs, aq, a_s, M, F, K_in, hs.shape[1], nkb, nr,
+                                           R=r, C=c, TM=tm, SWIGLU=swiglu, UP_ALIGNED=F % c == 0,
+                                           num_warps=8 if tm * c >= 8192 else 4)
     return aq, a_s
 
 
@@ -352,11 +351,10 @@ def _act_backward(hq, hs, gq, gs, r, c, swiglu, out_dtype):
     if M == 0 or F == 0:
         return dh
     tm = _tile_rows(r, c, M, ACT_TILE_ELEMS)
-    launch_kernel(_act_bwd_kernel, (triton.cdiv(M, tm), -(-F // c)),
-                  hq, hs, gq, gs, dh, M, F, K_in, hs.shape[1], gs.shape[1],
-                  R=r, C=c, TM=tm, SWIGLU=swiglu,
-                  BF16=out_dtype == torch.bfloat16, UP_ALIGNED=F % c == 0,
-                  num_warps=8 if tm * c >= 8192 else 4)
+    _act_bwd_kernel[(triton.cdiv(M, tm), -(-F // c))](hq, hs, gq, gs, dh, M, F, K_in, hs.shape[1], gs.shape[1],
+                                                     R=r, C=c, TM=tm, SWIGLU=swiglu,
+                                                     BF16=out_dtype == torch.bfloat16, UP_ALIGNED=F % c == 0,
+                                                     num_warps=8 if tm * c >= 8192 else 4)
     return dh
 
 
@@ -386,14 +384,13 @@ def _norm_backward(xq, xs, weight, bias, gq, gs, eps, r, c, layernorm):
         grid = triton.cdiv(M, tm)
     partial = torch.empty((2 if layernorm else 1, grid, K), dtype=torch.float32, device=xq.device)
     if M and K and rows_kernel:
-        launch_kernel(_norm_bwd_rows_kernel, (grid,),
-                      xq, xs, weight.contiguous(), gq, gs, dx, partial[0], partial[-1], M, K,
-                      xs.shape[1], float(eps), R=r, C=c, NB=nb, TM=tm, STEPS=steps,
-                      LAYERNORM=layernorm, num_warps=8 if tm * nb * c >= 8192 else 4)
+        _norm_bwd_rows_kernel[(grid,)](xq, xs, weight.contiguous(), gq, gs, dx, partial[0], partial[-1], M, K,
+                                       xs.shape[1], float(eps), R=r, C=c, NB=nb, TM=tm, STEPS=steps,
+                                       LAYERNORM=layernorm, num_warps=8 if tm * nb * c >= 8192 else 4)
     elif M and K:
-        launch_kernel(_norm_bwd_kernel, (grid,), xq, xs, weight.contiguous(), gq, gs, dx, partial[0], partial[-1], M, K,
-                      xs.shape[1], float(eps), R=r, C=c, TM=tm, LAYERNORM=layernorm,
-                      num_warps=8 if tm * c >= 8192 else 4)
+        _norm_bwd_kernel[(grid,)](xq, xs, weight.contiguous(), gq, gs, dx, partial[0], partial[-1], M, K,
+                                  xs.shape[1], float(eps), R=r, C=c, TM=tm, LAYERNORM=layernorm,
+                                  num_warps=8 if tm * c >= 8192 else 4)
     sums = partial.sum(1)                                         # [2 or 1, K]: deterministic, no atomics
     return dx, sums[0], (sums[1] if layernorm and bias is not None else None)
 

@@ -21,7 +21,6 @@ from qtrain.kernels import block_gemm as _block_gemm
 from qtrain.kernels._common import (abs_bits, check_device, interpreting, load_at, quantize_rtn_rows,
                                    scale_from_bits)
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
-from qtrain.kernels.launch import launch_kernel
 
 
 @triton.jit
@@ -96,9 +95,9 @@ def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128, gr
     tm, warps = config or launch_config(block_k, group_rows)
     if group_rows % tm or tm & (tm - 1):
         raise ValueError(f"fallback chunk rows {tm} must be a power of two dividing group_rows = {group_rows}")
-    launch_kernel(_fallback_quant_kernel, (gm, nk), x, tau, q, scale, q2, scale2, flags.view(torch.uint8), tmax, M, K,
-                  x.stride(0), x.stride(1), nk, GR=group_rows, C=block_k, TM=tm,
-                  num_warps=warps, enable_fp_fusion=False)
+    _fallback_quant_kernel[(gm, nk)](x, tau, q, scale, q2, scale2, flags.view(torch.uint8), tmax, M, K,
+                                     x.stride(0), x.stride(1), nk, GR=group_rows, C=block_k, TM=tm,
+                                     num_warps=warps, enable_fp_fusion=False)
     return q, scale, q2, scale2, flags, tmax
 
 

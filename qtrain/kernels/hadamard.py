@@ -15,7 +15,6 @@ import triton.language as tl
 from qtrain.kernels._common import check_device, interpreting, load_tile
 from qtrain.quant.core import check_2d, check_float
 from qtrain.quant.hadamard import check_hadamard_block, check_step, inv_sqrt
-from qtrain.kernels.launch import launch_kernel
 
 
 @triton.jit
@@ -56,9 +55,9 @@ def _launch(x: torch.Tensor, b: int, step: torch.Tensor | None) -> torch.Tensor:
         if step.device != x.device:
             raise ValueError(f"step is on {step.device} but x on {x.device}")
     bm = 64 if interpreting() else max(1, 4096 // b)
-    launch_kernel(_hadamard_kernel, (triton.cdiv(M, bm), KP // b),
-                  x, step if step is not None else out, out, M, K, KP, x.stride(0), x.stride(1), inv_sqrt(b),
-                  B=b, LOG_B=b.bit_length() - 1, BM=bm, QUANTIZE=step is not None, num_warps=4, enable_fp_fusion=False)
+    _hadamard_kernel[(triton.cdiv(M, bm), KP // b)](
+        x, step if step is not None else out, out, M, K, KP, x.stride(0), x.stride(1), inv_sqrt(b),
+        B=b, LOG_B=b.bit_length() - 1, BM=bm, QUANTIZE=step is not None, num_warps=4, enable_fp_fusion=False)
     return out
 
 

@@ -19,7 +19,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qtrain.quant.int8_gemm import check_int8_gemm_args
-from qtrain.kernels.launch import launch_kernel
 
 _GL_OUT = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _INT8_INSTR_N = (224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 24, 16, 8)
@@ -151,8 +150,8 @@ def launch(a, b, a_scale, b_scale, bias, out_dtype, config=None, out=None) -> to
     c_desc = TensorDescriptor(out, [M, N], [N, 1], [bm, bn], _layout((bm, bn), out_dtype))
     instr_n, warps_m, warps_n = _instr_n(bm, bn, warps)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    launch_kernel(_gluon_int8_gemm_kernel, grid,
-                  a_desc, b_desc, c_desc, a_scale, b_scale, bias if bias is not None else a_scale, M, N, K,
-                  B_ROW=b_scale.dim() == 1, HAS_BIAS=bias is not None, STAGES=stages, GROUP_M=8,
-                  INSTR_N=instr_n, WARPS_M=warps_m, WARPS_N=warps_n, num_warps=warps)
+    _gluon_int8_gemm_kernel[grid](
+        a_desc, b_desc, c_desc, a_scale, b_scale, bias if bias is not None else a_scale, M, N, K,
+        B_ROW=b_scale.dim() == 1, HAS_BIAS=bias is not None, STAGES=stages, GROUP_M=8,
+        INSTR_N=instr_n, WARPS_M=warps_m, WARPS_N=warps_n, num_warps=warps)
     return out

@@ -18,7 +18,6 @@ import triton.language as tl
 
 from qtrain.kernels._common import abs_bits, check_device, interpreting, quantize_rtn_rows, scale_from_bits
 from qtrain.quant.core import check_2d, check_float
-from qtrain.kernels.launch import launch_kernel
 
 _MAX_ONE_PASS_K = 4096
 
@@ -92,7 +91,7 @@ def quantize_rowwise(x: torch.Tensor, config: LaunchConfig | None = None) -> tup
     c = config or launch_config(M, K)
     if c.one_pass and c.block_k < K:
         raise ValueError(f"one-pass config {c} does not cover rows of {K} elements")
-    launch_kernel(_rowwise_kernel, (triton.cdiv(M, c.block_m),),
-                  x, q, scale, M, K, x.stride(0), x.stride(1),
-                  BLOCK_M=c.block_m, BLOCK_K=c.block_k, ONE_PASS=c.one_pass, num_warps=c.num_warps)
+    _rowwise_kernel[(triton.cdiv(M, c.block_m),)](
+        x, q, scale, M, K, x.stride(0), x.stride(1),
+        BLOCK_M=c.block_m, BLOCK_K=c.block_k, ONE_PASS=c.one_pass, num_warps=c.num_warps)
     return q, scale

@@ -34,7 +34,6 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels._common import TL_OUT, check_device, round_to_bf16
-from qtrain.kernels.launch import launch_kernel
 
 BLOCK = 1024          # elements per inner step of a program
 ITERS = 8             # inner steps per program: a chunk is BLOCK · ITERS elements
@@ -212,10 +211,9 @@ def stable_adamw_update(params: list[torch.Tensor], grads: list[torch.Tensor], e
     partials = torch.empty(n_chunks, dtype=torch.float32, device=device)
     eta = torch.empty(n, dtype=torch.float32, device=device)
     tl_dtype = TL_OUT[dtype]
-    launch_kernel(_moments_kernel, (n_chunks,),
-                  addresses, layout, partials, n, 1.0 - beta1_hat, beta2_hat, 1.0 - beta2_hat,
-                  eps * eps, DTYPE=tl_dtype, BLOCK=block, ITERS=iters, num_warps=num_warps)
-    launch_kernel(_eta_kernel, (n,), layout, partials, eta, n, lr, SUM_BLOCK=SUM_BLOCK,
-                  SUM_ITERS=triton.next_power_of_2(triton.cdiv(max_chunks, SUM_BLOCK)), num_warps=4)
-    launch_kernel(_update_kernel, (n_chunks,), addresses, layout, eta, n, 1.0 - lr * weight_decay, eps, DTYPE=tl_dtype,
-                  BLOCK=block, ITERS=iters, num_warps=num_warps)
+    _moments_kernel[(n_chunks,)](addresses, layout, partials, n, 1.0 - beta1_hat, beta2_hat, 1.0 - beta2_hat,
+                                 eps * eps, DTYPE=tl_dtype, BLOCK=block, ITERS=iters, num_warps=num_warps)
+    _eta_kernel[(n,)](layout, partials, eta, n, lr, SUM_BLOCK=SUM_BLOCK,
+                      SUM_ITERS=triton.next_power_of_2(triton.cdiv(max_chunks, SUM_BLOCK)), num_warps=4)
+    _update_kernel[(n_chunks,)](addresses, layout, eta, n, 1.0 - lr * weight_decay, eps, DTYPE=tl_dtype,
+                                BLOCK=block, ITERS=iters, num_warps=num_warps)

@@ -13,7 +13,6 @@ import triton.language as tl
 
 from qtrain.kernels._common import abs_bits, check_device, divisor, interpreting, quantize_rtn, scale_from_bits
 from qtrain.quant.core import check_2d, check_float
-from qtrain.kernels.launch import launch_kernel
 
 
 @triton.jit
@@ -56,9 +55,9 @@ def quantize_tensorwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
         return q, qt, scale.fill_(1.0)
     amax = torch.zeros((), dtype=torch.int32, device=w.device)
     bn, bk = (128, 256) if interpreting() else (64, 256)
-    launch_kernel(_amax_kernel, (triton.cdiv(N, bn), triton.cdiv(K, bk)),
-                  w, amax, N, K, w.stride(0), w.stride(1), BLOCK_N=bn, BLOCK_K=bk, num_warps=8)
+    _amax_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        w, amax, N, K, w.stride(0), w.stride(1), BLOCK_N=bn, BLOCK_K=bk, num_warps=8)
     bn, bk = (128, 256) if interpreting() else (64, 64)
-    launch_kernel(_quant_kernel, (triton.cdiv(N, bn), triton.cdiv(K, bk)),
-                  w, amax, q, qt, scale, N, K, w.stride(0), w.stride(1), BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    _quant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        w, amax, q, qt, scale, N, K, w.stride(0), w.stride(1), BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return q, qt, scale

@@ -9,7 +9,6 @@ import triton.language as tl
 
 from qtrain.kernels._common import check_device
 from qtrain.quant.transpose import check_int8_2d
-from qtrain.kernels.launch import launch_kernel
 
 TILE = 128
 
@@ -30,7 +29,6 @@ def transpose_int8(q: torch.Tensor) -> torch.Tensor:
     M, N = q.shape
     out = torch.empty((N, M), dtype=torch.int8, device=q.device)
     if out.numel():
-        launch_kernel(_transpose_kernel, (triton.cdiv(M, TILE), triton.cdiv(N, TILE)),
-                      q, out, M, N, q.stride(0), q.stride(1),
-                      T=TILE, num_warps=4)
+        _transpose_kernel[(triton.cdiv(M, TILE), triton.cdiv(N, TILE))](q, out, M, N, q.stride(0), q.stride(1),
+                                                                      T=TILE, num_warps=4)
     return out
