@@ -122,16 +122,26 @@ class LearnedStep:
     """A per-tensor step size learned with LSQ (METHODS.md § INT4): initialized from the first batch to
     ``2·mean|x|/√qmax``, gradient scaled by ``1/√(numel·qmax)``, straight-through estimator masked outside the
     clip range. ``learn=False`` keeps the initial step (no gradient). The steps are per-layer Parameters
-    (``QuantLinear.int4_step``): an optimizer built after :func:`qtrain.convert` trains them."""
+    (``QuantLinear.int4_step``): an optimizer built after :func:`qtrain.convert` trains them.
+
+    ``relative=True``: the Parameter is the step divided by the operand's RMS (of the transformed operand,
+    ``‖t‖/√(rows·padded K)``, taken at every forward), so the step follows the tensor's scale as training moves
+    it, and an optimizer's update of the Parameter is a relative change of the step. With METHODS.md's absolute
+    step the LSQ gradients of a 16k-token GEMM lie below Adam's eps and the steps stay at their first-batch
+    values while weights and activations change scale (llama-125m: some layers' forward at 1–3 dB SQNR after 500
+    steps, ``benchmarks/results/2026-12-01-h200-compare-llama125m-int4-rowsplit.md``)."""
 
     learn: bool = True
+    relative: bool = False
 
     def __post_init__(self):
         if not isinstance(self.learn, bool):
             raise TypeError(f"LearnedStep learn must be a bool, got {self.learn!r}")
+        if not isinstance(self.relative, bool):
+            raise TypeError(f"LearnedStep relative must be a bool, got {self.relative!r}")
 
     def __str__(self) -> str:
-        return "LSQ" if self.learn else "LSQ(fixed)"
+        return ("LSQ" if self.learn else "LSQ(fixed)") + ("/rel" if self.relative else "")
 
 
 @dataclass(frozen=True)

@@ -140,38 +140,57 @@ class Int4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, step, plan, w_kn, out_dtype, block):
-        y, qw = _int4_forward(x, weight, bias, step, w_kn, out_dtype, block)
-        ctx.save_for_backward(x, weight, bias, step, qw)
+        y, qw, used = _int4_forward(x, weight, bias, step, plan, w_kn, out_dtype, block)
+        ctx.save_for_backward(x, weight, bias, step, qw, used)
         ctx.plan, ctx.w_kn, ctx.block = plan, w_kn, block
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, step, qw = ctx.saved_tensors
+        x, weight, bias, step, qw, used = ctx.saved_tensors
         # Autocast off, as in the forward: a compiled backward is traced under the caller's autocast (which made
         # wgrad's fp32 GEMM bf16 under torch.compile only).
         with torch.autocast(dy.device.type, enabled=False):
-            dx, dw, db, dstep = _int4_backward(dy, x, weight, bias, step, qw, ctx.plan, ctx.w_kn, ctx.block,
+            dx, dw, db, dstep = _int4_backward(dy, x, weight, bias, step, used, qw, ctx.plan, ctx.w_kn, ctx.block,
                                                ctx.needs_input_grad[:4])
         return dx, dw, db, dstep, None, None, None, None
 
 
-def _int4_forward(x, weight, bias, step, w_kn, out_dtype, block) -> tuple[torch.Tensor, torch.Tensor]:
-    """:class:`Int4LinearFunction`'s forward: ``(y, Q(WH))``."""
-    w = weight.t() if w_kn else weight
+def _rms(t: torch.Tensor, b: int) -> torch.Tensor:
+    """fp32 ``[1]``: the RMS of ``block_hadamard(t, b)`` for ``t [R, K]`` (``H`` orthonormal: ``‖t‖`` over
+    ``R·⌈K/b⌉·b`` values, the zero padding included); 1 where ``t`` is all zero (a step must stay positive)."""
+    n = t.shape[0] * (-(-t.shape[1] // b) * b)
+    r = torch.linalg.vector_norm(t.detach().float()).reshape(1) / math.sqrt(max(n, 1))
+    return torch.where(r > 0, r, torch.ones_like(r))
+
+
+def _int4_steps(step: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan, b: int) -> torch.Tensor:
+    """fp32 ``[2]``: the steps ``(s_X, s_W)`` the quantizers of ``x [M, K]`` and ``w [N, K]`` use — the
+    Parameter's values, times the operand's :func:`_rms` where its :class:`~qtrain.recipes.LearnedStep` is
+    ``relative``."""
+    fp = plan.fprop.spec
     steps = step.detach().float()
-    sx, sw = steps[0:1], steps[1:2]
+    return torch.cat([steps[0:1] * _rms(x, b) if fp.lhs.step.relative else steps[0:1],
+                      steps[1:2] * _rms(w, b) if fp.rhs.step.relative else steps[1:2]])
+
+
+def _int4_forward(x, weight, bias, step, plan, w_kn, out_dtype, block
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:class:`Int4LinearFunction`'s forward: ``(y, Q(WH), the steps used [2])``."""
+    w = weight.t() if w_kn else weight
+    used = _int4_steps(step, x, w, plan, block)
+    sx, sw = used[0:1], used[1:2]
     qx = ops.hadamard_quantize_int4(x, block, sx)
     qw = ops.hadamard_quantize_int4(w, block, sw)
-    return ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]), sw.reshape(()), bias, out_dtype), qw
+    return ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]), sw.reshape(()), bias, out_dtype), qw, used
 
 
-def _int4_backward(dy, x, weight, bias, step, qw, plan, w_kn, b, need):
+def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
     """:class:`Int4LinearFunction`'s backward: ``(dx, dw, db, dstep)``, each None where ``need`` (whether x,
-    weight, bias, step need a gradient) says so."""
+    weight, bias, step need a gradient) says so. ``used``: the forward's steps (:func:`_int4_steps`); the
+    gradient of a relative step is LSQ's times the operand's RMS (``used / step``)."""
     w = weight.t() if w_kn else weight
-    steps = step.detach().float()
-    sx, sw = steps[0:1], steps[1:2]
+    sx, sw = used[0:1], used[1:2]
     M, K = x.shape
     N = w.shape[0]
     need_dx, need_dw, need_step = need[0], need[1], need[3]
@@ -209,7 +228,7 @@ def _int4_backward(dy, x, weight, bias, step, qw, plan, w_kn, b, need):
                 dw = dw.t()
     if need_step:
         ds = [d if d is not None else step.new_zeros(()) for d in (dsx, dsw)]      # a fixed step: 0
-        dstep = torch.stack(ds).to(step.dtype)
+        dstep = (torch.stack(ds) * (used / step.detach().float())).to(step.dtype)
     if bias is not None and need[2]:
         db = dy.float().sum(0).to(bias.dtype)
     return dx, dw, db, dstep
@@ -272,7 +291,7 @@ def _int4_first_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     with torch.autocast(x.device.type, enabled=False):
         if not q._int4_ready:
             q._int4_calibrate(x)                                        # sets ``step`` (q.int4_step) in place
-        y = _int4_forward(x, weight, bias, step, w_kn, out_dtype, q._hq_b)[0]
+        y = _int4_forward(x, weight, bias, step, q.plan, w_kn, out_dtype, q._hq_b)[0]
         if q.track_errors:
             q._record_errors(x, y)
     return y
@@ -290,8 +309,10 @@ def _int4_first_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     q = _INT4_LAYERS[layer]
     w_kn, b = q.weight_layout == "kn", q._hq_b
     with torch.autocast(dy.device.type, enabled=False):
-        qw = ops.hadamard_quantize_int4(weight.t() if w_kn else weight, b, step.detach().float()[1:2])  # fprop's
-        dx, dw, _, dstep = _int4_backward(dy, x, weight, None, step, qw, q.plan, w_kn, b,
+        w = weight.t() if w_kn else weight
+        used = _int4_steps(step, x, w, q.plan, b)
+        qw = ops.hadamard_quantize_int4(w, b, used[1:2])                                          # fprop's
+        dx, dw, _, dstep = _int4_backward(dy, x, weight, None, step, used, qw, q.plan, w_kn, b,
                                           (need[0], need[1], False, need[2]))
     return tuple(g if g is not None else torch.zeros_like(t) for g, t in ((dx, x), (dw, weight), (dstep, step)))
 
@@ -507,9 +528,13 @@ class QuantLinear(nn.Module):
             blocks = [b for b in _hadamard.HADAMARD_BLOCKS if b <= top]
         else:
             blocks = [t.block]
-        steps, errors = _lsq.hq_search(x, self._weight(), blocks)
+        w = self._weight()
+        steps, errors = _lsq.hq_search(x, w, blocks)
         i = int(torch.argmin(errors)) if errors is not None else 0
-        self.int4_step.data.copy_(steps[i].to(self.int4_step.device))
+        fp = self.plan.fprop.spec                   # a relative step: the Parameter is the step / the RMS
+        rel = torch.cat([_rms(x, blocks[i]) if fp.lhs.step.relative else steps.new_ones(1),
+                         _rms(w, blocks[i]) if fp.rhs.step.relative else steps.new_ones(1)])
+        self.int4_step.data.copy_((steps[i] / rel.to(steps.device)).to(self.int4_step.device))
         self.hq_block.fill_(blocks[i])
         self._hq_b, self._int4_ready = blocks[i], True
 
@@ -520,7 +545,8 @@ class QuantLinear(nn.Module):
         ref = F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float())
         if self.plan.int4:                      # errors in the transformed domain (H is orthonormal: the same)
             errs = []
-            for t, st in ((x, self.int4_step[0:1]), (w, self.int4_step[1:2])):
+            used = _int4_steps(self.int4_step, x, w, self.plan, self._hq_b)
+            for t, st in ((x, used[0:1]), (w, used[1:2])):
                 th = ops.block_hadamard(t, self._hq_b)
                 errs.append(relative_error(th, _hadamard.quantize_step(th, st.float()).float() * st.float()))
             self.stats = {"x_rel_err": errs[0], "w_rel_err": errs[1], "y_sqnr_db": sqnr(ref, y.float())}

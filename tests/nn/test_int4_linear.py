@@ -191,6 +191,64 @@ def test_fprop_only_ablation_is_the_lsq_reference_exactly():
         qtrain.nn.plan.build_plan(dataclasses.replace(FPROP_ONLY, wgrad=INT4.wgrad))
 
 
+def relative(recipe):
+    """``recipe`` with both fprop operands' LearnedStep relative (dgrad/wgrad reuse fprop's specs)."""
+    rel = dataclasses.replace(recipe.fprop.lhs, step=dataclasses.replace(recipe.fprop.lhs.step, relative=True))
+    fprop = GemmSpec(rel, rel)
+    dgrad = GemmSpec(recipe.dgrad.lhs, rel) if recipe.dgrad.quantized else recipe.dgrad
+    wgrad = GemmSpec(recipe.wgrad.lhs, rel) if recipe.wgrad.quantized else recipe.wgrad
+    return dataclasses.replace(recipe, name=f"{recipe.name}_rel", fprop=fprop, dgrad=dgrad, wgrad=wgrad)
+
+
+def test_relative_step_is_lsq_on_the_rms_scaled_step():
+    """A relative LearnedStep: the Parameter α is the step over the operand's RMS; the layer is autograd through
+    fake_quantize_lsq(XH, α_X·rms(XH))·fake_quantize_lsq(WH, α_W·rms(WH))ᵀ with the RMS a constant (so the
+    gradient of α is LSQ's times the RMS), and its first forward uses the preset's steps (α·rms = 2·mean|·|/√7)."""
+    recipe = relative(FPROP_ONLY)
+    torch.manual_seed(0)
+    ref = nn.Linear(128, 96)
+    x = outlier_data(256, 128, magnitude=20.0, seed=2)
+    dy = torch.randn(256, 96)
+    layer, absolute = _layer(ref, recipe), _layer(ref, FPROP_ONLY)
+    layer(x), absolute(x)                                                         # calibrate
+    b = layer._hq_b
+    h = torch.block_diag(*[hadamard_matrix(b)] * (128 // b))
+    rms = torch.stack([(x @ h).pow(2).mean().sqrt(), (ref.weight.detach() @ h).pow(2).mean().sqrt()])
+    torch.testing.assert_close(layer.int4_step.detach() * rms, absolute.int4_step.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(absolute.int4_step.detach(), torch.stack([lsq_init(x @ h), lsq_init(ref.weight @ h)]),
+                               rtol=1e-5, atol=0)
+    alpha = layer.int4_step.detach().clone().requires_grad_()
+    xr, wr = x.clone().requires_grad_(), ref.weight.detach().clone().requires_grad_()
+    st = alpha * rms
+    yr = fake_quantize_lsq(xr @ h, st[0:1]) @ fake_quantize_lsq(wr @ h, st[1:2]).t() + ref.bias.detach()
+    yr.backward(dy)
+    xx = x.clone().requires_grad_()
+    y = layer(xx)
+    y.backward(dy)
+    assert sqnr(yr.detach(), y.detach()) > 100
+    for w, g in zip((xr.grad, wr.grad, alpha.grad), (xx.grad, layer.weight.grad, layer.int4_step.grad)):
+        assert sqnr(w, g) > 60, sqnr(w, g)
+
+
+def test_relative_step_follows_the_operand_scale():
+    """After calibration, X ×0.5 and W ×3 give the same INT4 codes with a relative step (y ×1.5), while the
+    absolute step, fixed at its calibrated value, quantizes the scaled operands differently."""
+    torch.manual_seed(0)
+    ref = nn.Linear(128, 96, bias=False)
+    x = torch.randn(256, 128)
+    out = {}
+    for name, recipe in (("relative", relative(FPROP_ONLY)), ("absolute", FPROP_ONLY)):
+        layer = QuantLinear.from_module(copy.deepcopy(ref), recipe)
+        y0 = layer(x).detach()
+        with torch.no_grad():
+            layer.weight.mul_(3.0)
+        out[name] = (y0, layer(0.5 * x).detach())
+    y0, y1 = out["relative"]
+    torch.testing.assert_close(y1, 1.5 * y0, rtol=1e-5, atol=1e-6)
+    y0, y1 = out["absolute"]
+    assert sqnr(1.5 * y0, y1) < 40
+
+
 def test_int4_state_in_state_dict_and_plain_checkpoints():
     torch.manual_seed(0)
     layer = QuantLinear.from_module(nn.Linear(96, 64), INT4)
@@ -263,12 +321,13 @@ def test_kernel_path_equals_reference_path():
         assert torch.equal(a, b), name
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("recipe", [INT4, relative(INT4)], ids=["absolute", "relative"])
+def test_compile_fullgraph_matches_eager(recipe):
     torch.manual_seed(0)
     ref = nn.Linear(128, 64)
     x = torch.randn(96, 128)
     dy = torch.randn(96, 64)
-    eager, twin = _layer(ref, INT4), _layer(ref, INT4)
+    eager, twin = _layer(ref, recipe), _layer(ref, recipe)
     with torch.no_grad():                   # the first forward (block choice, LSQ init) runs eagerly by design
         eager(x), twin(x)
     compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
