@@ -125,23 +125,28 @@ class LearnedStep:
     (``QuantLinear.int4_step``): an optimizer built after :func:`qtrain.convert` trains them.
 
     ``relative=True``: the Parameter is the step divided by the operand's RMS (of the transformed operand,
-    ``‖t‖/√(rows·padded K)``, taken at every forward), so the step follows the tensor's scale as training moves
-    it, and an optimizer's update of the Parameter is a relative change of the step. With METHODS.md's absolute
-    step the LSQ gradients of a 16k-token GEMM lie below Adam's eps and the steps stay at their first-batch
-    values while weights and activations change scale (llama-125m: some layers' forward at 1–3 dB SQNR after 500
-    steps, ``benchmarks/results/2026-12-01-h200-compare-llama125m-int4-rowsplit.md``)."""
+    ``‖t‖/√(rows·padded K)``, taken at every forward): the step follows the tensor's scale, and an optimizer's
+    update of the Parameter (~lr under Adam) is a relative change of the step instead of an absolute one (weight
+    steps are ~0.005: Adam-sized absolute updates made some degenerate, ``…-compare-llama125m-int4-lsq-eps.md``).
+    ``scaled=False``: the step gradient without LSQ's ``1/√(numel·qmax)`` — a scale made for SGD, which under
+    Adam only decides whether the gradient clears eps (at 16k tokens a GEMM it does not: the steps stay near
+    their first-batch values). Measured (llama-125m, 500 steps, seed 1): relative with LSQ's scale — the Parameter
+    frozen, i.e. a step of ``2·mean|t|/√qmax`` taken afresh every forward — ended +8.5 % above BF16, worse than the
+    preset's absolute steps (+2.0 … +5.9 % at that seed, ``…-compare-llama125m-int4-relstep.md``); relative and
+    unscaled (``benchmarks/recipes/int4_relstep_unscaled.json``) is not yet measured on the GPU."""
 
     learn: bool = True
     relative: bool = False
+    scaled: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.learn, bool):
-            raise TypeError(f"LearnedStep learn must be a bool, got {self.learn!r}")
-        if not isinstance(self.relative, bool):
-            raise TypeError(f"LearnedStep relative must be a bool, got {self.relative!r}")
+        for name in ("learn", "relative", "scaled"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"LearnedStep {name} must be a bool, got {getattr(self, name)!r}")
 
     def __str__(self) -> str:
-        return ("LSQ" if self.learn else "LSQ(fixed)") + ("/rel" if self.relative else "")
+        return (("LSQ" if self.learn else "LSQ(fixed)") + ("/rel" if self.relative else "")
+                + ("" if self.scaled else "/unscaled"))
 
 
 @dataclass(frozen=True)

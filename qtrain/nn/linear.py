@@ -211,7 +211,7 @@ def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
             gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
         else:
             gx = dy.float() @ (qw.float() * sw)
-        dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x))
+        dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x), scaled=fp.lhs.step.scaled)
         if need_dx:
             dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
     if run_wgrad:
@@ -221,7 +221,7 @@ def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
             gw = dy.float().t() @ (qx.float() * sx)
         wh = ops.block_hadamard(w, b)
         _, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)
-        dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w))
+        dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w), scaled=fp.rhs.step.scaled)
         if need_dw:
             dw = ops.block_hadamard(dwh, b)[:, :K].to(weight.dtype)
             if w_kn:

@@ -53,18 +53,19 @@ def lsq_residual(x: torch.Tensor, step: torch.Tensor, qmax: int = QMAX4) -> tupl
 
 
 def lsq_backward(x: torch.Tensor, step: torch.Tensor, grad: torch.Tensor, numel: int | None = None,
-                 qmax: int = QMAX4, parts: tuple[torch.Tensor, torch.Tensor | None] | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 qmax: int = QMAX4, parts: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(∂L/∂x fp32 like x, ∂L/∂s fp32 [])`` from ``grad = ∂L/∂x̂`` (see the module docstring); ``numel`` is
     the count of values sharing the step (default ``x.numel()``; a zero-padded ``x`` passes the unpadded one).
     ``parts``: ``(inside, r)`` of :func:`lsq_quantize` already computed for ``x`` and ``step``; ``r`` None skips
-    the step gradient (returned as None)."""
+    the step gradient (returned as None). ``scaled=False``: ``∂L/∂s`` without LSQ's gradient scale."""
     inside, r = parts if parts is not None else lsq_residual(x, step, qmax)
     g = grad.float()
     gx = torch.where(inside, g, 0.0)
     if r is None:
         return gx, None
-    return gx, (g * r).sum() * lsq_grad_scale(x.numel() if numel is None else numel, qmax)
+    ds = (g * r).sum()
+    return gx, ds * lsq_grad_scale(x.numel() if numel is None else numel, qmax) if scaled else ds
 
 
 def hq_search(x: torch.Tensor, w: torch.Tensor, blocks: list[int], rows: int = 4096

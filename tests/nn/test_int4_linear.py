@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -228,6 +229,26 @@ def test_relative_step_is_lsq_on_the_rms_scaled_step():
     assert sqnr(yr.detach(), y.detach()) > 100
     for w, g in zip((xr.grad, wr.grad, alpha.grad), (xx.grad, layer.weight.grad, layer.int4_step.grad)):
         assert sqnr(w, g) > 60, sqnr(w, g)
+
+
+def test_unscaled_step_gradient_drops_only_lsqs_scale():
+    """LearnedStep(scaled=False): the same step gradient without LSQ's 1/√(numel·7) (X: M·K values, W: N·K)."""
+    torch.manual_seed(0)
+    ref = nn.Linear(128, 96)
+    x = torch.randn(256, 128)
+    dy = torch.randn(256, 96)
+    rel = relative(FPROP_ONLY)
+    st = dataclasses.replace(rel.fprop.lhs.step, scaled=False)
+    op = dataclasses.replace(rel.fprop.lhs, step=st)
+    unscaled = dataclasses.replace(rel, name="unscaled", fprop=GemmSpec(op, op))
+    grads = []
+    for recipe in (rel, unscaled):
+        layer = _layer(ref, recipe)
+        layer(x)
+        _step(layer, x, dy)
+        grads.append(layer.int4_step.grad)
+    ratio = torch.tensor([math.sqrt(256 * 128 * 7), math.sqrt(96 * 128 * 7)])
+    torch.testing.assert_close(grads[1], grads[0] * ratio, rtol=1e-5, atol=0)
 
 
 def test_relative_step_follows_the_operand_scale():
