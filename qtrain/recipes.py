@@ -117,6 +117,9 @@ class Fallback:
         return f"fallback(τ={self.threshold})" if self.threshold is not None else f"fallback({self.target:.0%})"
 
 
+STEP_INITS = ("lsq", "mse")
+
+
 @dataclass(frozen=True)
 class LearnedStep:
     """A per-tensor step size learned with LSQ (METHODS.md § INT4): initialized from the first batch to
@@ -133,20 +136,27 @@ class LearnedStep:
     their first-batch values). Measured (llama-125m, 500 steps, seed 1): relative with LSQ's scale — the Parameter
     frozen, i.e. a step of ``2·mean|t|/√qmax`` taken afresh every forward — ended +8.5 % above BF16, worse than the
     preset's absolute steps (+2.0 … +5.9 % at that seed, ``…-compare-llama125m-int4-relstep.md``); relative and
-    unscaled (``benchmarks/recipes/int4_relstep_unscaled.json``) is not yet measured on the GPU."""
+    unscaled (``benchmarks/recipes/int4_relstep_unscaled.json``) is not yet measured on the GPU.
+
+    ``init``: ``'lsq'`` (METHODS.md's ``2·mean|x|/√qmax``) or ``'mse'`` — the step with the least squared error on
+    the first batch (:func:`qtrain.quant.lsq.mse_step`; on Gaussian data 0.35·RMS, 18.9 dB, against LSQ's
+    0.60·RMS, 15.2 dB)."""
 
     learn: bool = True
     relative: bool = False
     scaled: bool = True
+    init: str = "lsq"
 
     def __post_init__(self):
         for name in ("learn", "relative", "scaled"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"LearnedStep {name} must be a bool, got {getattr(self, name)!r}")
+        if self.init not in STEP_INITS:
+            raise ValueError(f"LearnedStep init {self.init!r} is not one of {STEP_INITS}")
 
     def __str__(self) -> str:
         return (("LSQ" if self.learn else "LSQ(fixed)") + ("/rel" if self.relative else "")
-                + ("" if self.scaled else "/unscaled"))
+                + ("" if self.scaled else "/unscaled") + ("" if self.init == "lsq" else f"/{self.init}-init"))
 
 
 @dataclass(frozen=True)

@@ -531,10 +531,14 @@ class QuantLinear(nn.Module):
         w = self._weight()
         steps, errors = _lsq.hq_search(x, w, blocks)
         i = int(torch.argmin(errors)) if errors is not None else 0
-        fp = self.plan.fprop.spec                   # a relative step: the Parameter is the step / the RMS
-        rel = torch.cat([_rms(x, blocks[i]) if fp.lhs.step.relative else steps.new_ones(1),
-                         _rms(w, blocks[i]) if fp.rhs.step.relative else steps.new_ones(1)])
-        self.int4_step.data.copy_((steps[i] / rel.to(steps.device)).to(self.int4_step.device))
+        fp, b = self.plan.fprop.spec, blocks[i]
+        chosen = steps[i].clone()
+        for j, (t, op) in enumerate(((x, fp.lhs), (w, fp.rhs))):
+            if op.step.init == "mse":
+                chosen[j] = _lsq.mse_step(ops.block_hadamard(t, b).float()).to(chosen.device)
+        rel = torch.cat([_rms(x, b) if fp.lhs.step.relative else steps.new_ones(1),   # relative: step / RMS
+                         _rms(w, b) if fp.rhs.step.relative else steps.new_ones(1)])
+        self.int4_step.data.copy_((chosen / rel.to(chosen.device)).to(self.int4_step.device))
         self.hq_block.fill_(blocks[i])
         self._hq_b, self._int4_ready = blocks[i], True
 

@@ -23,7 +23,7 @@ from qtrain.nn.functional import reseed
 from qtrain.nn.linear import QuantLinear
 from qtrain.quant import sqnr
 from qtrain.quant.hadamard import hadamard_matrix, block_hadamard
-from qtrain.quant.lsq import fake_quantize_lsq, lsq_init
+from qtrain.quant.lsq import fake_quantize_lsq, lsq_init, mse_step
 from qtrain.quant.testing import outlier_data
 from qtrain.recipes import ROW, BitSplit, GemmSpec, OperandSpec, Recipe, TENSOR
 
@@ -249,6 +249,28 @@ def test_unscaled_step_gradient_drops_only_lsqs_scale():
         grads.append(layer.int4_step.grad)
     ratio = torch.tensor([math.sqrt(256 * 128 * 7), math.sqrt(96 * 128 * 7)])
     torch.testing.assert_close(grads[1], grads[0] * ratio, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("rel", [False, True], ids=["absolute", "relative"])
+def test_mse_init_calibrates_the_least_error_steps(rel):
+    """LearnedStep(init='mse'): the first forward sets the steps (times the RMS where relative) to mse_step of XH
+    and WH at the chosen block; the layer then quantizes with them."""
+    torch.manual_seed(0)
+    ref = nn.Linear(128, 96)
+    x = torch.randn(256, 128)
+    st = dataclasses.replace(INT4.fprop.lhs.step, init="mse", relative=rel)
+    op = dataclasses.replace(INT4.fprop.lhs, step=st)
+    recipe = dataclasses.replace(FPROP_ONLY, name="mse", fprop=GemmSpec(op, op))
+    layer = _layer(ref, recipe)
+    layer(x)
+    b = layer._hq_b
+    want = torch.stack([mse_step(block_hadamard(x, b)), mse_step(block_hadamard(ref.weight.detach(), b))])
+    got = layer.int4_step.detach()
+    if rel:
+        got = got * torch.stack([block_hadamard(t, b).pow(2).mean().sqrt() for t in (x, ref.weight.detach())])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="init 'max' is not one of"):
+        dataclasses.replace(st, init="max")
 
 
 def test_relative_step_follows_the_operand_scale():
