@@ -158,10 +158,11 @@ class Int4LinearFunction(torch.autograd.Function):
 
 def _rms(t: torch.Tensor, b: int) -> torch.Tensor:
     """fp32 ``[1]``: the RMS of ``block_hadamard(t, b)`` for ``t [R, K]`` (``H`` orthonormal: ``‖t‖`` over
-    ``R·⌈K/b⌉·b`` values, the zero padding included); 1 where ``t`` is all zero (a step must stay positive)."""
+    ``R·⌈K/b⌉·b`` values, the zero padding included); 1 where that is 0 or not finite (a step stays positive and
+    finite; the non-finite elements then quantize as with any step: NaN → 0, ±Inf → ±7)."""
     n = t.shape[0] * (-(-t.shape[1] // b) * b)
     r = torch.linalg.vector_norm(t.detach().float()).reshape(1) / math.sqrt(max(n, 1))
-    return torch.where(r > 0, r, torch.ones_like(r))
+    return torch.where((r > 0) & torch.isfinite(r), r, torch.ones_like(r))
 
 
 def _int4_steps(step: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan, b: int) -> torch.Tensor:
@@ -521,7 +522,9 @@ class QuantLinear(nn.Module):
         """The INT4 layer's first forward: choose the Hadamard block (``Hadamard.search``: least relative error
         of the fprop product over the first 4096 rows, among 16 … ``block`` up to K's power of two) and set the
         LSQ steps to ``2·mean|·|/√7`` of XH and WH (:func:`qtrain.quant.lsq.hq_search`: every candidate from one
-        shared transform, in PyTorch, so no kernel is compiled for a block not chosen; one host read-back)."""
+        shared transform, in PyTorch, so no kernel is compiled for a block not chosen; one host read-back), or with
+        ``init='mse'`` to :func:`qtrain.quant.lsq.mse_step` of XH and WH at the chosen block (a few more reads);
+        a relative step stores the step over the operand's RMS."""
         t = self.recipe.fprop.lhs.transform
         if t.search:
             top = min(t.block, max(16, 1 << max(0, (self.in_features - 1).bit_length())))

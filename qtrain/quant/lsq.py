@@ -29,6 +29,9 @@ def lsq_init(x: torch.Tensor, qmax: int = QMAX4) -> torch.Tensor:
     return torch.where(s > 0, s, torch.ones_like(s)).float()
 
 
+MSE_RATIOS = torch.arange(0.10, 1.2001, 0.02, dtype=torch.float64).float()     # mse_step's candidates, × RMS
+
+
 def mse_step(t: torch.Tensor, qmax: int = QMAX4, rows: int = 4096) -> torch.Tensor:
     """fp32 ``[]``: the step ``s = c·rms(t)`` with the least ``‖t − s·round(clamp(t/s, ±qmax))‖²`` over ``c`` in
     0.10, 0.12, … 1.20 (over the first ``rows`` rows of the 2-D ``t``; ``1.0`` where those are all zero). On unit
@@ -41,9 +44,6 @@ def mse_step(t: torch.Tensor, qmax: int = QMAX4, rows: int = 4096) -> torch.Tens
     errs = torch.stack([(quantize_step(t, c * rms, qmax).float() * (c * rms) - t).pow(2).sum()
                         for c in MSE_RATIOS.tolist()])
     return (MSE_RATIOS[int(torch.argmin(errs))] * rms).float()
-
-
-MSE_RATIOS = torch.arange(0.10, 1.2001, 0.02, dtype=torch.float64).float()
 
 
 def lsq_grad_scale(numel: int, qmax: int = QMAX4) -> float:
