@@ -59,6 +59,18 @@ def test_bad_checkpoints(capsys, tmp_path):
     _error(capsys, ["train", "--resume", str(run / "step-000002")], "corrupt", "config.json")
 
 
+def test_side_by_side_runs_prefix_their_lines(capsys, tmp_path):
+    """A --jobs worker's printed lines carry its run folder's name (the runs' lines interleave in one log)."""
+    from qtrain.train.compare import _train_one
+    from qtrain.train.config import TrainConfig
+    cfg = TrainConfig(recipe="bf16", steps=2, batch_size=2, seq_len=32, eval_every=2, eval_batches=1,
+                      sample_tokens=0, progress=False, out=str(tmp_path / "int4-seed3"))
+    _train_one(cfg, threads=1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert lines and all(line.startswith("[int4-seed3] ") for line in lines), lines[:3]
+    assert any("step 2: loss" in line for line in lines)
+
+
 def test_compare_cli(capsys, tmp_path):
     out = tmp_path / "cmp"
     argv = ["compare", "--recipes", "bf16,switchback", "--steps", "2", "--batch-size", "2", "--seq-len", "32",

@@ -17,11 +17,13 @@ device, and ``compare.md`` says so.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import multiprocessing
 import os
 import statistics
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -103,10 +105,32 @@ def table(summaries: list[dict], shared: bool = False, seeds: bool = False) -> s
 
 def _train_one(cfg: TrainConfig, threads: int) -> dict:
     """One recipe's run in a worker process (``jobs > 1``). On a GPU it gets its share of the CPU threads (the
-    host work is launches); on the CPU the thread count stays, as it decides the order of CPU float sums."""
+    host work is launches); on the CPU the thread count stays, as it decides the order of CPU float sums. Each
+    line it prints starts with ``[its run folder's name]``: the runs' lines interleave."""
     if resolve_device(cfg.device).type != "cpu":
         torch.set_num_threads(threads)
-    return train(cfg)
+    stdout = sys.stdout
+    sys.stdout = _Prefixed(stdout, f"[{Path(cfg.out).name}] ")
+    try:
+        return train(cfg)
+    finally:
+        sys.stdout = stdout
+
+
+class _Prefixed(io.TextIOBase):
+    """A text stream that writes to ``stream`` with ``prefix`` at the start of every line."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines(keepends=True):
+            self.stream.write((self.prefix if self.at_start else "") + line)
+            self.at_start = line.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def compare(cfg: TrainConfig, recipe_names: list[str], jobs: int = 1, seeds: list[int] | None = None) -> list[dict]:
