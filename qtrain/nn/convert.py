@@ -214,10 +214,14 @@ def report(model: nn.Module) -> str:
     the fprop operands; ``y SQNR``: dB against an fp32 linear; a data-flow linear's operands are the INT8 blocks
     its GEMM consumes, see :class:`qtrain.nn.dataflow._DataflowBlock`). Errors are recorded inside
     :func:`track_errors`; '-' where none was. Layers with fallback add each GEMM's last fallback share
-    (``fallback %`` fprop/dgrad/wgrad) and X's error without the fallback term."""
+    (``fallback %`` fprop/dgrad/wgrad) and X's error without the fallback term; INT4 layers their steps over the
+    transformed operand's RMS (``step/RMS x/w``; ~0.35 is the least-error 4-bit step of Gaussian data) and the share
+    of its elements beyond ±7 steps (``clipped % x/w``: their straight-through gradient is 0)."""
     fb = fallback_stats(model)
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    int4 = any("x_step_rms" in m.stats for m in modules)
     cols = ("layer", "in→out", "recipe", "x err", "w err", "y SQNR dB") + (
-        ("fallback % f/d/w", "x err no-fb") if fb else ())
+        ("fallback % f/d/w", "x err no-fb") if fb else ()) + (("step/RMS x/w", "clipped % x/w") if int4 else ())
     rows = [cols]
     layers = []
     for name, m in model.named_modules():
@@ -233,6 +237,9 @@ def report(model: nn.Module) -> str:
             shares = fb.get(name, {})
             row += ("/".join(f"{100 * shares[g]:.1f}" if g in shares else "-" for g in GEMMS) if shares else "-",
                     f"{s['x_rel_err_no_fallback']:.2e}" if "x_rel_err_no_fallback" in s else "-")
+        if int4:
+            row += ((f"{s['x_step_rms']:.3f}/{s['w_step_rms']:.3f}", f"{s['x_clipped_pct']:.1f}/{s['w_clipped_pct']:.1f}")
+                    if "x_step_rms" in s else ("-", "-"))
         rows.append(row)
     if len(rows) == 1:
         return "no QuantLinear layers (call qtrain.convert first)"

@@ -551,12 +551,13 @@ class QuantLinear(nn.Module):
         w = self._weight()
         ref = F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float())
         if self.plan.int4:                      # errors in the transformed domain (H is orthonormal: the same)
-            errs = []
+            self.stats = {"y_sqnr_db": sqnr(ref, y.float())}
             used = _int4_steps(self.int4_step, x, w, self.plan, self._hq_b)
-            for t, st in ((x, used[0:1]), (w, used[1:2])):
-                th = ops.block_hadamard(t, self._hq_b)
-                errs.append(relative_error(th, _hadamard.quantize_step(th, st.float()).float() * st.float()))
-            self.stats = {"x_rel_err": errs[0], "w_rel_err": errs[1], "y_sqnr_db": sqnr(ref, y.float())}
+            for side, t, st in (("x", x, used[0:1]), ("w", w, used[1:2])):
+                th = ops.block_hadamard(t, self._hq_b).float()
+                self.stats[f"{side}_rel_err"] = relative_error(th, _hadamard.quantize_step(th, st).float() * st)
+                self.stats[f"{side}_step_rms"] = (st.abs() / th.pow(2).mean().sqrt()).item()
+                self.stats[f"{side}_clipped_pct"] = 100 * ((th / st).abs() > _hadamard.QMAX4).float().mean().item()
             return
         fp = self.plan.fprop
         self.stats = {"x_rel_err": relative_error(x, _fake_quantized(fp, x, "lhs", _slot(self.fallback_tau, "fprop"))),

@@ -273,6 +273,31 @@ def test_mse_init_calibrates_the_least_error_steps(rel):
         dataclasses.replace(st, init="max")
 
 
+def test_report_shows_step_over_rms_and_clipped_share():
+    """qtrain.report's INT4 columns: the step over the transformed operand's RMS (LSQ's init: ~0.6 on Gaussian
+    data) and the share beyond ±7 steps; an absolute step kept while the weight grows 10× reads 10× smaller and
+    clips most of the weight, a relative one keeps its ratio."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 128)
+    rows = {}
+    for name, recipe in (("absolute", FPROP_ONLY), ("relative", relative(FPROP_ONLY))):
+        model = nn.Sequential(QuantLinear.from_module(nn.Linear(128, 96), recipe))
+        with qtrain.track_errors(model):
+            model(x)
+            before = dict(model[0].stats)
+            with torch.no_grad():
+                model[0].weight.mul_(10.0)
+            model(x)
+        rows[name] = (before, model[0].stats, qtrain.report(model))
+    before, after, rep = rows["absolute"]
+    assert 0.55 < before["w_step_rms"] < 0.65 and before["w_clipped_pct"] < 1.0
+    assert after["w_step_rms"] == pytest.approx(before["w_step_rms"] / 10, rel=1e-4)
+    assert after["w_clipped_pct"] > 50
+    assert "step/RMS x/w" in rep and f"{after['w_step_rms']:.3f}" in rep
+    before, after, _ = rows["relative"]
+    assert after["w_step_rms"] == pytest.approx(before["w_step_rms"], rel=1e-4) and after["w_clipped_pct"] < 1.0
+
+
 def test_relative_step_follows_the_operand_scale():
     """After calibration, X ×0.5 and W ×3 give the same INT4 codes with a relative step (y ×1.5), while the
     absolute step, fixed at its calibrated value, quantizes the scaled operands differently."""
