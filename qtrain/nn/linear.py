@@ -127,8 +127,8 @@ class Int4LinearFunction(torch.autograd.Function):
     ``F.linear`` keeps) and the INT4 ``Q(WH)`` (int8, weight-sized): the backward recomputes ``XH`` (LSQ's step
     gradient needs the unrounded ``XH/s``, which INT4 codes cannot give back) and its codes, bit for bit.
 
-    dgrad/wgrad (``bitsplit_lss``; or ``hp``: ``dY`` in fp32 against the same quantized operands, the ablation of
-    the gradient quantization): ``dY`` split into INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.split_stacked`),
+    dgrad/wgrad (``bitsplit_lss``; or ``hp``: ``dY`` unquantized against the same quantized operands, in 16-bit
+    GEMMs where ``dY`` is 16-bit (:func:`_hp_mm`), the ablation of the gradient quantization): ``dY`` split into INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.split_stacked`),
     the ``2M`` stacked rows sampled by leverage score (each GEMM its own sample, both drawn in one call where their
     :class:`~qtrain.recipes.BitSplit` agree) from the stochastic-rounding generator; ``∂L/∂X̂h = dY·Ŵh`` on
     ``ops.int4_gemm`` (over the kept rows on the CPU and from :data:`LSS_GATHER_MIN_OPS`, else over all rows with
@@ -186,6 +186,16 @@ def _int4_forward(x, weight, bias, step, plan, w_kn, out_dtype, block
     return ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]), sw.reshape(()), bias, out_dtype), qw, used
 
 
+def _hp_mm(g: torch.Tensor, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """fp32 ``g @ (codes·step)`` for the ``hp`` gradient paths (the ablation of the gradient quantization): in
+    ``g``'s dtype where that is 16-bit (the dequantized operand rounded to it once, fp32 accumulation — what BF16
+    training's backward GEMMs do; fp32 GEMMs made these runs several times slower on the GPU), else in fp32."""
+    deq = codes.float() * step
+    if g.dtype in (torch.bfloat16, torch.float16):
+        return (g @ deq.to(g.dtype)).float()
+    return g.float() @ deq
+
+
 def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
     """:class:`Int4LinearFunction`'s backward: ``(dx, dw, db, dstep)``, each None where ``need`` (whether x,
     weight, bias, step need a gradient) says so. ``used``: the forward's steps (:func:`_int4_steps`); the
@@ -199,7 +209,7 @@ def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
     learn_x, learn_w = need_step and fp.lhs.step.learn, need_step and fp.rhs.step.learn
     run_dgrad, run_wgrad = need_dx or learn_x, need_dw or learn_w
     dx = dw = db = dstep = dsx = dsw = None
-    split = plan.dgrad.path == "bitsplit_lss"          # else "hp": full-precision dY (the ablation of the split)
+    split = plan.dgrad.path == "bitsplit_lss"          # else "hp": dY unquantized (the ablation of the split)
     if run_dgrad or run_wgrad:
         xh = ops.block_hadamard(x, b)
         qx, inside_x, r_x = _lsq.lsq_quantize(xh, sx, residual=learn_x)
@@ -211,7 +221,7 @@ def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
             gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * xh.shape[1])
             gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
         else:
-            gx = dy.float() @ (qw.float() * sw)
+            gx = _hp_mm(dy, qw, sw)
         dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x), scaled=fp.lhs.step.scaled)
         if need_dx:
             dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
@@ -219,7 +229,7 @@ def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
         if split:
             gw = _lss.lss_wgrad(codes, scale["wgrad"], qx, sx.reshape(()))
         else:
-            gw = dy.float().t() @ (qx.float() * sx)
+            gw = _hp_mm(dy.t(), qx, sx)
         wh = ops.block_hadamard(w, b)
         _, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)
         dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w), scaled=fp.rhs.step.scaled)

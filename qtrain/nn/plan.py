@@ -20,7 +20,8 @@ bitsplit_lss dgrad/wgrad with an hq_int4 fprop: lhs dY with :class:`~qtrain.reci
            tensor or per row, SR; dgrad's and wgrad's alike: one split), rhs fprop's quantized W (dgrad) or X
            (wgrad) reused (``rhs == fprop.rhs`` / ``fprop.lhs``) → :mod:`qtrain.quant.lss` (dgrad on
            ``ops.int4_gemm``, wgrad in fp32 over the sampled codes); or both
-           ``hp`` with an hq_int4 fprop (the ablation of the gradient quantization: fp32 dY against fprop's codes)
+           ``hp`` with an hq_int4 fprop (the ablation of the gradient quantization: dY unquantized, bf16 under
+           autocast as in BF16 training, against fprop's codes)
 emulated   other quantized specs (SR rows/tensors, INT4, other blocks, mixed kinds): reference quantize-dequantize,
            fp32 matmul
 ========== =====================================================================================================

@@ -317,6 +317,17 @@ def test_relative_step_follows_the_operand_scale():
     assert sqnr(1.5 * y0, y1) < 40
 
 
+def test_fprop_only_ablation_takes_16_bit_gradients_in_16_bit_gemms():
+    """With a bf16 dY (BF16 autocast) the 'hp' backward runs its GEMMs in bf16 with the dequantized operands
+    rounded once, as BF16 training's backward does: close to the fp32 GEMMs (≥ 40 dB), not equal to them."""
+    torch.manual_seed(0)
+    g = torch.randn(256, 96).bfloat16()
+    codes, step = torch.randint(-7, 8, (96, 128), dtype=torch.int8), torch.tensor([0.013])
+    got, fp32 = qlinear._hp_mm(g, codes, step), g.float() @ (codes.float() * step)
+    assert got.dtype == torch.float32 and 40 < sqnr(fp32, got) < 100
+    torch.testing.assert_close(qlinear._hp_mm(g.float(), codes, step), fp32, rtol=0, atol=0)
+
+
 def test_int4_state_in_state_dict_and_plain_checkpoints():
     torch.manual_seed(0)
     layer = QuantLinear.from_module(nn.Linear(96, 64), INT4)
