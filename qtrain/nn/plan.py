@@ -248,7 +248,7 @@ INT4_PATHS = (("hq_int4", "bitsplit_lss", "bitsplit_lss"), ("hq_int4", "hp", "hp
 
 def _check_int4(recipe: Recipe, fprop: GemmPlan, dgrad: GemmPlan, wgrad: GemmPlan) -> None:
     """An ``hq_int4`` fprop comes with ``bitsplit_lss`` dgrad and wgrad, or with both ``hp`` (the ablation of the
-    gradient quantization: full-precision dY against fprop's quantized operands); its backward runs the
+    gradient quantization: unquantized dY against fprop's quantized operands); its backward runs the
     straight-through estimator of the quantizer and the LSQ step gradients, and it keeps X in floating point."""
     paths = (fprop.path, dgrad.path, wgrad.path)
     if "hq_int4" not in paths and "bitsplit_lss" not in paths:
