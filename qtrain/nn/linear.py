@@ -556,6 +556,21 @@ class QuantLinear(nn.Module):
         self._hq_b, self._int4_ready = blocks[i], True
 
     @torch.no_grad()
+    def int4_weight_stats(self) -> dict[str, float] | None:
+        """The INT4 weight quantizer now (no forward needed): its step over the transformed weight's RMS and the
+        share (%) of the weight beyond ±7 steps; None before calibration, for other recipes, or for a sharded
+        (FSDP2) weight."""
+        if not (self.plan.int4 and self._int4_ready) or hasattr(self.weight, "full_tensor"):
+            return None
+        w = self._weight()
+        wh = ops.block_hadamard(w, self._hq_b).float()
+        sw = self.int4_step.detach().float()[1:2]
+        if self.plan.fprop.spec.rhs.step.relative:
+            sw = sw * _rms(w, self._hq_b)
+        return {"w_step_rms": (sw.abs() / wh.pow(2).mean().sqrt()).item(),
+                "w_clipped_pct": 100 * ((wh / sw).abs() > _hadamard.QMAX4).float().mean().item()}
+
+    @torch.no_grad()
     def _record_errors(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Quantization error of the forward: relative error of X̂ and Ŵ, SQNR of Y against fp32."""
         w = self._weight()

@@ -559,10 +559,15 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                 fallback = fallback_shares(run.model)                      # of this training step, before eval
                 if fallback:
                     entry["fallback_pct"] = fallback
+                int4 = int4_weight_summary(run.model)
+                if int4:
+                    entry["int4_w"] = int4
                 val_loss = entry["val_loss"] = evaluate(run)
                 say(f"step {done}: loss {entry['loss']:.4f}, val loss {val_loss:.4f}, lr {lr:.2e}, "
                     f"{rate:,.0f} tokens/s" + (", fallback % " + " ".join(f"{g} {v:.1f}" for g, v in
-                                                                          fallback.items()) if fallback else ""))
+                                                                          fallback.items()) if fallback else "")
+                    + (f", INT4 W step/RMS {int4['step_rms_min']:.3f}–{int4['step_rms_max']:.3f}, clipped mean "
+                       f"{int4['clipped_pct_mean']:.1f} % max {int4['clipped_pct_max']:.1f} %" if int4 else ""))
             log.write(json.dumps(entry) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{rate:,.0f}",
@@ -586,6 +591,18 @@ def fallback_shares(model) -> dict[str, float]:
         if vals:
             out[gemm] = round(100 * sum(vals) / len(vals), 2)
     return out
+
+
+def int4_weight_summary(model) -> dict[str, float]:
+    """Over the INT4 layers, their weight steps over the transformed weights' RMS (min, max) and the share (%) of
+    weight clipped beyond ±7 steps (mean, max) — how far the steps have drifted from the weights ({} if none)."""
+    stats = [s for m in model.modules() if isinstance(m, qtrain.QuantLinear)
+             for s in [m.int4_weight_stats()] if s is not None]
+    if not stats:
+        return {}
+    ratios, clipped = [s["w_step_rms"] for s in stats], [s["w_clipped_pct"] for s in stats]
+    return {"step_rms_min": round(min(ratios), 4), "step_rms_max": round(max(ratios), 4),
+            "clipped_pct_mean": round(sum(clipped) / len(clipped), 2), "clipped_pct_max": round(max(clipped), 2)}
 
 
 def stopped(what: str, last_good: Path | None) -> TrainingStopped:

@@ -298,6 +298,19 @@ def test_report_shows_step_over_rms_and_clipped_share():
     assert after["w_step_rms"] == pytest.approx(before["w_step_rms"], rel=1e-4) and after["w_clipped_pct"] < 1.0
 
 
+def test_weight_stats_without_a_forward():
+    """QuantLinear.int4_weight_stats: the report's weight columns from the weight and step alone (None before
+    calibration and for other recipes)."""
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(nn.Linear(128, 96), FPROP_ONLY)
+    assert layer.int4_weight_stats() is None
+    with qtrain.track_errors(nn.Sequential(layer)):
+        layer(torch.randn(64, 128))
+    stats = layer.int4_weight_stats()
+    assert stats == pytest.approx({k: layer.stats[k] for k in ("w_step_rms", "w_clipped_pct")}, rel=1e-5)
+    assert QuantLinear.from_module(nn.Linear(128, 96), qtrain.recipes.get("switchback")).int4_weight_stats() is None
+
+
 def test_relative_step_follows_the_operand_scale():
     """After calibration, X ×0.5 and W ×3 give the same INT4 codes with a relative step (y ×1.5), while the
     absolute step, fixed at its calibrated value, quantizes the scaled operands differently."""
