@@ -567,8 +567,7 @@ class QuantLinear(nn.Module):
         sw = self.int4_step.detach().float()[1:2]
         if self.plan.fprop.spec.rhs.step.relative:
             sw = sw * _rms(w, self._hq_b)
-        return {"w_step_rms": (sw.abs() / wh.pow(2).mean().sqrt()).item(),
-                "w_clipped_pct": 100 * ((wh / sw).abs() > _hadamard.QMAX4).float().mean().item()}
+        return dict(zip(("w_step_rms", "w_clipped_pct"), _step_stats(wh, sw)))
 
     @torch.no_grad()
     def _record_errors(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -581,8 +580,7 @@ class QuantLinear(nn.Module):
             for side, t, st in (("x", x, used[0:1]), ("w", w, used[1:2])):
                 th = ops.block_hadamard(t, self._hq_b).float()
                 self.stats[f"{side}_rel_err"] = relative_error(th, _hadamard.quantize_step(th, st).float() * st)
-                self.stats[f"{side}_step_rms"] = (st.abs() / th.pow(2).mean().sqrt()).item()
-                self.stats[f"{side}_clipped_pct"] = 100 * ((th / st).abs() > _hadamard.QMAX4).float().mean().item()
+                self.stats[f"{side}_step_rms"], self.stats[f"{side}_clipped_pct"] = _step_stats(th, st)
             return
         fp = self.plan.fprop
         self.stats = {"x_rel_err": relative_error(x, _fake_quantized(fp, x, "lhs", _slot(self.fallback_tau, "fprop"))),
@@ -590,6 +588,13 @@ class QuantLinear(nn.Module):
                       "y_sqnr_db": sqnr(ref, y.float())}
         if fp.path == "fallback":              # the same X in 1×c blocks without the residual term
             self.stats["x_rel_err_no_fallback"] = relative_error(x, _fake_quantized(fp, x, "lhs", no_fallback=True))
+
+
+def _step_stats(th: torch.Tensor, step: torch.Tensor) -> tuple[float, float]:
+    """``(step / RMS of th, % of th beyond ±7 steps)`` for a transformed INT4 operand ``th`` (fp32) and its step
+    ``[1]`` — the report's and the training log's view of a step."""
+    return ((step.abs() / th.pow(2).mean().sqrt()).item(),
+            100 * ((th / step).abs() > _hadamard.QMAX4).float().mean().item())
 
 
 def _fake_quantized(plan, t, side, tau=None, no_fallback=False) -> torch.Tensor:
