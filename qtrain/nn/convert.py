@@ -218,17 +218,16 @@ def report(model: nn.Module) -> str:
     transformed operand's RMS (``step/RMS x/w``; ~0.35 is the least-error 4-bit step of Gaussian data) and the share
     of its elements beyond ±7 steps (``clipped % x/w``: their straight-through gradient is 0)."""
     fb = fallback_stats(model)
-    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    int4 = any("x_step_rms" in m.stats for m in modules)
-    cols = ("layer", "in→out", "recipe", "x err", "w err", "y SQNR dB") + (
-        ("fallback % f/d/w", "x err no-fb") if fb else ()) + (("step/RMS x/w", "clipped % x/w") if int4 else ())
-    rows = [cols]
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             layers.append((name, m, m.recipe, m.stats))
         elif isinstance(m, dataflow.DATAFLOW_BLOCKS):
             layers += [(f"{name}.{n}" if name else n, lin, m.recipe, m.stats.get(n, {})) for n, lin in m.linears()]
+    int4 = any("x_step_rms" in s for *_, s in layers)
+    cols = ("layer", "in→out", "recipe", "x err", "w err", "y SQNR dB") + (
+        ("fallback % f/d/w", "x err no-fb") if fb else ()) + (("step/RMS x/w", "clipped % x/w") if int4 else ())
+    rows = [cols]
     for name, m, recipe, s in layers:
         row = (name, f"{m.in_features}→{m.out_features}", recipe.name,
                f"{s['x_rel_err']:.2e}" if s else "-", f"{s['w_rel_err']:.2e}" if s else "-",
@@ -238,8 +237,8 @@ def report(model: nn.Module) -> str:
             row += ("/".join(f"{100 * shares[g]:.1f}" if g in shares else "-" for g in GEMMS) if shares else "-",
                     f"{s['x_rel_err_no_fallback']:.2e}" if "x_rel_err_no_fallback" in s else "-")
         if int4:
-            row += ((f"{s['x_step_rms']:.3f}/{s['w_step_rms']:.3f}", f"{s['x_clipped_pct']:.1f}/{s['w_clipped_pct']:.1f}")
-                    if "x_step_rms" in s else ("-", "-"))
+            row += tuple(f"{s[f'x_{k}']:{f}}/{s[f'w_{k}']:{f}}" if "x_step_rms" in s else "-"
+                         for k, f in (("step_rms", ".3f"), ("clipped_pct", ".1f")))
         rows.append(row)
     if len(rows) == 1:
         return "no QuantLinear layers (call qtrain.convert first)"

@@ -128,8 +128,8 @@ class Int4LinearFunction(torch.autograd.Function):
     gradient needs the unrounded ``XH/s``, which INT4 codes cannot give back) and its codes, bit for bit.
 
     dgrad/wgrad (``bitsplit_lss``; or ``hp``: ``dY`` unquantized against the same quantized operands, in 16-bit
-    GEMMs where ``dY`` is 16-bit (:func:`_hp_mm`), the ablation of the gradient quantization): ``dY`` split into INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.split_stacked`),
-    the ``2M`` stacked rows sampled by leverage score (each GEMM its own sample, both drawn in one call where their
+    GEMMs where ``dY`` is 16-bit (:func:`_hp_mm`), the ablation of the gradient quantization): ``dY`` split into
+    INT4 ``hi``/``lo`` (:func:`qtrain.quant.lss.split_stacked`), the ``2M`` stacked rows sampled by leverage score (each GEMM its own sample, both drawn in one call where their
     :class:`~qtrain.recipes.BitSplit` agree) from the stochastic-rounding generator; ``∂L/∂X̂h = dY·Ŵh`` on
     ``ops.int4_gemm`` (over the kept rows on the CPU and from :data:`LSS_GATHER_MIN_OPS`, else over all rows with
     zero scales), ``∂L/∂Ŵh = dYᵀ·X̂h`` in fp32. Then the quantizer's backward
@@ -165,14 +165,17 @@ def _rms(t: torch.Tensor, b: int) -> torch.Tensor:
     return torch.where((r > 0) & torch.isfinite(r), r, torch.ones_like(r))
 
 
+def _step_unit(t: torch.Tensor, op, b: int) -> torch.Tensor:
+    """fp32 ``[1]``: what the Parameter of operand ``t``'s step (spec ``op``) is in units of — the operand's
+    :func:`_rms` where its :class:`~qtrain.recipes.LearnedStep` is ``relative``, else 1."""
+    return _rms(t, b) if op.step.relative else torch.ones(1, device=t.device)
+
+
 def _int4_steps(step: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan, b: int) -> torch.Tensor:
     """fp32 ``[2]``: the steps ``(s_X, s_W)`` the quantizers of ``x [M, K]`` and ``w [N, K]`` use — the
-    Parameter's values, times the operand's :func:`_rms` where its :class:`~qtrain.recipes.LearnedStep` is
-    ``relative``."""
+    Parameter's values times their :func:`_step_unit`."""
     fp = plan.fprop.spec
-    steps = step.detach().float()
-    return torch.cat([steps[0:1] * _rms(x, b) if fp.lhs.step.relative else steps[0:1],
-                      steps[1:2] * _rms(w, b) if fp.rhs.step.relative else steps[1:2]])
+    return step.detach().float() * torch.cat([_step_unit(x, fp.lhs, b), _step_unit(w, fp.rhs, b)])
 
 
 def _int4_forward(x, weight, bias, step, plan, w_kn, out_dtype, block
@@ -549,9 +552,8 @@ class QuantLinear(nn.Module):
         for j, (t, op) in enumerate(((x, fp.lhs), (w, fp.rhs))):
             if op.step.init == "mse":
                 chosen[j] = _lsq.mse_step(ops.block_hadamard(t, b).float()).to(chosen.device)
-        rel = torch.cat([_rms(x, b) if fp.lhs.step.relative else steps.new_ones(1),   # relative: step / RMS
-                         _rms(w, b) if fp.rhs.step.relative else steps.new_ones(1)])
-        self.int4_step.data.copy_((chosen / rel.to(chosen.device)).to(self.int4_step.device))
+        unit = torch.cat([_step_unit(x, fp.lhs, b), _step_unit(w, fp.rhs, b)]).to(chosen.device)
+        self.int4_step.data.copy_((chosen / unit).to(self.int4_step.device))
         self.hq_block.fill_(blocks[i])
         self._hq_b, self._int4_ready = blocks[i], True
 
@@ -564,9 +566,7 @@ class QuantLinear(nn.Module):
             return None
         w = self._weight()
         wh = ops.block_hadamard(w, self._hq_b).float()
-        sw = self.int4_step.detach().float()[1:2]
-        if self.plan.fprop.spec.rhs.step.relative:
-            sw = sw * _rms(w, self._hq_b)
+        sw = self.int4_step.detach().float()[1:2] * _step_unit(w, self.plan.fprop.spec.rhs, self._hq_b)
         return dict(zip(("w_step_rms", "w_clipped_pct"), _step_stats(wh, sw)))
 
     @torch.no_grad()

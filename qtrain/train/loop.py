@@ -596,8 +596,7 @@ def fallback_shares(model) -> dict[str, float]:
 def int4_weight_summary(model) -> dict[str, float]:
     """Over the INT4 layers, their weight steps over the transformed weights' RMS (min, max) and the share (%) of
     weight clipped beyond ±7 steps (mean, max) — how far the steps have drifted from the weights ({} if none)."""
-    stats = [s for m in model.modules() if isinstance(m, qtrain.QuantLinear)
-             for s in [m.int4_weight_stats()] if s is not None]
+    stats = [s for _, m in qtrain.nn.quant_layers(model) for s in [m.int4_weight_stats()] if s is not None]
     if not stats:
         return {}
     ratios, clipped = [s["w_step_rms"] for s in stats], [s["w_clipped_pct"] for s in stats]
