@@ -394,10 +394,15 @@ JETFIRE_WIDE = _jetfire(
 PRESETS: dict[str, Recipe] = {r.name: r for r in (BF16, SWITCHBACK, SWITCHBACK_M, FALLBACK, JETFIRE, JETFIRE_WIDE)}
 
 _HQ = OperandSpec("int4", TENSOR, transform=Hadamard(256, search=True), step=LearnedStep())
-# LSS budget 1.5·M (the paper's M: +5.60 % / +3.76 % val loss vs BF16 in two 500-step llama-125m runs; 1.5·M:
-# +2.22 %, sampling in wgrad only +2.29 %, none +0.42 % — benchmarks/results/2026-12-01-h200-compare-llama125m-int4-*;
-# 1.5·M at seeds 1 and 2: +5.69 % and +5.71 %, …-compare-llama125m-seed1.md, …-seed2.md)
-_BS = OperandSpec("int4", TENSOR, "stochastic", split=BitSplit(budget=1.5))
+# dY's bit split with one scale per token (row) and leverage-score sampling at 1.9·M of the 2M stacked rows. With one
+# scale per tensor (METHODS.md's formula) most tokens' gradients fall to the 4-bit low part: on llama-125m (H200) that
+# backward's weight gradients lie 9.5-25 dB from the exact-dY ones, per token (1.5·M) 19-30 dB, per token with every
+# row kept 26-34 dB; per token at 1.9·M is within 1 dB of every row (llama-tiny, CPU; scripts/int4_grad_sqnr.py).
+# Val loss vs BF16 at 500 steps: per tensor at 1.5·M +5.69 / +5.71 % (seeds 1 / 2; benchmarks/recipes/
+# int4_tensor_split.json); per token at 1.5·M +5.85 / +3.13 %, at 1.9·M +2.7 % (seed 1), every row +3.05 / +0.27 %;
+# the forward alone +0.81 / +1.96 % (benchmarks/results/2026-12-02-h200-compare-llama125m-int4-*); all with METHODS.md's
+# ±6 clamps of the split, since replaced by INT4's ±7 (unbiased; qtrain/quant/lss.py).
+_BS = OperandSpec("int4", ROW, "stochastic", split=BitSplit(budget=1.9))
 INT4 = Recipe(
     "int4",
     fprop=GemmSpec(lhs=_HQ, rhs=_HQ),
@@ -405,9 +410,9 @@ INT4 = Recipe(
     wgrad=GemmSpec(lhs=_BS, rhs=_HQ),
     description="Xi et al. 2023: fprop X and W times a block-diagonal Hadamard matrix along K (block 16–256 "
                 "picked per layer on the first forward), then INT4 per tensor with learned steps (LSQ); dgrad "
-                "and wgrad split dY into two INT4 parts (~8 bits) and keep 1.5·M of the 2M stacked rows (in "
-                "expectation) by leverage-score sampling (unbiased), against fprop's INT4 W and X (reused). INT4 "
-                "values run on the INT8 GEMM.",
+                "and wgrad split dY into two INT4 parts (~8 bits, one scale per token) and keep 1.9·M of the "
+                "2M stacked rows (in expectation) by leverage-score sampling (unbiased), against fprop's INT4 W "
+                "and X (reused). INT4 values run on the INT8 GEMM.",
 )
 PRESETS[INT4.name] = INT4
 

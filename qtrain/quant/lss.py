@@ -7,12 +7,16 @@ int8, s [] fp32 — or [M] per row)``::
 
     s  = 196 / (2·max|dY|)                   (1.0 for an all-zero dY; NaN when dY holds NaN/Inf)
                                              (per_row: max over each row, one s per token)
-    hi = clamp(round(dY·s / 14), −6, 6)      (RTN, half to even)
-    lo = clamp(SR(dY·s − 14·hi), −6, 6)      (SR: floor(v + u), u ~ U[0, 1))
-    dY ≈ (14·hi + lo) / s                    (~8 bits: |error| ≤ 1/s where |dY·s| ≤ 90)
+    hi = clamp(round(dY·s / 14), −7, 7)      (RTN, half to even)
+    lo = clamp(SR(dY·s − 14·hi), −7, 7)      (SR: floor(v + u), u ~ U[0, 1))
+    dY ≈ (14·hi + lo) / s                    (~8 bits: |error| < 1/s; E[lo] = dY·s − 14·hi exactly)
 
-Both parts are INT4 values in ``[-6, 6]`` stored in int8. The formula clips ``|dY·s|`` above 90 (the top
-8 % of the range, only near-maximal entries) to 90 — as METHODS.md gives it. **Decision** (``per_row``, a
+Both parts are INT4 values in ``[-7, 7]`` stored in int8. **Decision** (the clamps): METHODS.md clamps both parts
+to ``[-6, 6]``, which clips ``|dY·s|`` above 90 (the top 8 % of the range) and biases every residual in
+``(6, 7]`` — a seventh of them — by up to one low step: a deterministic error that averaging draws does not
+remove, small with one scale per tensor (only near-maximal entries clip) but hitting each token's largest entries
+with one scale per row. INT4's full range ``[-7, 7]`` holds both parts with no clipping (``|dY·s| ≤ 98``, so
+``|hi| ≤ 7`` and the residual lies in ``[-7, 7]``): the split is unbiased. **Decision** (``per_row``, a
 recipe's ``row`` granularity for dY): METHODS.md's one scale per tensor leaves the gradient of most tokens in the
 low part alone — on gradients whose rows differ in scale (a token's gradient norm spreads over orders of
 magnitude) 99.7 % of the entries have ``|dY·s| < 7`` and the split's relative error is ~27 %, against ~2 % with
@@ -54,7 +58,7 @@ from qtrain.quant.core import capture_safe, check_2d, check_float
 from qtrain.quant.int8_gemm import int8_gemm
 
 HI_WEIGHT = 14
-SPLIT_MAX = 6
+SPLIT_MAX = 7
 
 
 def split_stacked(dy: torch.Tensor, generator: torch.Generator, per_row: bool = False

@@ -132,7 +132,7 @@ INT4_REJECTED = {
     "save int8": (Recipe("g", fprop=GemmSpec(_HQ, _HQ), dgrad=GemmSpec(_BS, _HQ), wgrad=GemmSpec(_BS, _HQ),
                          save_int8_input=True), "save_int8_input"),
     "split scales differ": (Recipe("h", fprop=GemmSpec(_HQ, _HQ),
-                                   dgrad=GemmSpec(dataclasses.replace(_BS, granularity=ROW), _HQ),
+                                   dgrad=GemmSpec(dataclasses.replace(_BS, granularity=TENSOR), _HQ),
                                    wgrad=GemmSpec(_BS, _HQ)), "lhs granularity must agree"),
 }
 
@@ -160,7 +160,7 @@ def test_int4_rejections_name_what_is_accepted(case):
 def test_int4_schema_validation_and_round_trip():
     r = recipes.get("int4")
     assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
-    assert "H≤256/LSQ" in str(r) and "bitsplit/LSS(1.5M)" in str(r) and r.description
+    assert "H≤256/LSQ" in str(r) and "int4/row/SR/bitsplit/LSS(1.9M)" in str(r) and r.description
     with pytest.raises(ValueError, match="INT4 per-tensor"):
         OperandSpec("int8", TENSOR, step=LearnedStep())
     with pytest.raises(ValueError, match="INT4 per-tensor"):
