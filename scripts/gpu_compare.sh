@@ -5,6 +5,8 @@
 # Usage (from the repository root): bash scripts/gpu_compare.sh [extra qtrain compare flags]
 # Environment: STEPS (default 500), RECIPES (default bf16,switchback), MODEL (default llama-125m), JOBS (recipes
 # trained at once on the GPU, default 1; above 1 the tokens/s are not comparable).
+# compare.md/.json/.png in $RUN (default /tmp/qtrain-gpu-compare) are rewritten as each run finishes: after a
+# `timeout` stopped this script, copy them from there to keep the runs it finished.
 set -euo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT="${OUT:-out}"

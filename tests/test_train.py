@@ -1,5 +1,6 @@
 """The training loop: SwitchBack tracks bf16, resume is bit-exact, compare writes its plot and table, and the run
 folder holds what the docs promise."""
+import importlib
 import json
 import math
 import shutil
@@ -171,3 +172,28 @@ def test_no_weight_decay_on_norms_biases_embeddings(name):
                    or "wte" in names[id(p)] or "wpe" in names[id(p)] or "embed" in names[id(p)]
                    for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_compare_keeps_the_runs_finished_when_stopped(tmp_path, monkeypatch):
+    """A comparison stopped part way (here the third of four runs fails) has written the two runs it finished:
+    the table marks the missing ones and says how many finished."""
+    compare_module = importlib.import_module("qtrain.train.compare")      # qtrain.train.compare is the function
+    real, calls = compare_module.train, []
+
+    def train_or_stop(cfg):
+        calls.append(cfg.out)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("time limit")
+        return real(cfg)
+
+    monkeypatch.setattr(compare_module, "train", train_or_stop)
+    out = tmp_path / "stopped"
+    cfg = TrainConfig(steps=2, eval_every=2, save_every=2, out=str(out), **SMALL)
+    with pytest.raises(KeyboardInterrupt):
+        compare(cfg, ["bf16", "switchback"], seeds=[3, 4])
+    table = (out / "compare.md").read_text()
+    assert "**2 of 4 runs finished**" in table
+    assert "| bf16 |" in table and "| switchback |" not in table
+    assert [(s["recipe"], s["seed"]) for s in json.loads((out / "compare.json").read_text())] == [("bf16", 3),
+                                                                                                 ("bf16", 4)]
+    assert (out / "compare.png").exists()

@@ -13,6 +13,9 @@ llama-125m at 500 steps BF16 runs of the same seed ended up to 1 % apart).
 ``jobs > 1`` trains that many recipes at once, each in its own process on the same device: the losses are the
 same as one after another (same seed, same data), but tokens/s and peak memory then measure runs sharing the
 device, and ``compare.md`` says so.
+
+The comparison files are rewritten as each run finishes: a comparison stopped part way (a device's time limit)
+keeps the runs it finished, and ``compare.md`` says how many of how many.
 """
 from __future__ import annotations
 
@@ -61,7 +64,7 @@ def parse_seeds(text: str) -> list[int]:
 def seeds_table(summaries: list[dict]) -> str:
     """The markdown table of a comparison over seeds: per recipe the final validation loss at each seed, Δ % vs
     the ``bf16`` run of the same seed, and the mean Δ ± its standard error over seeds (sd / √n of the paired
-    differences; "—" for one seed)."""
+    differences; "—" for one seed, and for a run not in ``summaries``)."""
     seeds = sorted({s["seed"] for s in summaries})
     recipes = list(dict.fromkeys(s["recipe"] for s in summaries))
     val = {(s["recipe"], s["seed"]): s["final_val_loss"] for s in summaries}
@@ -69,15 +72,17 @@ def seeds_table(summaries: list[dict]) -> str:
              + " | ".join(f"Δ % seed {n}" for n in seeds) + " | mean Δ % ± s.e. |",
              "|---|" + "---:|" * (2 * len(seeds) + 2)]
     for r in recipes:
-        losses = [val[r, n] for n in seeds]
-        deltas = [100 * (val[r, n] - val["bf16", n]) / val["bf16", n] if ("bf16", n) in val else None
-                  for n in seeds]
+        losses = [val.get((r, n)) for n in seeds]                      # None: that run has not finished
+        deltas = [100 * (val[r, n] - val["bf16", n]) / val["bf16", n] if (r, n) in val and ("bf16", n) in val
+                  else None for n in seeds]
         known = [d for d in deltas if d is not None]
         if len(known) > 1:
             mean = f"{statistics.mean(known):+.2f} % ± {statistics.stdev(known) / math.sqrt(len(known)):.2f}"
         else:
             mean = f"{known[0]:+.2f} %" if known else "—"
-        lines.append(f"| {r} | " + " | ".join(f"{v:.4f}" for v in losses) + f" | {statistics.mean(losses):.4f} | "
+        done = [v for v in losses if v is not None]
+        lines.append(f"| {r} | " + " | ".join("—" if v is None else f"{v:.4f}" for v in losses)
+                     + f" | {statistics.mean(done):.4f} | "
                      + " | ".join("—" if d is None else f"{d:+.2f} %" for d in deltas) + f" | {mean} |")
     return "\n".join(lines) + "\n"
 
@@ -157,16 +162,34 @@ def compare(cfg: TrainConfig, recipe_names: list[str], jobs: int = 1, seeds: lis
                                                                    else folders[name])))
                for name in recipe_names for seed in seeds]
     jobs = min(jobs, len(configs))
+    finished: dict[int, dict] = {}
+
+    def done(i: int, summary: dict) -> None:
+        summary["seed"] = configs[i].seed
+        finished[i] = summary
+        if "rank" not in summary:        # under torchrun, rank 0 writes the comparison
+            _write(cfg, out, [finished[k] for k in sorted(finished)], len(configs), jobs, many, seeds)
+
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            summaries = pool.map(functools.partial(_train_one, threads=threads), configs, chunksize=1)
+            for i, summary in pool.imap_unordered(functools.partial(_train_indexed, configs=configs,
+                                                                    threads=threads), range(len(configs))):
+                done(i, summary)
     else:
-        summaries = [train(c) for c in configs]
-    for summary, c in zip(summaries, configs):
-        summary["seed"] = c.seed
-    if "rank" in summaries[0]:     # under torchrun, rank 0 writes the comparison
-        return summaries
+        for i, c in enumerate(configs):
+            done(i, train(c))
+    return [finished[i] for i in range(len(configs))]
+
+
+def _train_indexed(i: int, configs: list[TrainConfig], threads: int) -> tuple[int, dict]:
+    return i, _train_one(configs[i], threads)
+
+
+def _write(cfg: TrainConfig, out: Path, summaries: list[dict], total: int, jobs: int, many: bool,
+           seeds: list[int]) -> None:
+    """Write ``compare.md``, ``compare.json`` and ``compare.png`` of the runs finished so far (after each run: a
+    comparison stopped by a time limit keeps the runs it finished)."""
     runs = {(f"{s['recipe']} seed {s['seed']}" if many else s["recipe"]): read_log(Path(s["out"]) / "log.jsonl")
             for s in summaries}
     first = summaries[0]
@@ -177,10 +200,11 @@ def compare(cfg: TrainConfig, recipe_names: list[str], jobs: int = 1, seeds: lis
               f"seed{'s ' + ', '.join(map(str, seeds)) if many else ' ' + str(seeds[0])}, {first['device']}, "
               f"{first['precision']}.\n\n"
               + (f"{jobs} runs trained at a time on one device: tokens/s and peak memory are those of runs sharing "
-                 "it, not comparable between recipes.\n\n" if jobs > 1 else ""))
+                 "it, not comparable between recipes.\n\n" if jobs > 1 else "")
+              + (f"**{len(summaries)} of {total} runs finished** (this file is rewritten as each run ends).\n\n"
+                 if len(summaries) < total else ""))
     body = (seeds_table(summaries) + "\nEvery run, speed and memory:\n\n" + table(summaries, shared=jobs > 1,
                                                                                    seeds=True)) if many \
         else table(summaries, shared=jobs > 1)
     (out / "compare.md").write_text(header + body + "\n![loss curves](compare.png)\n")
     (out / "compare.json").write_text(json.dumps(summaries, indent=1))
-    return summaries
