@@ -183,6 +183,7 @@ def compare(cfg: TrainConfig, recipe_names: list[str], jobs: int = 1, seeds: lis
 
 
 def _train_indexed(i: int, configs: list[TrainConfig], threads: int) -> tuple[int, dict]:
+    """``(i, summary)`` of run ``configs[i]`` (:func:`_train_one`): runs finish out of order under ``--jobs``."""
     return i, _train_one(configs[i], threads)
 
 
