@@ -73,8 +73,8 @@ def report(ckpt_path: str, batch_size: int, seq_len: int, device: str) -> str:
     run = config["train"]
     tokens = qdata.load_tokens(run["data"], qdata.get_tokenizer(run["tokenizer"]))
     b = [(x.to(device), y.to(device)) for x, y in qdata.eval_batches(tokens.val, 3, batch_size, seq_len)]
-    autocast = ((lambda: torch.autocast(device, torch.bfloat16)) if device.startswith("cuda")
-                else contextlib.nullcontext)
+    kind = torch.device(device).type                   # autocast takes the device type: 'cuda', not 'cuda:0'
+    autocast = (lambda: torch.autocast(kind, torch.bfloat16)) if kind == "cuda" else contextlib.nullcontext
     fprop_only = Recipe.from_dict(json.loads(FPROP_ONLY.read_text()))
     exact_model, exact = gradients(model, fprop_only, b[0], 0, calibration=b[2], autocast=autocast)
     _, other = gradients(model, fprop_only, b[1], 0, exact_model, autocast=autocast)
