@@ -136,7 +136,8 @@ class LearnedStep:
     their first-batch values). Measured (llama-125m, 500 steps, seed 1): relative with LSQ's scale — the Parameter
     frozen, i.e. a step of ``2·mean|t|/√qmax`` taken afresh every forward — ended +8.5 % above BF16, worse than the
     preset's absolute steps (+2.0 … +5.9 % at that seed, ``…-compare-llama125m-int4-relstep.md``); relative and
-    unscaled (``benchmarks/recipes/int4_relstep_unscaled.json``) is not yet measured on the GPU.
+    unscaled (``benchmarks/recipes/int4_relstep_unscaled.json``) +6.3 % against the preset's +3.8 % (seeds 2, 3;
+    its ratio moved from 0.60 to 0.54–0.60 in 500 steps), ``init='mse'`` +3.75 % (``…-int4-four-seeds.md``).
 
     ``init``: ``'lsq'`` (METHODS.md's ``2·mean|x|/√qmax``) or ``'mse'`` — the step with the least squared error on
     the first batch (:func:`qtrain.quant.lsq.mse_step`; on Gaussian data 0.35·RMS, 18.9 dB, against LSQ's
@@ -400,8 +401,9 @@ _HQ = OperandSpec("int4", TENSOR, transform=Hadamard(256, search=True), step=Lea
 # row kept 26-34 dB; per token at 1.9·M is within 1 dB of every row (llama-tiny, CPU; scripts/int4_grad_sqnr.py).
 # Val loss vs BF16 at 500 steps: per tensor at 1.5·M +5.69 / +5.71 % (seeds 1 / 2; benchmarks/recipes/
 # int4_tensor_split.json); per token at 1.5·M +5.85 / +3.13 %, at 1.9·M +2.7 % (seed 1), every row +3.05 / +0.27 %;
-# the forward alone +0.81 / +1.96 % (benchmarks/results/2026-12-02-h200-compare-llama125m-int4-*); all with METHODS.md's
-# ±6 clamps of the split, since replaced by INT4's ±7 (unbiased; qtrain/quant/lss.py).
+# the forward alone +0.81 / +1.96 % — all with METHODS.md's ±6 clamps of the split, since replaced by INT4's ±7
+# (unbiased; qtrain/quant/lss.py). This preset with ±7: +1.69 % ± 1.67 (mean ± s.e., seeds 0-3: -3.11 / +2.32 /
+# +2.99 / +4.56 %; benchmarks/results/2026-12-02-h200-compare-llama125m-int4-*).
 _BS = OperandSpec("int4", ROW, "stochastic", split=BitSplit(budget=1.9))
 INT4 = Recipe(
     "int4",
