@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
 
@@ -93,6 +94,25 @@ def test_fsdp2_matches_ddp_and_resumes_exactly(two_procs, tmp_path, env):
     assert r.returncode == 0, _errors(r)
     resumed = [(e["step"], e["loss"], e.get("val_loss")) for e in _log(tmp_path / "resumed")]
     assert resumed == [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
+
+
+def test_int4_under_fsdp2_matches_ddp_from_one_calibration(tmp_path, env):
+    """INT4 layers calibrate before the model is wrapped, alike on every process (on process 0's share of the
+    first batch): under FSDP2 the steps written during the first (sharded) forward were once lost — every layer
+    trained from the −1 placeholder, and the loss left DDP's from step 2 on."""
+    flags = FLAGS + ["--recipe", "int4", "--batch-size", "2", "--steps", "3", "--save-every", "3"]
+    runs = {name: tmp_path / name for name in ("ddp", "fsdp")}
+    for name, out in runs.items():
+        r = _run(flags + ["--out", str(out)] + (["--fsdp"] if name == "fsdp" else []), env, procs=2)
+        assert r.returncode == 0, _errors(r)
+    for a, b in zip(_log(runs["fsdp"]), _log(runs["ddp"]), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
+    ddp, sharded = (load_file(out / "step-000003" / "model.safetensors") for out in runs.values())
+    state = [k for k in ddp if k.endswith(("int4_step", "hq_block"))]
+    assert len(state) == 32                                             # 16 layers: steps and block each
+    for k in state:
+        torch.testing.assert_close(sharded[k], ddp[k], rtol=1e-4, atol=0)
+        assert not torch.all(ddp[k] == -1), k                           # calibrated
 
 
 def test_fsdp_needs_several_processes(tmp_path, env):

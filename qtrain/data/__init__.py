@@ -141,6 +141,20 @@ class Batches:
         mine = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         return _slice(self.tokens, mine, self.seq_len)
 
+    def peek(self, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process ``rank``'s share of the batch :meth:`next` draws next, without drawing it."""
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank {rank} is not in [0, {self.world})")
+        state = self.generator.get_state()
+        own, self.rank = self.rank, rank
+        try:
+            batch = self.next()
+        finally:
+            self.generator.set_state(state)
+            self.rank = own
+            self.drawn -= 1
+        return batch
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "drawn": self.drawn}
 

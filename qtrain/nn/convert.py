@@ -1,4 +1,5 @@
-"""``convert``: swap a model's linear layers for :class:`QuantLinear` in place; ``report``: per-layer telemetry."""
+"""``convert``: swap a model's linear layers for :class:`QuantLinear` in place; ``calibrate``: set the layers'
+data-dependent state on one batch; ``report``: per-layer telemetry."""
 from __future__ import annotations
 
 import contextlib
@@ -6,11 +7,12 @@ import logging
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from qtrain import recipes
 from qtrain.nn import dataflow
-from qtrain.nn.linear import QuantLinear, is_hf_conv1d
+from qtrain.nn.linear import QuantLinear, calibrating, is_hf_conv1d
 from qtrain.nn.plan import GEMMS, build_plan
 from qtrain.quant.core import FLOAT_DTYPES
 
@@ -157,6 +159,41 @@ def quantized_linear_names(model: nn.Module) -> list[str]:
     for bn, block in _dataflow_blocks(model):
         names += [f"{bn}.{n}" if bn else n for n, _ in block.linears()]
     return sorted(names)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, *args, **kwargs) -> int:
+    """Calibrate the layers that calibrate on their first input (INT4: the Hadamard block and the LSQ steps) by
+    one forward ``model(*args, **kwargs)`` without gradients; return how many did (0, with no forward, where none
+    needs it — e.g. after loading a calibrated checkpoint).
+
+    Where torch.distributed is initialized an INT4 layer refuses to calibrate outside this function: call it on
+    every process with the same batch, before wrapping the model in DDP or ``fully_shard`` (FSDP2 would lose
+    steps written during its forward; a sharded layer is refused here). The processes' results are then
+    compared (one all-reduce): a mismatch — different batches or weights — raises."""
+    layers = [(n, m) for n, m in quant_layers(model) if m.needs_calibration]
+    if not layers:
+        return 0
+    sharded = [n for n, m in layers if hasattr(m.int4_step, "full_tensor")]
+    if sharded:
+        raise ValueError(f"qtrain.calibrate: layer {sharded[0]!r} is sharded (FSDP2 fully_shard): calibrate "
+                         "before sharding, the steps written during a sharded forward would be lost")
+    with calibrating():
+        model(*args, **kwargs)
+    missed = [n for n, m in layers if m.needs_calibration]
+    if missed:
+        raise ValueError(f"qtrain.calibrate: the forward did not reach {len(missed)} layer(s) that need "
+                         f"calibration ({', '.join(missed[:3])}{', …' if len(missed) > 3 else ''})")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        state = torch.cat([torch.cat([m.int4_step.detach().float().reshape(-1),
+                                      m.hq_block.float().reshape(1).to(m.int4_step.device)]) for _, m in layers])
+        hi, lo = state.clone(), state.clone()
+        dist.all_reduce(hi, dist.ReduceOp.MAX)
+        dist.all_reduce(lo, dist.ReduceOp.MIN)
+        if not torch.equal(hi, lo):
+            raise ValueError("qtrain.calibrate: the processes calibrated differently (different batches or "
+                             "weights): pass every process the same batch and the same model")
+    return len(layers)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,13 @@
 """``QuantLinear``: a drop-in ``nn.Linear`` whose three GEMMs run as a :class:`~qtrain.recipes.Recipe` says."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import weakref
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -276,6 +278,19 @@ def _lss_scales(plan, norms: torch.Tensor, s: torch.Tensor, qx: torch.Tensor, dg
 # which find their layer by ``QuantLinear._int4_id``; the next call finds the layer ready (a guard fails once)
 # and compiles it with the others into one graph.
 _INT4_LAYERS: "weakref.WeakValueDictionary[int, QuantLinear]" = weakref.WeakValueDictionary()
+_calibrating = 0            # > 0 inside qtrain.calibrate: a first forward may calibrate under torch.distributed
+
+
+@contextlib.contextmanager
+def calibrating():
+    """Within the block INT4 layers calibrate on their first forward even where torch.distributed is
+    initialized (:func:`qtrain.nn.convert.calibrate` runs the forward; it checks that the processes agree)."""
+    global _calibrating
+    _calibrating += 1
+    try:
+        yield
+    finally:
+        _calibrating -= 1
 _int4_ids = itertools.count()
 
 
@@ -365,8 +380,10 @@ class QuantLinear(nn.Module):
     they stay at their data init) — and the buffer ``hq_block`` (the Hadamard block in use). Both are set on
     the layer's first forward (training or not) from that batch: ``hq_block`` the block of least fprop
     reconstruction error among 16 … ``Hadamard.block`` (``Hadamard.search``; else the recipe's block), the steps
-    ``2·mean|·|/√7`` of XH and WH. Under DDP run that first forward before wrapping (or load a checkpoint), so
-    that every rank starts from the same steps. Under ``torch.compile`` that first forward and its backward run
+    ``2·mean|·|/√7`` of XH and WH. Where torch.distributed is initialized that first forward must run inside
+    :func:`qtrain.calibrate` (the same batch on every process, before DDP or ``fully_shard`` wraps the model),
+    else it raises: each process would calibrate on its own data (DDP replicas would differ) and under FSDP2 the
+    steps written into the unsharded parameter would be lost. Under ``torch.compile`` that first forward and its backward run
     as opaque ops (:class:`_Int4FirstLinear`: no graph break) and the next call recompiles once: a model compiled
     before its first step is one graph from its second step on.
     """
@@ -481,6 +498,11 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear input is on {x.device} but its weight is on {self.weight.device}; "
                              "move the input or the module so they match")
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the layer calibrates on its next forward (an INT4 layer before its first input)."""
+        return self.int4_step is not None and not self._int4_ready
+
     def _weight(self) -> torch.Tensor:
         return self.weight.t() if self.weight_layout == "kn" else self.weight
 
@@ -538,6 +560,13 @@ class QuantLinear(nn.Module):
         shared transform, in PyTorch, so no kernel is compiled for a block not chosen; one host read-back), or with
         ``init='mse'`` to :func:`qtrain.quant.lsq.mse_step` of XH and WH at the chosen block (a few more reads);
         a relative step stores the step over the operand's RMS."""
+        if not _calibrating and dist.is_available() and dist.is_initialized():
+            raise RuntimeError(
+                "QuantLinear (int4) calibrates its Hadamard block and INT4 steps on its first input, and "
+                "torch.distributed is initialized: each process would calibrate on its own data (DDP replicas "
+                "would differ; under FSDP2 the steps would be lost with the unsharded parameter). Call "
+                "qtrain.calibrate(model, batch) with the same batch on every process before wrapping the model "
+                "in DDP or fully_shard (or load a calibrated checkpoint)")
         t = self.recipe.fprop.lhs.transform
         if t.search:
             top = min(t.block, max(16, 1 << max(0, (self.in_features - 1).bit_length())))

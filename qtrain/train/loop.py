@@ -358,6 +358,8 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
             raise _NothingToTrain(f"{ckpt} is already at step {start_step} (≥ --steps {cfg.steps}): nothing to "
                                   f"train; pass a larger --steps to train further", ckpt, start_step, world)
 
+    if world.size > 1:
+        calibrate_replicas(model, batches, device, precision)
     cfg = cfg.replace(out=str(out))
     if cfg.fsdp:
         ddp, optimizer = shard(cfg, world, device, model, optimizer, peak_lr)
@@ -372,6 +374,17 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
                            "qtrain": qtrain.__version__, "platform": platform.platform()}}
     return Run(cfg, out, device, precision, model, step_model, model_config, recipe, tokenizer, tokens, batches,
                optimizer, peak_lr, warmup, start_step, record, world, ddp if ddp is not model else None)
+
+
+def calibrate_replicas(model: nn.Module, batches: qdata.Batches, device: torch.device, precision: str) -> None:
+    """Under several processes, before DDP or FSDP2 wraps ``model``: the layers that calibrate on their first
+    input (INT4) calibrate on every process alike, on process 0's share of the first batch
+    (:func:`qtrain.calibrate`; a forward over the whole global batch would need its memory on every process).
+    A single process calibrates inside its first training forward, on its whole first batch."""
+    if any(m.needs_calibration for _, m in qtrain.nn.quant_layers(model)):
+        x, _ = batches.peek(rank=0)
+        with autocast(device, precision):
+            qtrain.calibrate(model, x.to(device))
 
 
 def shard(cfg: TrainConfig, world: distributed.World, device: torch.device, model: nn.Module,

@@ -167,6 +167,26 @@ def test_process_slices_make_up_the_global_batch():
         qdata.Batches(tokens, 2, 16, seed=3, rank=3, world=3)
 
 
+def test_peek_shows_another_process_share_without_drawing():
+    tokens = (np.arange(10_000, dtype=np.uint16) * 5) % 256
+    mine = qdata.Batches(tokens, 2, 16, seed=4, rank=1, world=3)
+    other = qdata.Batches(tokens, 2, 16, seed=4, rank=0, world=3)
+    mine.next(), other.next()
+    state = mine.state_dict()
+    peeked = mine.peek(rank=0)
+    assert mine.drawn == state["drawn"] and torch.equal(mine.generator.get_state(), state["generator"])
+    torch.testing.assert_close(peeked, other.next())
+    torch.testing.assert_close(mine.next(), _next_of(tokens, state))       # its own next batch, as if never peeked
+    with pytest.raises(ValueError, match="rank 3"):
+        mine.peek(rank=3)
+
+
+def _next_of(tokens, state):
+    b = qdata.Batches(tokens, 2, 16, seed=0, rank=1, world=3)
+    b.load_state_dict(state)
+    return b.next()
+
+
 def test_eval_batches_fixed_and_checked():
     tokens = np.arange(5_000, dtype=np.uint16) % 256
     first = [x for x, _ in qdata.eval_batches(tokens, 3, 2, 16)]

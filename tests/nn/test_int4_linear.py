@@ -499,3 +499,33 @@ def test_training_step_without_host_synchronization(monkeypatch, gather):
     assert first.calls["_local_scalar_dense"] >= 1                        # the block choice (+ host-only reads)
     syncs = {k: v for k, v in step.calls.items() if k in SYNCING}
     assert syncs == ({"nonzero": 1} if gather else {}), syncs
+
+
+def test_calibrate_is_the_first_forward_and_runs_once():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))
+    x = outlier_data(48, 64, seed=3)
+    first, explicit = (qtrain.convert(copy.deepcopy(net), INT4, filter_fn=lambda m, n: True) for _ in range(2))
+    with torch.no_grad():
+        first(x)
+    assert qtrain.calibrate(explicit, x) == 2
+    assert qtrain.calibrate(explicit, x) == 0                          # calibrated: no forward
+    for a, b in zip(first, explicit):
+        if isinstance(a, QuantLinear):
+            assert not b.needs_calibration
+            assert torch.equal(a.int4_step, b.int4_step) and int(a.hq_block) == int(b.hq_block)
+    assert qtrain.calibrate(qtrain.convert(copy.deepcopy(net), "switchback", filter_fn=lambda m, n: True), x) == 0
+    partial = qtrain.convert(_FirstOnly(), INT4, filter_fn=lambda m, n: True)
+    with pytest.raises(ValueError, match=r"did not reach 1 layer\(s\) that need calibration \(unused\)"):
+        qtrain.calibrate(partial, x)
+
+
+class _FirstOnly(nn.Module):
+    """Two linear layers, of which the forward calls one."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(64, 32), nn.Linear(64, 32)
+
+    def forward(self, x):
+        return self.used(x)
