@@ -115,6 +115,20 @@ def test_int4_under_fsdp2_matches_ddp_from_one_calibration(tmp_path, env):
         assert not torch.all(ddp[k] == -1), k                           # calibrated
 
 
+def test_fallback_under_fsdp2_resumes_exactly(tmp_path, env):
+    """Fallback thresholds are buffers each process updates from its own data; under FSDP2 rank 0's are broadcast
+    before each training forward, as DDP does, so a resumed run — which loads rank 0's — reproduces the
+    uninterrupted one exactly (without the broadcast it ended 3e-7 apart at step 4)."""
+    out = tmp_path / "fsdp"
+    r = _run(FLAGS + ["--recipe", "fallback", "--batch-size", "2", "--fsdp", "--out", str(out)], env, procs=2)
+    assert r.returncode == 0, _errors(r)
+    r = _run(["--resume", str(out / "step-000003"), "--out", str(tmp_path / "resumed"), "--no-progress"], env,
+             procs=2)
+    assert r.returncode == 0, _errors(r)
+    resumed = [(e["step"], e["loss"], e.get("val_loss")) for e in _log(tmp_path / "resumed")]
+    assert resumed == [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
+
+
 def test_fsdp_needs_several_processes(tmp_path, env):
     r = _run(FLAGS + ["--fsdp", "--out", str(tmp_path / "x")], env)
     assert r.returncode == 2 and "--fsdp shards the model over several processes" in r.stderr

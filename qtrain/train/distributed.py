@@ -73,6 +73,22 @@ def wrap(model: torch.nn.Module, world: World, device: torch.device, fsdp: bool 
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def broadcast_buffers(buffers: list[torch.Tensor], world: World) -> None:
+    """Rank 0's values of ``buffers`` on every process, in place: one broadcast per dtype. DDP does this for the
+    model's buffers before each training forward; FSDP2 does not, so without it state a layer updates from its
+    process' data (fallback thresholds) would drift apart between processes."""
+    if world.size == 1 or not buffers:
+        return
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in buffers:
+        groups.setdefault(b.dtype, []).append(b)
+    for group in groups.values():
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, src=0)
+        for b, v in zip(group, flat.split([b.numel() for b in group])):
+            b.copy_(v.view_as(b))
+
+
 def all_sum(values: list[float], world: World, device: torch.device) -> list[float]:
     """Element-wise sum of ``values`` over all processes."""
     if world.size == 1:

@@ -259,6 +259,14 @@ class Run:
     ddp: nn.Module | None = None   # the DDP wrapper under torchrun (for no_sync)
 
     @property
+    def synced_buffers(self) -> list[torch.Tensor]:
+        """The quantized layers' state buffers that rank 0 broadcasts before each training forward under FSDP2
+        (as DDP does for every buffer); none otherwise."""
+        if not (self.cfg.fsdp and self.world.size > 1):
+            return []
+        return [b for _, m in qtrain.nn.quant_layers(self.model) for b in m.buffers(recurse=False)]
+
+    @property
     def cuda_graphs(self) -> bool:
         """Whether ``step_model`` runs as CUDA graphs (``--compile-mode reduce-overhead``)."""
         return self.cfg.compile_mode == "reduce-overhead"          # (TrainConfig sets compile with it)
@@ -533,6 +541,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     if run.cuda_graphs:          # gradients that exist before the first backward, zeroed (not freed) after steps
         prepare_grads(run.model)
     rates, val_loss = [], None
+    synced = run.synced_buffers
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps,
                disable=not (cfg.progress and world.main), desc=f"{cfg.model} {run.recipe.name}", unit="step",
                dynamic_ncols=True)
@@ -550,6 +559,7 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                     last = micro == cfg.grad_accum - 1
                     if run.cuda_graphs:       # a new graph step: the last micro-step's graph outputs are dead
                         torch.compiler.cudagraph_mark_step_begin()
+                    distributed.broadcast_buffers(synced, world)
                     with run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext():
                         with autocast(device, run.precision):        # DDP all-reduces the gradients once,
                             _, loss = model(x, y)                     # in the last micro-step's backward
