@@ -79,8 +79,10 @@ def _losses(run_dir):
             map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("recipe", ["bf16", "switchback", "fallback"])
+@pytest.mark.parametrize("recipe", ["bf16", "switchback", "fallback", "jetfire", "int4"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, recipe):
+    """Bit for bit, stochastic rounding included (jetfire's gradients, int4's split and sampling: the checkpoint
+    holds the SR generators' states; without them the resumed run parted at its second step)."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     cfg = TrainConfig(recipe=recipe, steps=16, eval_every=4, save_every=8, warmup=3, **SMALL)
     train(cfg.replace(out=str(whole)))
@@ -98,6 +100,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, recipe):
         shares = [r["fallback_pct"] for r in logged if "val_loss" in r]
         assert len(shares) == 4 and all(set(s) == {"fprop", "dgrad", "wgrad"} for s in shares)
         assert all(0 <= v <= 100 for s in shares for v in s.values())
+
+
+def test_processes_round_with_streams_of_their_own():
+    from qtrain.nn.functional import sr_generator
+    from qtrain.train.distributed import World
+    from qtrain.train.loop import seed_rounding
+
+    def draws(rank, size):
+        torch.manual_seed(0)
+        seed_rounding(7, World(rank, size), torch.device("cpu"))
+        return torch.rand(8, generator=sr_generator(torch.device("cpu")))
+
+    assert torch.equal(draws(0, 2), draws(0, 2))                       # reproducible
+    assert not torch.equal(draws(0, 2), draws(1, 2))                   # and apart between processes
+    g = sr_generator(torch.device("cpu"))
+    seed_rounding(7, World(0, 1), torch.device("cpu"))                # one process: its generator as it was
+    assert sr_generator(torch.device("cpu")) is g
 
 
 def test_int4_run_logs_its_weight_steps(tmp_path):

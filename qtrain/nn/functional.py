@@ -38,14 +38,35 @@ def sr_generator(device: torch.device) -> torch.Generator:
     return _SR_GENERATORS[device]
 
 
-def reseed(seed: int) -> None:
-    """Reset the stochastic-rounding generators of the CPU and of every visible CUDA device to ``seed``."""
+def reseed(seed: int, devices=None) -> None:
+    """Reset the stochastic-rounding generators to ``seed``: those of ``devices`` (default: the CPU and every
+    visible CUDA device); the others start afresh on first use."""
     _SR_GENERATORS.clear()
-    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if devices is None:
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for dev in devices:
+        dev = _generator_key(dev)
         g = torch.Generator(device=dev)
         g.manual_seed(seed)
-        _SR_GENERATORS[torch.device(dev)] = g
+        _SR_GENERATORS[dev] = g
+
+
+def sr_state() -> dict[str, torch.Tensor]:
+    """The state of each stochastic-rounding generator made so far, by device name (``'cpu'``, ``'cuda:0'``)."""
+    return {str(d): g.get_state() for d, g in _SR_GENERATORS.items()}
+
+
+def set_sr_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore :func:`sr_state`: the generators it names, on the devices this process has (the others, and
+    devices it does not name, start afresh on first use, as in a new process)."""
+    _SR_GENERATORS.clear()
+    for name, s in state.items():
+        d = torch.device(name)
+        if d.type == "cuda" and not (torch.cuda.is_available() and d.index < torch.cuda.device_count()):
+            continue
+        g = torch.Generator(device=d)
+        g.set_state(s)
+        _SR_GENERATORS[d] = g
 
 
 def _plain_int8(spec: OperandSpec) -> bool:

@@ -29,6 +29,7 @@ import qtrain
 from qtrain import data as qdata
 from qtrain import models, recipes
 from qtrain.errors import UserError
+from qtrain.nn import functional
 from qtrain.train import checkpoint, distributed
 from qtrain.train.config import IDENTITY, TrainConfig
 from qtrain.train.plots import plot_runs, read_log
@@ -193,16 +194,29 @@ def autocast(device: torch.device, precision: str):
 
 
 def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
+    """This process' random state: torch's default generators and the stochastic-rounding ones."""
+    state = {"torch": torch.get_rng_state(), "sr": functional.sr_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore :func:`rng_state` (a checkpoint written before it held ``sr`` keeps the current SR generators)."""
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if "sr" in state:
+        functional.set_sr_state(state["sr"])
+
+
+def seed_rounding(seed: int, world: distributed.World, device: torch.device) -> None:
+    """Under several processes, stochastic rounding draws from a stream of its own on each (seeded from ``seed``
+    and the rank): with torch's shared seed alone every process would round its data with the same uniforms, and
+    the averaged gradient would keep their correlated rounding errors. One process keeps its lazily seeded
+    generator (:func:`qtrain.nn.functional.sr_generator`)."""
+    if world.size > 1:       # the CPU's and this process' device only: a generator on another GPU makes a context
+        functional.reseed((seed * 1_000_003 + world.rank + 1) % 2**62, devices=["cpu", device])
 
 
 def check_compile_mode(cfg: TrainConfig, device: torch.device, world: distributed.World) -> None:
@@ -337,6 +351,7 @@ def setup(cfg: TrainConfig, explicit: set[str] = frozenset()) -> Run:
     qdata.eval_batches(tokens.val, 1, 1, cfg.seq_len)   # raises now if the validation split is too short
 
     torch.manual_seed(cfg.seed)
+    seed_rounding(cfg.seed, world, device)
     try:
         model = models.build_from_config(model_config).to(device)
     except (TypeError, ValueError) as e:
