@@ -114,9 +114,16 @@ def test_processes_round_with_streams_of_their_own():
 
     assert torch.equal(draws(0, 2), draws(0, 2))                       # reproducible
     assert not torch.equal(draws(0, 2), draws(1, 2))                   # and apart between processes
-    g = sr_generator(torch.device("cpu"))
-    seed_rounding(7, World(0, 1), torch.device("cpu"))                # one process: its generator as it was
-    assert sr_generator(torch.device("cpu")) is g
+    assert torch.equal(draws(0, 1), draws(0, 2))                       # one process rounds as rank 0
+
+
+def test_a_run_rounds_alike_after_another_in_the_process(tmp_path):
+    """``qtrain compare`` trains its runs in one process: a run's stochastic rounding must not continue the
+    generators of the run before it (it did: the second of two identical jetfire runs parted at its second step)."""
+    cfg = TrainConfig(recipe="jetfire", steps=3, eval_every=3, warmup=1, **SMALL)
+    for name in ("a", "b"):
+        train(cfg.replace(out=str(tmp_path / name)))
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 
 def test_int4_run_logs_its_weight_steps(tmp_path):

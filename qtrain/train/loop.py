@@ -211,12 +211,12 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def seed_rounding(seed: int, world: distributed.World, device: torch.device) -> None:
-    """Under several processes, stochastic rounding draws from a stream of its own on each (seeded from ``seed``
-    and the rank): with torch's shared seed alone every process would round its data with the same uniforms, and
-    the averaged gradient would keep their correlated rounding errors. One process keeps its lazily seeded
-    generator (:func:`qtrain.nn.functional.sr_generator`)."""
-    if world.size > 1:       # the CPU's and this process' device only: a generator on another GPU makes a context
-        functional.reseed((seed * 1_000_003 + world.rank + 1) % 2**62, devices=["cpu", device])
+    """Seed the stochastic-rounding generators of the CPU and ``device`` from ``seed`` and the rank, at the start
+    of every run: a run then rounds alike whatever ran before it in the process (``qtrain compare`` trains its
+    runs one after another), and each process of a run draws a stream of its own (with torch's shared seed alone
+    every process would round its data with the same uniforms, and the averaged gradient would keep their
+    correlated errors). Only the CPU and this process' device: a generator on another GPU makes a context."""
+    functional.reseed((seed * 1_000_003 + world.rank + 1) % 2**62, devices=["cpu", device])
 
 
 def check_compile_mode(cfg: TrainConfig, device: torch.device, world: distributed.World) -> None:
