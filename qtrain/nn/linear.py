@@ -278,6 +278,7 @@ def _lss_scales(plan, norms: torch.Tensor, s: torch.Tensor, qx: torch.Tensor, dg
 # which find their layer by ``QuantLinear._int4_id``; the next call finds the layer ready (a guard fails once)
 # and compiles it with the others into one graph.
 _INT4_LAYERS: "weakref.WeakValueDictionary[int, QuantLinear]" = weakref.WeakValueDictionary()
+_int4_ids = itertools.count()
 _calibrating = 0            # > 0 inside qtrain.calibrate: a first forward may calibrate under torch.distributed
 
 
@@ -291,7 +292,6 @@ def calibrating():
         yield
     finally:
         _calibrating -= 1
-_int4_ids = itertools.count()
 
 
 class _Int4FirstLinear(torch.autograd.Function):
@@ -383,9 +383,9 @@ class QuantLinear(nn.Module):
     ``2·mean|·|/√7`` of XH and WH. Where torch.distributed is initialized that first forward must run inside
     :func:`qtrain.calibrate` (the same batch on every process, before DDP or ``fully_shard`` wraps the model),
     else it raises: each process would calibrate on its own data (DDP replicas would differ) and under FSDP2 the
-    steps written into the unsharded parameter would be lost. Under ``torch.compile`` that first forward and its backward run
-    as opaque ops (:class:`_Int4FirstLinear`: no graph break) and the next call recompiles once: a model compiled
-    before its first step is one graph from its second step on.
+    steps written into the unsharded parameter would be lost. Under ``torch.compile`` that first forward and its
+    backward run as opaque ops (:class:`_Int4FirstLinear`: no graph break) and the next call recompiles once: a
+    model compiled before its first step is one graph from its second step on.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe="switchback",
