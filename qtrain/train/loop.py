@@ -274,8 +274,9 @@ class Run:
 
     @property
     def synced_buffers(self) -> list[torch.Tensor]:
-        """The quantized layers' state buffers that rank 0 broadcasts before each training forward under FSDP2
-        (as DDP does for every buffer); none otherwise."""
+        """The quantized layers' state buffers that rank 0 broadcasts under FSDP2 before the first forward of
+        each step — where DDP broadcasts every buffer (before each forward that follows a synchronizing one);
+        none otherwise."""
         if not (self.cfg.fsdp and self.world.size > 1):
             return []
         return [b for _, m in qtrain.nn.quant_layers(self.model) for b in m.buffers(recurse=False)]
@@ -574,7 +575,8 @@ def train(cfg: TrainConfig, explicit: set[str] = frozenset()) -> dict:
                     last = micro == cfg.grad_accum - 1
                     if run.cuda_graphs:       # a new graph step: the last micro-step's graph outputs are dead
                         torch.compiler.cudagraph_mark_step_begin()
-                    distributed.broadcast_buffers(synced, world)
+                    if micro == 0:            # where DDP broadcasts them: the forward after a synchronizing one
+                        distributed.broadcast_buffers(synced, world)
                     with run.ddp.no_sync() if run.ddp is not None and not last else contextlib.nullcontext():
                         with autocast(device, run.precision):        # DDP all-reduces the gradients once,
                             _, loss = model(x, y)                     # in the last micro-step's backward
