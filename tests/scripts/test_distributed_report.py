@@ -1,20 +1,14 @@
 """scripts/distributed_report.py on synthetic run folders: DDP/FSDP2 loss differences against one process on the
 same global batch, tokens/s against one process with half the batch, missing runs named."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "distributed_report.py"
-
 
 @pytest.fixture()
-def script():
-    spec = importlib.util.spec_from_file_location("distributed_report", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_script):
+    return load_script("distributed_report")
 
 
 def _run(folder: Path, losses, val_loss, tokens_per_s, torn_line=False):

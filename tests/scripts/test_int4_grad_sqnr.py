@@ -1,22 +1,15 @@
 """scripts/int4_grad_sqnr.py on a two-step checkpoint: one row per 2-D parameter, the per-token split with every
 row kept closer to the exact-dY gradients than METHODS.md's per-tensor split with sampling, step gradients listed."""
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
 
 from qtrain.train import TrainConfig, train
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "int4_grad_sqnr.py"
-
 
 @pytest.fixture()
-def script():
-    spec = importlib.util.spec_from_file_location("int4_grad_sqnr", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_script):
+    return load_script("int4_grad_sqnr")
 
 
 def test_report_on_a_checkpoint(script, tmp_path, monkeypatch):
