@@ -55,7 +55,7 @@ def gradients(model, recipe, batch, seed, calibrated=None, calibration=None, aut
         m.load_state_dict(calibrated.state_dict())
     else:
         with autocast():
-            m(*calibration)
+            qtrain.calibrate(m, *calibration)
     reseed(seed)
     m.zero_grad()
     with autocast():

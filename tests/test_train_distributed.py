@@ -37,6 +37,14 @@ def _log(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+def _assert_resumes_exactly(out, resumed, env):
+    """Resume the 2-process run ``out`` from its step-3 checkpoint into ``resumed``: the same log from step 4 on."""
+    r = _run(["--resume", str(out / "step-000003"), "--out", str(resumed), "--no-progress"], env, procs=2)
+    assert r.returncode == 0, _errors(r)
+    assert [(e["step"], e["loss"], e.get("val_loss")) for e in _log(resumed)] == \
+        [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     return {**os.environ, "QTRAIN_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}
@@ -71,11 +79,7 @@ def test_ddp_matches_one_process_with_the_global_batch(two_procs, tmp_path, env)
 
 def test_ddp_resume_is_exact_and_world_size_is_checked(two_procs, tmp_path, env):
     out, _ = two_procs
-    r = _run(["--resume", str(out / "step-000003"), "--out", str(tmp_path / "resumed"), "--no-progress"], env,
-             procs=2)
-    assert r.returncode == 0, _errors(r)
-    resumed = [(e["step"], e["loss"], e.get("val_loss")) for e in _log(tmp_path / "resumed")]
-    assert resumed == [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
+    _assert_resumes_exactly(out, tmp_path / "resumed", env)
     r = _run(["--resume", str(out), "--out", str(tmp_path / "single")], env)
     assert r.returncode == 2 and "trained on 2 processes, not 1" in r.stderr
 
@@ -89,11 +93,7 @@ def test_fsdp2_matches_ddp_and_resumes_exactly(two_procs, tmp_path, env):
     for a, b in zip(_log(out), _log(ddp_out)):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (a, b)
     assert (out / "sample.txt").exists() and (out / "quant_report.txt").exists()
-    r = _run(["--resume", str(out / "step-000003"), "--out", str(tmp_path / "resumed"), "--no-progress"], env,
-             procs=2)
-    assert r.returncode == 0, _errors(r)
-    resumed = [(e["step"], e["loss"], e.get("val_loss")) for e in _log(tmp_path / "resumed")]
-    assert resumed == [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
+    _assert_resumes_exactly(out, tmp_path / "resumed", env)
 
 
 def test_int4_under_fsdp2_matches_ddp_from_one_calibration(tmp_path, env):
@@ -117,16 +117,12 @@ def test_int4_under_fsdp2_matches_ddp_from_one_calibration(tmp_path, env):
 
 def test_fallback_under_fsdp2_resumes_exactly(tmp_path, env):
     """Fallback thresholds are buffers each process updates from its own data; under FSDP2 rank 0's are broadcast
-    before each training forward, as DDP does, so a resumed run — which loads rank 0's — reproduces the
+    before the first forward of each step, as DDP does, so a resumed run — which loads rank 0's — reproduces the
     uninterrupted one exactly (without the broadcast it ended 3e-7 apart at step 4)."""
     out = tmp_path / "fsdp"
     r = _run(FLAGS + ["--recipe", "fallback", "--batch-size", "2", "--fsdp", "--out", str(out)], env, procs=2)
     assert r.returncode == 0, _errors(r)
-    r = _run(["--resume", str(out / "step-000003"), "--out", str(tmp_path / "resumed"), "--no-progress"], env,
-             procs=2)
-    assert r.returncode == 0, _errors(r)
-    resumed = [(e["step"], e["loss"], e.get("val_loss")) for e in _log(tmp_path / "resumed")]
-    assert resumed == [(e["step"], e["loss"], e.get("val_loss")) for e in _log(out)][3:]
+    _assert_resumes_exactly(out, tmp_path / "resumed", env)
 
 
 def test_fsdp_needs_several_processes(tmp_path, env):

@@ -135,25 +135,21 @@ class Batches:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, y)``: int64 ``[batch_size, seq_len]`` inputs and next-token targets (on the CPU)."""
-        high = self.tokens.size - self.seq_len - 1
-        offsets = torch.randint(high, (self.batch_size * self.world,), generator=self.generator).tolist()
         self.drawn += 1
-        mine = offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        return _slice(self.tokens, mine, self.seq_len)
+        return self._draw(self.generator, self.rank)
 
     def peek(self, rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Process ``rank``'s share of the batch :meth:`next` draws next, without drawing it."""
         if not 0 <= rank < self.world:
             raise ValueError(f"rank {rank} is not in [0, {self.world})")
-        state = self.generator.get_state()
-        own, self.rank = self.rank, rank
-        try:
-            batch = self.next()
-        finally:
-            self.generator.set_state(state)
-            self.rank = own
-            self.drawn -= 1
-        return batch
+        return self._draw(torch.Generator().set_state(self.generator.get_state()), rank)
+
+    def _draw(self, generator: torch.Generator, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process ``rank``'s share of the global batch whose offsets ``generator`` draws."""
+        high = self.tokens.size - self.seq_len - 1
+        offsets = torch.randint(high, (self.batch_size * self.world,), generator=generator).tolist()
+        mine = offsets[rank * self.batch_size:(rank + 1) * self.batch_size]
+        return _slice(self.tokens, mine, self.seq_len)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "drawn": self.drawn}

@@ -39,11 +39,8 @@ def _worker(rank, world, init_file, out_dir):
     model = _model()
     out["calibrated"] = qtrain.calibrate(model, _batch(0))
     steps = [m.int4_step.detach().clone() for m in model if isinstance(m, qtrain.QuantLinear)]
-    for m in model:
-        if isinstance(m, qtrain.QuantLinear):
-            fsdp.fully_shard(m)
-    fsdp.fully_shard(model)
-    out["sharded"] = _errors(lambda: qtrain.calibrate(fsdp_uncalibrated(), _batch(0)))
+    _shard(model)
+    out["sharded"] = _errors(lambda: qtrain.calibrate(_shard(_model()), _batch(0)))
     opt = qtrain.optim.StableAdamW(model.parameters(), lr=1e-4)
     x = _batch(5)[rank * 8:(rank + 1) * 8]
     for _ in range(2):
@@ -57,12 +54,12 @@ def _worker(rank, world, init_file, out_dir):
     os._exit(0)                                     # as tests/distributed/test_fsdp.py: no teardown deadlock
 
 
-def fsdp_uncalibrated():
-    m = _model()
-    for layer in m:
+def _shard(model):
+    """``model`` under FSDP2: each layer, then the whole."""
+    for layer in model:
         if isinstance(layer, qtrain.QuantLinear):
             fsdp.fully_shard(layer)
-    return fsdp.fully_shard(m)
+    return fsdp.fully_shard(model)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built into this torch")
