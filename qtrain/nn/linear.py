@@ -125,9 +125,11 @@ class Int4LinearFunction(torch.autograd.Function):
     """``y = x·Wᵀ + b`` on the INT4 paths (``plan.int4``; METHODS.md § INT4 training) for 2-D ``x [M, K]``.
 
     fprop (``hq_int4``): ``Q(XH)``, ``Q(WH)`` with the block-diagonal Hadamard ``H`` of order ``block`` and the
-    per-tensor steps ``step = [s_X, s_W]`` (LSQ) → ``ops.int4_gemm``. Saves ``x`` itself (no copy; what
-    ``F.linear`` keeps) and the INT4 ``Q(WH)`` (int8, weight-sized): the backward recomputes ``XH`` (LSQ's step
-    gradient needs the unrounded ``XH/s``, which INT4 codes cannot give back) and its codes, bit for bit.
+    per-tensor steps ``step = [s_X, s_W]`` (LSQ) → ``ops.int4_gemm``. Saves what ``F.linear`` keeps (``x``,
+    the weight; no copies) and no INT4 codes: the backward recomputes ``XH`` and ``WH`` (LSQ's step gradients
+    need the unrounded ``XH/s``, ``WH/s``, which INT4 codes cannot give back) and their codes, bit for bit the
+    forward's (the transform is exact: :mod:`qtrain.quant.hadamard`) — wgrad's LSQ backward needs ``WH`` anyway,
+    so dgrad's ``Q(WH)`` costs no extra pass, and nothing weight-sized is held from forward to backward.
 
     dgrad/wgrad (``bitsplit_lss``; or ``hp``: ``dY`` unquantized against the same quantized operands, in 16-bit
     GEMMs where ``dY`` is 16-bit (:func:`_hp_mm`), the ablation of the gradient quantization): ``dY`` split into
@@ -142,18 +144,18 @@ class Int4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, step, plan, w_kn, out_dtype, block):
-        y, qw, used = _int4_forward(x, weight, bias, step, plan, w_kn, out_dtype, block)
-        ctx.save_for_backward(x, weight, bias, step, qw, used)
+        y, used = _int4_forward(x, weight, bias, step, plan, w_kn, out_dtype, block)
+        ctx.save_for_backward(x, weight, bias, step, used)
         ctx.plan, ctx.w_kn, ctx.block = plan, w_kn, block
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, step, qw, used = ctx.saved_tensors
+        x, weight, bias, step, used = ctx.saved_tensors
         # Autocast off, as in the forward: a compiled backward is traced under the caller's autocast (which made
         # wgrad's fp32 GEMM bf16 under torch.compile only).
         with torch.autocast(dy.device.type, enabled=False):
-            dx, dw, db, dstep = _int4_backward(dy, x, weight, bias, step, used, qw, ctx.plan, ctx.w_kn, ctx.block,
+            dx, dw, db, dstep = _int4_backward(dy, x, weight, bias, step, used, ctx.plan, ctx.w_kn, ctx.block,
                                                ctx.needs_input_grad[:4])
         return dx, dw, db, dstep, None, None, None, None
 
@@ -181,14 +183,14 @@ def _int4_steps(step: torch.Tensor, x: torch.Tensor, w: torch.Tensor, plan, b: i
 
 
 def _int4_forward(x, weight, bias, step, plan, w_kn, out_dtype, block
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:class:`Int4LinearFunction`'s forward: ``(y, Q(WH), the steps used [2])``."""
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`Int4LinearFunction`'s forward: ``(y, the steps used [2])``."""
     w = weight.t() if w_kn else weight
     used = _int4_steps(step, x, w, plan, block)
     sx, sw = used[0:1], used[1:2]
     qx = ops.hadamard_quantize_int4(x, block, sx)
     qw = ops.hadamard_quantize_int4(w, block, sw)
-    return ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]), sw.reshape(()), bias, out_dtype), qw, used
+    return ops.int4_gemm(qx, qw, sx.expand(qx.shape[0]), sw.reshape(()), bias, out_dtype), used
 
 
 def _hp_mm(g: torch.Tensor, codes: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -201,7 +203,7 @@ def _hp_mm(g: torch.Tensor, codes: torch.Tensor, step: torch.Tensor) -> torch.Te
     return g.float() @ deq
 
 
-def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
+def _int4_backward(dy, x, weight, bias, step, used, plan, w_kn, b, need):
     """:class:`Int4LinearFunction`'s backward: ``(dx, dw, db, dstep)``, each None where ``need`` (whether x,
     weight, bias, step need a gradient) says so. ``used``: the forward's steps (:func:`_int4_steps`); the
     gradient of a relative step is LSQ's times the operand's RMS (``used / step``)."""
@@ -218,13 +220,16 @@ def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
     if run_dgrad or run_wgrad:
         xh = ops.block_hadamard(x, b)
         qx, inside_x, r_x = _lsq.lsq_quantize(xh, sx, residual=learn_x)
+        wh = ops.block_hadamard(w, b)
+        qw, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)          # fprop's codes of WH (fp32)
         if split:
             codes, s, norms = ops.bit_split(dy.contiguous(), plan.dgrad.spec.lhs.granularity.kind == "row")
             scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
     if run_dgrad:
         if split:
             gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * xh.shape[1])
-            gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
+            gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.to(torch.int8).t().contiguous(), sw.reshape(()),
+                                ops.int4_gemm, gather)
         else:
             gx = _hp_mm(dy, qw, sw)
         dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x), scaled=fp.lhs.step.scaled)
@@ -235,8 +240,6 @@ def _int4_backward(dy, x, weight, bias, step, used, qw, plan, w_kn, b, need):
             gw = _lss.lss_wgrad(codes, scale["wgrad"], qx, sx.reshape(()))
         else:
             gw = _hp_mm(dy.t(), qx, sx)
-        wh = ops.block_hadamard(w, b)
-        _, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)
         dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w), scaled=fp.rhs.step.scaled)
         if need_dw:
             dw = ops.block_hadamard(dwh, b)[:, :K].to(weight.dtype)
@@ -338,10 +341,8 @@ def _int4_first_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     q = _INT4_LAYERS[layer]
     w_kn, b = q.weight_layout == "kn", q._hq_b
     with torch.autocast(dy.device.type, enabled=False):
-        w = weight.t() if w_kn else weight
-        used = _int4_steps(step, x, w, q.plan, b)
-        qw = ops.hadamard_quantize_int4(w, b, used[1:2])                                          # fprop's
-        dx, dw, _, dstep = _int4_backward(dy, x, weight, None, step, used, qw, q.plan, w_kn, b,
+        used = _int4_steps(step, x, weight.t() if w_kn else weight, q.plan, b)
+        dx, dw, _, dstep = _int4_backward(dy, x, weight, None, step, used, q.plan, w_kn, b,
                                           (need[0], need[1], False, need[2]))
     return tuple(g if g is not None else torch.zeros_like(t) for g, t in ((dx, x), (dw, weight), (dstep, step)))
 

@@ -393,6 +393,42 @@ def test_a_learned_step_at_or_below_zero_loads_as_trained():
     assert fresh._int4_ready and (fresh.int4_step > 0).all()
 
 
+def test_saves_no_int4_codes_for_backward():
+    """What an int4 layer holds from forward to backward: ``x`` and the Parameters (what ``F.linear`` keeps) and
+    the two steps used — no INT4 codes (the backward recomputes them)."""
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(256, 192), INT4)
+    x = torch.randn(64, 256, requires_grad=True)
+    layer(x)                                                                      # calibrates
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+    extra = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            extra.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert extra == [(torch.float32, (2,))], extra
+
+
+@pytest.mark.parametrize("b", [16, 64, 256])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_backward_recomputes_the_forward_codes(b, backend):
+    """The backward's ``Q(WH)``, ``Q(XH)`` (``block_hadamard`` then LSQ's quantizer) are the forward's fused
+    ``hadamard_quantize_int4`` codes bit for bit — on CUDA tensors where there is a GPU (its kernels)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t = outlier_data(96, 300, magnitude=30.0, pattern="scattered").to(dev)
+    with ops.use_backend(backend):
+        for step in (t.abs().max() / 7, t.pow(2).mean().sqrt() / 3, torch.tensor(1e-3, device=dev)):
+            s = step.float().reshape(1)
+            fused = ops.hadamard_quantize_int4(t, b, s)
+            again = qtrain.quant.lsq.lsq_quantize(ops.block_hadamard(t, b), s, residual=False)[0].to(torch.int8)
+            assert torch.equal(fused, again)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels on CPU tensors under the interpreter "
                     "(set only without CUDA); on a GPU the kernels meet their twins in tests/kernels on CUDA tensors")
 def test_kernel_path_equals_reference_path():
