@@ -452,7 +452,7 @@ def _quantize_fallback_op(x: torch.Tensor, tau: torch.Tensor, block_k: int) -> t
 
 
 @_quantize_fallback_op.register_fake
-def _(x, tau, block_k):
+def _fake_fallback(x, tau, block_k, seed=None):
     check_fallback_args(x, tau, block_k, GROUP_ROWS)
     m, k = x.shape
     nk, gm = -(-k // block_k), -(-m // GROUP_ROWS)
@@ -466,6 +466,31 @@ def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128):
     """``x [M, K]`` → ``(q, scale, q2, scale2, flags, tile_absmax)``; see :mod:`qtrain.quant.fallback`."""
     return _quantize_fallback_op(x, tau, block_k) if torch.compiler.is_compiling() else _quantize_fallback(
         x, tau, block_k)
+
+
+# -------------------------------------------------------------------------------------- quantize_fallback_sr
+def _quantize_fallback_sr(x, tau, block_k, seed):
+    k = _kernel("fallback", "quantize_fallback_sr", x.device)
+    return (k or quant.quantize_fallback_sr)(x, tau, block_k, _drawn(seed, x))
+
+
+@custom_op("quantize_fallback_sr")
+def _quantize_fallback_sr_op(x: torch.Tensor, tau: torch.Tensor, block_k: int, seed: torch.Tensor | None) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize_fallback_sr(x, tau, block_k, seed)
+
+
+_quantize_fallback_sr_op.register_fake(_fake_fallback)
+
+
+def quantize_fallback_sr(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128,
+                         generator: "torch.Generator | torch.Tensor | None" = None):
+    """:func:`quantize_fallback` with the first term rounded stochastically (the seed as
+    :func:`quantize_blockwise_sr` takes it); see :mod:`qtrain.quant.fallback`."""
+    seed = _sr_seed_of(generator, "quantize_fallback_sr")
+    if torch.compiler.is_compiling():
+        return _quantize_fallback_sr_op(x, tau, block_k, seed)
+    return _quantize_fallback_sr(x, tau, block_k, seed)
 
 
 # --------------------------------------------------------------------------------------- fallback_block_gemm

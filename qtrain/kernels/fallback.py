@@ -5,6 +5,10 @@ INT8 codes, the tile's absmax and flag (``absmax > tau``, every tile while ``tau
 tile — the residual's scales and codes (unflagged tiles leave ``q2`` unwritten and write ``scale2 = 0``).
 Bit-exact with the reference; multiply-add contraction is off so the residual rounds like the reference's.
 Any input strides (a transposed view quantizes the transpose: ``dYᵀ`` for the weight gradient).
+``quantize_fallback_sr``: the first term by stochastic rounding with the block quantizer's Philox uniforms
+(:func:`qtrain.kernels.blockwise.quantize_sr`; a flagged tile's second pass redraws the same uniforms, so its
+residual is that of the stored codes) — scales, flags, tile absmax bit for bit the reference's, codes in
+distribution.
 
 ``fallback_block_gemm``: the block-scaled GEMM with the second MMA issued only for flagged tiles, reusing the rhs
 tile already loaded — on Hopper, for calls :func:`qtrain.kernels.block_gemm.use_gluon` admits, the
@@ -18,8 +22,10 @@ import triton
 import triton.language as tl
 
 from qtrain.kernels import block_gemm as _block_gemm
-from qtrain.kernels._common import (abs_bits, check_device, interpreting, load_at, quantize_rtn_rows,
+from qtrain.kernels._common import (abs_bits, check_device, divisor, interpreting, load_at, quantize_rtn_rows,
                                    scale_from_bits)
+from qtrain.kernels.blockwise import _uniforms, quantize_sr
+from qtrain.quant.blockwise import check_seed
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 
 
@@ -31,20 +37,38 @@ def _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols):
 
 
 @triton.jit
-def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_ptr, tmax_ptr, M, K, stride_xm,
-                           stride_xk, nk, GR: tl.constexpr, C: tl.constexpr, TM: tl.constexpr):
+def _codes(x, scale, seed, rows, pid_k, nk, SR: tl.constexpr, TM: tl.constexpr, C: tl.constexpr):
+    """The first term's int8 codes of a ``[TM, C]`` chunk (one scale per row): RTN, or with ``SR`` stochastic
+    rounding with the uniforms of the chunk's position (the same on every call)."""
+    if SR:
+        d, inv, pre = divisor(scale)
+        return quantize_sr(x * pre[:, None], tl.broadcast_to(inv[:, None], x.shape),
+                           _uniforms(seed, rows, pid_k, nk, TM, C))
+    return quantize_rtn_rows(x, scale)
+
+
+@triton.jit
+def _fallback_quant_kernel(x_ptr, tau_ptr, seed_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_ptr, tmax_ptr, M, K,
+                           stride_xm, stride_xk, nk, GR: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
+                           SR: tl.constexpr):
     """The tile of ``GR`` rows × ``C`` columns at ``(pid_m, pid_k)`` in ``[TM, C]`` chunks: pass 1 stores each
     chunk's codes and scales and keeps the tile's absmax; pass 2, on a flagged tile only, reloads the chunks (from
     L2), recomputes their codes and stores the residual's. Chunks keep registers low enough for several programs
-    per SM (one ``[128, 128]`` tile in registers took 165 registers a thread: one program per SM, latency-bound)."""
+    per SM (one ``[128, 128]`` tile in registers took 165 registers a thread: one program per SM, latency-bound).
+    ``SR``: the first term by stochastic rounding from ``seed``."""
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     cols = pid_k * C + tl.arange(0, C)
+    if SR:
+        seed = tl.load(seed_ptr)
+    else:
+        seed = 0
     tile_bits = tl.zeros([TM], tl.int32)
     for r0 in tl.range(0, GR, TM):
         rows = pid_m * GR + r0 + tl.arange(0, TM)
         x, mask, row_bits = _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
         scale = scale_from_bits(row_bits)
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], quantize_rtn_rows(x, scale), mask=mask)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                 _codes(x, scale, seed, rows, pid_k, nk, SR, TM, C), mask=mask)
         tl.store(s_ptr + rows * nk + pid_k, scale, mask=rows < M)
         tile_bits = tl.maximum(tile_bits, row_bits)
 
@@ -58,7 +82,7 @@ def _fallback_quant_kernel(x_ptr, tau_ptr, q_ptr, s_ptr, q2_ptr, s2_ptr, flag_pt
             rows = pid_m * GR + r0 + tl.arange(0, TM)
             x, mask, row_bits = _chunk(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
             scale = scale_from_bits(row_bits)
-            resid = x - quantize_rtn_rows(x, scale).to(tl.float32) * scale[:, None]
+            resid = x - _codes(x, scale, seed, rows, pid_k, nk, SR, TM, C).to(tl.float32) * scale[:, None]
             scale2 = scale_from_bits(tl.max(abs_bits(resid), axis=1))
             tl.store(q2_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], quantize_rtn_rows(resid, scale2),
                      mask=mask)
@@ -78,6 +102,16 @@ def launch_config(block_k: int, group_rows: int = GROUP_ROWS) -> tuple[int, int]
 def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128, group_rows: int = GROUP_ROWS,
                       config: tuple[int, int] | None = None):
     """``config``: ``(TM, num_warps)`` instead of :func:`launch_config`'s (benchmarks)."""
+    return _launch(x, tau, block_k, group_rows, None, config)
+
+
+def quantize_fallback_sr(x: torch.Tensor, tau: torch.Tensor, block_k: int, seed: torch.Tensor,
+                         group_rows: int = GROUP_ROWS, config: tuple[int, int] | None = None):
+    check_seed(seed)
+    return _launch(x, tau, block_k, group_rows, seed, config)
+
+
+def _launch(x, tau, block_k, group_rows, seed, config):
     check_fallback_args(x, tau, block_k, group_rows)
     check_device(x)
     if tau.device != x.device:
@@ -95,9 +129,12 @@ def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128, gr
     tm, warps = config or launch_config(block_k, group_rows)
     if group_rows % tm or tm & (tm - 1):
         raise ValueError(f"fallback chunk rows {tm} must be a power of two dividing group_rows = {group_rows}")
-    _fallback_quant_kernel[(gm, nk)](x, tau, q, scale, q2, scale2, flags.view(torch.uint8), tmax, M, K,
-                                     x.stride(0), x.stride(1), nk, GR=group_rows, C=block_k, TM=tm,
-                                     num_warps=warps, enable_fp_fusion=False)
+    if seed is not None:
+        seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
+    _fallback_quant_kernel[(gm, nk)](x, tau, seed if seed is not None else tau, q, scale, q2, scale2,
+                                     flags.view(torch.uint8), tmax, M, K, x.stride(0), x.stride(1), nk,
+                                     GR=group_rows, C=block_k, TM=tm, SR=seed is not None, num_warps=warps,
+                                     enable_fp_fusion=False)
     return q, scale, q2, scale2, flags, tmax
 
 

@@ -10,8 +10,9 @@ hp         both high precision → a 16/32-bit matmul
 int8       INT8 RTN, tensor or row scales → ``ops.quantize_rowwise``/``quantize_tensorwise`` → ``ops.int8_gemm``
 block      INT8 RTN or SR, power-of-two ``(r, c)`` blocks, one ``c`` ∈ 32–256 → ``ops.quantize_blockwise``
            (SR operands: ``ops.quantize_blockwise_sr``, seeded from ``sr_generator``) → ``ops.block_int8_gemm``
-fallback   lhs INT8 ``(1, c)`` blocks with a :class:`~qtrain.recipes.Fallback` policy, rhs as on ``block`` →
-           ``ops.quantize_fallback`` → ``ops.fallback_block_gemm``
+fallback   lhs INT8 ``(1, c)`` blocks with a :class:`~qtrain.recipes.Fallback` policy (RTN, or SR:
+           ``ops.quantize_fallback_sr``), rhs as on ``block`` → ``ops.quantize_fallback`` →
+           ``ops.fallback_block_gemm``
 hq_int4    fprop only (the ``int4`` preset): X and W INT4 per tensor, both with the same
            :class:`~qtrain.recipes.Hadamard` transform and a :class:`~qtrain.recipes.LearnedStep` →
            ``ops.hadamard_quantize_int4`` → ``ops.int4_gemm`` (today the INT8 GEMM); run by
@@ -80,7 +81,8 @@ class GemmPlan:
             rows = self.blocks[0] if side == "lhs" else self.blocks[1]
             c = self.blocks[2]
             if self.path == "fallback" and side == "lhs":
-                q, s, q2, s2, flags, tmax = ops.quantize_fallback(t, tau, c)
+                fn = ops.quantize_fallback_sr if spec.rounding == "stochastic" else ops.quantize_fallback
+                q, s, q2, s2, flags, tmax = fn(t, tau, c)
                 if update:
                     update_threshold(tau, tmax, spec.fallback)
                 return Operand("fallback", q, s, 1, c, q2, s2, flags, tmax)
@@ -196,11 +198,11 @@ def _gemm_plan(recipe: Recipe, name: str) -> GemmPlan:
                                     "gradient operand) only")
     if spec.lhs.fallback is not None:
         plain = spec.lhs.__class__(spec.lhs.format, spec.lhs.granularity, spec.lhs.rounding)
-        blocks = block_pair(plain, spec.rhs)
+        blocks = block_pair(_rtn(plain), spec.rhs)
         if blocks is None or blocks[0] != 1:
-            raise _reject(recipe, name, f"fallback needs an INT8 round-to-nearest lhs in (1, c) blocks and an INT8 "
-                                        f"RTN rhs in power-of-two (r, c) blocks with the same c ∈ {BLOCK_KS}; got "
-                                        f"{spec}")
+            raise _reject(recipe, name, f"fallback needs an INT8 lhs (round-to-nearest or stochastic) in (1, c) "
+                                        f"blocks and an INT8 RTN rhs in power-of-two (r, c) blocks with the same "
+                                        f"c ∈ {BLOCK_KS}; got {spec}")
         return GemmPlan(name, spec, "fallback", blocks)
     if fast_int8(spec.lhs) and fast_int8(spec.rhs):
         return GemmPlan(name, spec, "int8")

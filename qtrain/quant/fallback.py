@@ -11,6 +11,12 @@ with ``nk = ⌈K/block_k⌉``:
   quantized in ``1 × block_k`` blocks; ``scale2`` is 0 outside flagged tiles, and ``q2`` there is unspecified
   (this reference writes 0; kernels leave it unwritten), so ``x ≈ scale·q + scale2·q2`` everywhere.
 
+``quantize_fallback_sr(x, tau, block_k, seed [1] int64, group_rows)``: the same with the first term rounded
+stochastically (:func:`qtrain.quant.blockwise.quantize_blockwise_sr`: unbiased, for gradients); the residual of a
+flagged tile is that of the stochastically rounded codes, rounded to nearest (its error ≤ ``scale2 / 2`` ≤
+``scale / 254``). Scales, flags and tile absmax are bit for bit those of :func:`quantize_fallback`; the kernel twin
+agrees in distribution (another uniform stream), and bit for bit in the residual of its own codes.
+
 ``fallback_block_gemm(q, scale, q2, scale2, flags, b [N, K] int8, b_scale [⌈N/rb⌉, nk], b_rows, block_k, bias,
 out_dtype) -> [M, N]``::
 
@@ -28,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from qtrain.quant.block_gemm import block_sum_fp64, check_block_gemm_args
-from qtrain.quant.blockwise import quantize_blockwise
+from qtrain.quant.blockwise import quantize_blockwise, quantize_blockwise_sr
 from qtrain.quant.core import check_2d, check_float
 from qtrain.recipes import Fallback
 
@@ -66,8 +72,18 @@ def check_fallback_args(x: torch.Tensor, tau: torch.Tensor, block_k: int, group_
 
 def quantize_fallback(x: torch.Tensor, tau: torch.Tensor, block_k: int = 128, group_rows: int = GROUP_ROWS):
     check_fallback_args(x, tau, block_k, group_rows)
+    return _with_residual(x, tau, block_k, group_rows, *quantize_blockwise(x, 1, block_k))
+
+
+def quantize_fallback_sr(x: torch.Tensor, tau: torch.Tensor, block_k: int, seed: torch.Tensor,
+                         group_rows: int = GROUP_ROWS):
+    check_fallback_args(x, tau, block_k, group_rows)
+    return _with_residual(x, tau, block_k, group_rows, *quantize_blockwise_sr(x, 1, block_k, seed))
+
+
+def _with_residual(x, tau, block_k, group_rows, q, scale):
+    """The outputs of :func:`quantize_fallback` given the first term's ``(q, scale)``."""
     M, K = x.shape
-    q, scale = quantize_blockwise(x, 1, block_k)
     tmax = tile_absmax(x, block_k, group_rows)
     flags = (tmax > tau.reshape(())) | (tau.reshape(()) < 0)
     s_full = scale.repeat_interleave(block_k, 1)[:, :K]

@@ -130,3 +130,56 @@ def test_gluon_launch_refuses_scales_of_another_block_k():
     a, b = torch.zeros(128, 512, dtype=torch.int8), torch.zeros(128, 512, dtype=torch.int8)
     with pytest.raises(ValueError, match="block_k 128 needs 4 scale columns for K = 512, got 2"):
         glu.launch(a, b, torch.ones(128, 2), torch.ones(1, 2), 128, None, torch.bfloat16, block_k=128)
+
+
+SR_IMPLS = {"reference": rfb.quantize_fallback_sr, "kernel": kfb.quantize_fallback_sr}
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+@pytest.mark.parametrize("impl", SR_IMPLS)
+def test_quantize_fallback_sr_unbiased_with_the_residual_of_its_own_codes(impl, transposed):
+    """SR first term (DESIGN.md's SR gate): scales, flags and tile absmax bit for bit the RTN quantizer's, every
+    code within one step of x / scale, the mean over draws back at x / scale; on flagged tiles the residual term
+    is, bit for bit, the RTN residual of the codes drawn (so x is reconstructed to ~15 bits there)."""
+    x = outlier_data(260, 200, magnitude=100.0, pattern="scattered", seed=8, device=DEV)
+    if transposed:
+        x = x.t().contiguous().t()
+    tau = torch.tensor(20.0, device=DEV)
+    c = 128
+    rtn = rfb.quantize_fallback(x, tau, c)
+    rows = rfb.expand_tiles(rtn[4], x.shape[0]).repeat_interleave(c, 1)[:, :x.shape[1]]
+    assert rows.any() and not rows.all()
+    step = rtn[1].repeat_interleave(c, 1)[:, :x.shape[1]]
+    v = x.float() / step
+    n, acc = 24, torch.zeros_like(v, dtype=torch.float64)
+    for i in range(n):
+        q, s, q2, s2, flags, tmax = SR_IMPLS[impl](x, tau, c, torch.tensor([500 + i], device=DEV))
+        for name, g, r in (("scale", s, rtn[1]), ("flags", flags, rtn[4]), ("tile_absmax", tmax, rtn[5])):
+            assert_same(g, r, name)
+        assert ((q.float() - v).abs() < 1).all(), "a code is more than one step from x / scale"
+        want_q2, want_s2 = quantize_blockwise(x.float() - q.float() * step, 1, c)
+        assert_same(q2[rows], want_q2[rows], "residual codes")
+        tile_rows = rfb.expand_tiles(flags, x.shape[0])
+        assert_same(s2, torch.where(tile_rows, want_s2, torch.zeros_like(want_s2)), "residual scales")
+        acc += q.double()
+    mean = acc / n
+    assert ((mean - v).abs() <= 6 * 0.5 / n ** 0.5 + 1e-6).all()
+    assert abs((mean - v).mean().item()) < 0.02
+    a = SR_IMPLS[impl](x, tau, c, torch.tensor([3], device=DEV))
+    b = SR_IMPLS[impl](x, tau, c, torch.tensor([3], device=DEV))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], SR_IMPLS[impl](x, tau, c, torch.tensor([4], device=DEV))[0])
+
+
+@pytest.mark.parametrize("config", [(32, 4), (8, 2)], ids=str)
+def test_quantize_fallback_sr_row_chunks_redraw_the_same_uniforms(config):
+    """The GPU tiling (chunks of ``TM`` rows, two passes on a flagged tile): the second pass's residual is that of
+    the codes the first pass stored; unset τ flags every tile."""
+    x = outlier_data(300, 260, magnitude=100.0, pattern="scattered", seed=9, device=DEV)
+    for tau in (-1.0, 20.0):
+        q, s, q2, s2, flags, tmax = kfb.quantize_fallback_sr(x, torch.tensor(tau, device=DEV), 128,
+                                                             torch.tensor([11], device=DEV), config=config)
+        rows = rfb.expand_tiles(flags, x.shape[0]).repeat_interleave(128, 1)[:, :x.shape[1]]
+        want_q2, _ = quantize_blockwise(x.float() - q.float() * s.repeat_interleave(128, 1)[:, :x.shape[1]], 1, 128)
+        assert rows.any() and torch.equal(q2[rows], want_q2[rows])
+    with pytest.raises(ValueError, match="seed"):
+        kfb.quantize_fallback_sr(x, torch.tensor(1.0, device=DEV), 128, torch.tensor([0.5]))

@@ -43,6 +43,43 @@ def test_fallback_sqnr_on_outlier_data(pattern):
     assert sqnr(want[0], got[0]) > sqnr(want[0], plain[0])              # the fallback term is what helps
 
 
+FALLBACK_SR = qtrain.recipes.Recipe.from_dict(__import__("json").load(open(
+    __import__("pathlib").Path(__file__).parents[2] / "benchmarks" / "recipes" / "fallback_sr.json")))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_stochastic_gradient_operands_are_unbiased(backend):
+    """``fallback_sr`` (dY and dYᵀ rounded stochastically, with fallback): dX averaged over draws converges to
+    dY·Ŵ (Ŵ: the weight as quantized), ~1/√draws, where the preset's round-to-nearest dY keeps its error; the
+    plan runs both gradient GEMMs on the fallback path."""
+    plan = qtrain.nn.plan.build_plan(FALLBACK_SR)
+    assert (plan.dgrad.path, plan.wgrad.path) == ("fallback", "fallback")
+    assert plan.dgrad.spec.lhs.rounding == "stochastic" and plan.dgrad.spec.lhs.fallback is not None
+    torch.manual_seed(0)
+    ref = nn.Linear(256, 128).to(DEV)
+    x = outlier_data(256, 256, magnitude=20.0, pattern="scattered", seed=3, device=DEV)
+    dy = outlier_data(256, 128, magnitude=8.0, pattern="token", seed=4, device=DEV)
+    w_hat = qtrain.quant.fake_quantize(ref.weight.detach(), qtrain.recipes.block(128, 128))
+    want = dy.double() @ w_hat.double()
+    errs = {}
+    with ops.use_backend(backend):
+        for recipe, n in ((FALLBACK_SR, 16), ("fallback", 2)):
+            layer = QuantLinear.from_module(ref, recipe)
+            _step(layer, x, dy)                          # sets the thresholds (the first step flags every tile)
+            layer.eval()                                 # ... and keeps them: the same tiles fall back each draw
+            ref.weight.grad = None
+            grads = []
+            for i in range(n):
+                qtrain.nn.functional.reseed(100 + i)
+                grads.append(_step(layer, x, dy)[1].double())
+            errs[recipe if isinstance(recipe, str) else "sr"] = [
+                ((g - want).norm() / want.norm()).item() for g in (grads[0], sum(grads) / n)]
+    one, mean = errs["sr"]
+    assert mean < one / 2.5, errs                       # 16 draws: ~1/4 of one draw's error
+    assert errs["fallback"][1] == pytest.approx(errs["fallback"][0])     # deterministic: no averaging away
+    assert mean < errs["fallback"][0], errs
+
+
 def test_kernel_path_equals_reference_path():
     torch.manual_seed(0)
     ref = nn.Linear(256, 200).to(DEV)
@@ -99,18 +136,22 @@ def test_report_shows_fallback_share_and_errors():
     assert model[0].stats["x_rel_err"] <= model[0].stats["x_rel_err_no_fallback"]
 
 
-def test_compile_matches_eager():
+@pytest.mark.parametrize("recipe", ["fallback", FALLBACK_SR], ids=["fallback", "fallback_sr"])
+def test_compile_matches_eager(recipe):
+    """fallback_sr: the SR op draws its seed inside (one opaque op), so eager and compiled round alike."""
     torch.manual_seed(0)
     ref = nn.Linear(256, 256)
-    eager = QuantLinear.from_module(ref, "fallback")
-    twin = QuantLinear.from_module(ref, "fallback")
+    eager = QuantLinear.from_module(ref, recipe)
+    twin = QuantLinear.from_module(ref, recipe)
     compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
     for i in range(2):
         x = outlier_data(384, 256, magnitude=80.0, seed=i, pattern="scattered")
         dy = torch.randn(384, 256)
         ref.weight.grad = None
+        qtrain.nn.functional.reseed(i)
         a = _step(eager, x, dy)
         ref.weight.grad = None
+        qtrain.nn.functional.reseed(i)
         b = _step(compiled, x, dy)
         for name, u, v in zip(("y", "dx", "dw"), a, b):
             assert torch.equal(u, v), name
