@@ -151,7 +151,7 @@ def test_quantize_fallback_sr_unbiased_with_the_residual_of_its_own_codes(impl, 
     assert rows.any() and not rows.all()
     step = rtn[1].repeat_interleave(c, 1)[:, :x.shape[1]]
     v = x.float() / step
-    n, acc = 24, torch.zeros_like(v, dtype=torch.float64)
+    n, acc = 16, torch.zeros_like(v, dtype=torch.float64)
     for i in range(n):
         q, s, q2, s2, flags, tmax = SR_IMPLS[impl](x, tau, c, torch.tensor([500 + i], device=DEV))
         for name, g, r in (("scale", s, rtn[1]), ("flags", flags, rtn[4]), ("tile_absmax", tmax, rtn[5])):
@@ -170,7 +170,7 @@ def test_quantize_fallback_sr_unbiased_with_the_residual_of_its_own_codes(impl, 
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], SR_IMPLS[impl](x, tau, c, torch.tensor([4], device=DEV))[0])
 
 
-@pytest.mark.parametrize("config", [(32, 4), (8, 2)], ids=str)
+@pytest.mark.parametrize("config", [(32, 4)], ids=str)
 def test_quantize_fallback_sr_row_chunks_redraw_the_same_uniforms(config):
     """The GPU tiling (chunks of ``TM`` rows, two passes on a flagged tile): the second pass's residual is that of
     the codes the first pass stored; unset τ flags every tile."""
