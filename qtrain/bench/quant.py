@@ -1,6 +1,8 @@
 """Quantize suite: bandwidth of the quantize kernels by minimum bytes, against a device copy in the same run."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qtrain.bench.common import bench
@@ -24,10 +26,12 @@ BLOCKWISE = [
 # dY quantized for dgrad and wgrad by one dual SR call (jetfire_wide's backward): (what, shape, dtype, c); the
 # two calls it replaces are the "dY 1x128 SR" and "dYT tokens SR" rows.
 BLOCKWISE_DUAL = [("dY dual SR", (8192, 4096), torch.bfloat16, 128)]
-# Fallback quantize calls (recipe fallback): (what, shape, transposed, flagged fraction); τ is set to the tile-absmax
-# quantile that flags that fraction of the 128×128 tiles.
+# Fallback quantize calls (recipe fallback): (what, shape, transposed, flagged fraction[, stochastic rounding: the
+# gradients of benchmarks/recipes/fallback_sr.json]); τ is set to the tile-absmax quantile that flags that fraction
+# of the 128×128 tiles.
 FALLBACK = [("x 1x128", (8192, 4096), False, 0.05), ("h 1x128", (8192, 11008), False, 0.05),
-            ("dYT tokens", (8192, 4096), True, 0.05), ("x 1x128 all", (8192, 4096), False, 1.0)]
+            ("dYT tokens", (8192, 4096), True, 0.05), ("x 1x128 all", (8192, 4096), False, 1.0),
+            ("dY 1x128 SR", (8192, 4096), False, 0.05, True), ("dYT tokens SR", (8192, 4096), True, 0.05, True)]
 
 
 def run_suite(quick: bool = False):
@@ -155,15 +159,18 @@ def fallback_case(shape: tuple[int, int], transposed: bool, frac: float, device:
     return base, x, tau.to(device=device, dtype=torch.float32)
 
 
-def fallback_mismatch(got, want) -> str | None:
+def fallback_mismatch(got, want, sr: bool = False) -> str | None:
     """The first of ``quantize_fallback``'s outputs where ``got`` differs from ``want`` (``q2`` compared on
-    ``want``'s flagged tiles, where the contract defines it), or None."""
+    ``want``'s flagged tiles, where the contract defines it), or None. ``sr``: ``got`` from the SR quantizer —
+    its scales, flags and tile absmax compared, its codes in distribution only (not checked here)."""
     from qtrain.quant import fallback as ref
 
     got = [g.cpu() for g in got]
     want = [w.cpu() for w in want]
     flagged = ref.expand_tiles(want[4], want[0].shape[0]).repeat_interleave(128, 1)[:, :want[0].shape[1]]
     for name, g, w in zip(("q", "scale", "q2", "scale2", "flags", "tile_absmax"), got, want):
+        if sr and name in ("q", "q2", "scale2"):
+            continue
         if not torch.equal(g[flagged] if name == "q2" else g, w[flagged] if name == "q2" else w):
             return name
     return None
@@ -176,20 +183,26 @@ def fallback_min_bytes(x: torch.Tensor, flags: torch.Tensor) -> float:
 
 
 def _fallback_rows(quick: bool, cases=FALLBACK, device: str = "cuda") -> list[dict]:
-    from qtrain.kernels.fallback import quantize_fallback
+    from qtrain.kernels import fallback as kern
     from qtrain.quant import fallback as ref
 
     rows = []
-    for what, shape, transposed, frac in cases[::2] if quick else cases:
+    for what, shape, transposed, frac, *sr in cases[::2] if quick else cases:
         base, x, tau = fallback_case(shape, transposed, frac, device)
+        if sr and sr[0]:
+            seed = torch.tensor([1], device=device)
+            fn, ref_fn = (functools.partial(q, block_k=128, seed=seed)
+                          for q in (kern.quantize_fallback_sr, ref.quantize_fallback_sr))
+        else:
+            fn, ref_fn = kern.quantize_fallback, ref.quantize_fallback
         want = ref.quantize_fallback(x.cpu(), tau.cpu())
-        bad = fallback_mismatch(quantize_fallback(x, tau), want)
+        bad = fallback_mismatch(fn(x, tau), want, sr=bool(sr and sr[0]))
         if bad is not None:
             raise RuntimeError(f"fallback kernel's {bad} differs from the reference for {what}")
         dst = torch.empty_like(base)
         t_copy = bench(lambda: dst.copy_(base), quick)
-        t_kern = bench(lambda: quantize_fallback(x, tau), quick)
-        t_ref = bench(lambda: ref.quantize_fallback(x, tau), quick)
+        t_kern = bench(lambda: fn(x, tau), quick)
+        t_ref = bench(lambda: ref_fn(x, tau), quick)
         copy_bw = 4 * x.numel() / t_copy / 1e9
         bw = fallback_min_bytes(x, want[4]) / t_kern / 1e9
         rows.append({"kernel": f"fallback {what}", "shape": "x".join(map(str, shape)) + ("ᵀ" if transposed else ""),

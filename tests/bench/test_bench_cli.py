@@ -62,8 +62,9 @@ def test_blockwise_quant_rows_check_the_kernel(monkeypatch):
     assert rows[1]["shape"] == "256x64ᵀ" and all(r["time_us"] > 0 for r in rows)
     rows = suite._blockwise_dual_rows(False, [("dY dual SR", (96, 160), torch.bfloat16, 32)], device="cpu")
     assert rows[0]["kernel"] == "blockwise dY dual SR" and rows[0]["two_calls_us"] > 0
-    rows = suite._fallback_rows(False, [("x", (200, 260), False, 0.25), ("dYT", (260, 130), True, 1.0)], device="cpu")
-    assert [r["kernel"] for r in rows] == ["fallback x", "fallback dYT"]
-    assert 0 < rows[0]["flagged"] < 1 and rows[1]["flagged"] == 1.0
+    rows = suite._fallback_rows(False, [("x", (200, 260), False, 0.25), ("dYT", (260, 130), True, 1.0),
+                                        ("dY SR", (200, 260), False, 0.25, True)], device="cpu")
+    assert [r["kernel"] for r in rows] == ["fallback x", "fallback dYT", "fallback dY SR"]
+    assert 0 < rows[0]["flagged"] < 1 and rows[1]["flagged"] == 1.0 and rows[2]["flagged"] == rows[0]["flagged"]
     rows = suite._transpose_rows(False, ((130, 70),), device="cpu")
     assert rows[0]["kernel"] == "transpose int8" and rows[0]["time_us"] > 0
