@@ -42,9 +42,9 @@ PHILOX_ROUNDS = tl.constexpr(7)
 
 @triton.jit
 def quantize_sr(x, inv_scale, f):
-    """fp32 ``x · inv_scale`` → int8 by stochastic rounding ``floor(v + u)`` with ``f = 1 + u`` (:func:`_uniforms`);
-    callers pass ``x·pre`` and ``inv`` of :func:`~qtrain.kernels._common.divisor` (a subnormal scale's reciprocal
-    would overflow):
+    """fp32 ``x · inv_scale`` → int8 by stochastic rounding ``floor(v + u)`` with ``f = 1 + u``
+    (:func:`sr_uniforms`); callers pass ``x·pre`` and ``inv`` of :func:`~qtrain.kernels._common.divisor` (a
+    subnormal scale's reciprocal would overflow):
     NaN → 0, ``v`` clamped to ±127, then ``RNE(v + (f − 1.5))`` by the magic-number add (``f − 1.5`` is exact and
     ``u`` sits half a grid step off the grid ends, so no sum ties and ``floor(v + u)`` = that RNE). A multiply by
     the block's reciprocal scale instead of an IEEE divide, and no float↔int conversions: the kernel was bound by
@@ -68,7 +68,7 @@ def _u16(r, shift: tl.constexpr):
 
 
 @triton.jit
-def _uniforms(seed, rows, pid_k, n_block_cols, TM: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr = 0):
+def sr_uniforms(seed, rows, pid_k, n_block_cols, TM: tl.constexpr, C: tl.constexpr, STREAM: tl.constexpr = 0):
     """``[TM, C]`` fp32 ``1 + u`` for the tile of rows ``rows`` and block column ``pid_k``: 16-bit uniforms
     ``u = (k + ½)/2¹⁶``, eight per Philox call (``tl.randint4x`` with :data:`PHILOX_ROUNDS` rounds at the tile's
     8-column group index). 16 bits are plenty for rounding: ``P(round up) = frac(v)`` to within 2⁻¹⁷ of a step;
@@ -92,7 +92,7 @@ def _uniforms(seed, rows, pid_k, n_block_cols, TM: tl.constexpr, C: tl.constexpr
 
 @triton.jit
 def _uniforms_down(seed, pid_m, cols, n_row_groups, TM: tl.constexpr, C: tl.constexpr):
-    """:func:`_uniforms` for a tile read down its columns (a transposed view: rows are the contiguous dim): one
+    """:func:`sr_uniforms` for a tile read down its columns (a transposed view: rows are the contiguous dim): one
     Philox call for 8 consecutive rows of one column, at counter ``col · n_row_groups + row group``, so each
     thread's uniforms lie along the rows it loaded (grouped along columns they had to cross threads through
     shared memory: 24 of the transposed kernel's 43 shared-memory stores). ``TM`` a multiple of 8."""
@@ -120,7 +120,7 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
                       n_block_rows, n_block_cols, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
                       SR: tl.constexpr, XR: tl.constexpr, XC: tl.constexpr, SCALED_INPUT: tl.constexpr,
                       DOWN: tl.constexpr = False):
-    """``SR``: stochastic rounding with uniforms from ``seed`` (:func:`_uniforms`, or :func:`_uniforms_down`
+    """``SR``: stochastic rounding with uniforms from ``seed`` (:func:`sr_uniforms`, or :func:`_uniforms_down`
     with ``DOWN``: ``x`` a transposed view); else round to nearest.
     ``SCALED_INPUT``: ``x`` holds int8 codes whose value is ``x[i, j] · xs[i // XR, j // XC]`` (fp32); where a
     tile's rows lie in one scale row (``XR`` a multiple of ``TM``, as for the transposed INT8 X of wgrad) the
@@ -143,7 +143,7 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
         if DOWN:
             u = _uniforms_down(tl.load(seed_ptr), pid_m, cols, tl.cdiv(M, 8), TM, C)
         else:
-            u = _uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols, TM, C)
+            u = sr_uniforms(tl.load(seed_ptr), rows, pid_k, n_block_cols, TM, C)
         q = quantize_sr(x * _rows_of(pre, R, TM, C), _rows_of(inv, R, TM, C), u)
     else:
         q = quantize_rtn(x, _rows_of(d, R, TM, C), _rows_of(inv, R, TM, C), _rows_of(pre, R, TM, C))
@@ -164,13 +164,13 @@ def _blockwise_sr_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, seed_ptr, M, 
     scale = scale_from_bits(tl.max(bits, axis=1))                                      # [TM]
     _, inv, pre = divisor(scale)
     q = quantize_sr(x * pre[:, None], tl.broadcast_to(inv[:, None], x.shape),
-                    _uniforms(seed, rows, pid_n, n_block_cols, TM, C))
+                    sr_uniforms(seed, rows, pid_n, n_block_cols, TM, C))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows * n_block_cols + pid_n, scale, mask=rows < M)
     scale_t = scale_from_bits(tl.max(tl.reshape(bits, [TM // C, C, C]), axis=1))     # [TM // C, C]
     col_scale = tl.reshape(tl.broadcast_to(scale_t[:, None, :], [TM // C, C, C]), [TM, C])
     _, inv_t, pre_t = divisor(col_scale)
-    qt = quantize_sr(x * pre_t, inv_t, _uniforms(seed, rows, pid_n, n_block_cols, TM, C, 1))
+    qt = quantize_sr(x * pre_t, inv_t, sr_uniforms(seed, rows, pid_n, n_block_cols, TM, C, 1))
     tl.store(qt_ptr + cols[:, None].to(tl.int64) * M + rows[None, :], tl.trans(qt),
              mask=(cols[:, None] < N) & (rows[None, :] < M))
     brow = pid_m * (TM // C) + tl.arange(0, TM // C)

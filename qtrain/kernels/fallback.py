@@ -24,7 +24,7 @@ import triton.language as tl
 from qtrain.kernels import block_gemm as _block_gemm
 from qtrain.kernels._common import (abs_bits, check_device, divisor, interpreting, load_at, quantize_rtn_rows,
                                    scale_from_bits)
-from qtrain.kernels.blockwise import _uniforms, quantize_sr
+from qtrain.kernels.blockwise import quantize_sr, sr_uniforms
 from qtrain.quant.blockwise import check_seed
 from qtrain.quant.fallback import GROUP_ROWS, check_fallback_args, check_fallback_gemm_args
 
@@ -43,7 +43,7 @@ def _codes(x, scale, seed, rows, pid_k, nk, SR: tl.constexpr, TM: tl.constexpr, 
     if SR:
         d, inv, pre = divisor(scale)
         return quantize_sr(x * pre[:, None], tl.broadcast_to(inv[:, None], x.shape),
-                           _uniforms(seed, rows, pid_k, nk, TM, C))
+                           sr_uniforms(seed, rows, pid_k, nk, TM, C))
     return quantize_rtn_rows(x, scale)
 
 
