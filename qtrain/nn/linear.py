@@ -126,10 +126,10 @@ class Int4LinearFunction(torch.autograd.Function):
 
     fprop (``hq_int4``): ``Q(XH)``, ``Q(WH)`` with the block-diagonal Hadamard ``H`` of order ``block`` and the
     per-tensor steps ``step = [s_X, s_W]`` (LSQ) → ``ops.int4_gemm``. Saves what ``F.linear`` keeps (``x``,
-    the weight; no copies) and no INT4 codes: the backward recomputes ``XH`` and ``WH`` (LSQ's step gradients
-    need the unrounded ``XH/s``, ``WH/s``, which INT4 codes cannot give back) and their codes, bit for bit the
-    forward's (the transform is exact: :mod:`qtrain.quant.hadamard`) — wgrad's LSQ backward needs ``WH`` anyway,
-    so dgrad's ``Q(WH)`` costs no extra pass, and nothing weight-sized is held from forward to backward.
+    the weight; no copies) and no INT4 codes: the backward recomputes the codes with the same fused kernel, and
+    each LSQ backward recomputes ``XH`` or ``WH`` where it runs (the step gradients need the unrounded ``XH/s``,
+    ``WH/s``, which INT4 codes cannot give back; the transform is exact, :mod:`qtrain.quant.hadamard`, so clip
+    masks and codes agree bit for bit). Between the GEMMs the backward holds INT8 codes, not fp32 transforms.
 
     dgrad/wgrad (``bitsplit_lss``; or ``hp``: ``dY`` unquantized against the same quantized operands, in 16-bit
     GEMMs where ``dY`` is 16-bit (:func:`_hp_mm`), the ablation of the gradient quantization): ``dY`` split into
@@ -218,21 +218,20 @@ def _int4_backward(dy, x, weight, bias, step, used, plan, w_kn, b, need):
     dx = dw = db = dstep = dsx = dsw = None
     split = plan.dgrad.path == "bitsplit_lss"          # else "hp": dY unquantized (the ablation of the split)
     if run_dgrad or run_wgrad:
-        xh = ops.block_hadamard(x, b)
-        qx, inside_x, r_x = _lsq.lsq_quantize(xh, sx, residual=learn_x)
-        wh = ops.block_hadamard(w, b)
-        qw, inside_w, r_w = _lsq.lsq_quantize(wh, sw, residual=learn_w)          # fprop's codes of WH (fp32)
+        # The fprop's INT4 codes (int8), bit for bit, from the fused kernel: no fp32 transform or LSQ residual is
+        # held across the GEMMs; each LSQ backward recomputes its transform where it runs (peak memory).
+        qx = ops.hadamard_quantize_int4(x, b, sx)
+        qw = ops.hadamard_quantize_int4(w, b, sw)
         if split:
             codes, s, norms = ops.bit_split(dy.contiguous(), plan.dgrad.spec.lhs.granularity.kind == "row")
             scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
     if run_dgrad:
         if split:
-            gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * xh.shape[1])
-            gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.to(torch.int8).t().contiguous(), sw.reshape(()),
-                                ops.int4_gemm, gather)
+            gather = plan.dgrad.spec.lhs.split.sampling and _lss_gather(x.device, 2 * M * N * qx.shape[1])
+            gx = _lss.lss_dgrad(codes, scale["dgrad"], qw.t().contiguous(), sw.reshape(()), ops.int4_gemm, gather)
         else:
             gx = _hp_mm(dy, qw, sw)
-        dxh, dsx = _lsq.lsq_backward(xh, sx, gx, numel=M * K, parts=(inside_x, r_x), scaled=fp.lhs.step.scaled)
+        dxh, dsx = _lsq_backward(x, sx, gx, b, learn_x, fp.lhs.step.scaled)
         if need_dx:
             dx = ops.block_hadamard(dxh, b)[:, :K].to(x.dtype)
     if run_wgrad:
@@ -240,7 +239,7 @@ def _int4_backward(dy, x, weight, bias, step, used, plan, w_kn, b, need):
             gw = _lss.lss_wgrad(codes, scale["wgrad"], qx, sx.reshape(()))
         else:
             gw = _hp_mm(dy.t(), qx, sx)
-        dwh, dsw = _lsq.lsq_backward(wh, sw, gw, numel=N * K, parts=(inside_w, r_w), scaled=fp.rhs.step.scaled)
+        dwh, dsw = _lsq_backward(w, sw, gw, b, learn_w, fp.rhs.step.scaled)
         if need_dw:
             dw = ops.block_hadamard(dwh, b)[:, :K].to(weight.dtype)
             if w_kn:
@@ -253,17 +252,27 @@ def _int4_backward(dy, x, weight, bias, step, used, plan, w_kn, b, need):
     return dx, dw, db, dstep
 
 
+def _lsq_backward(t: torch.Tensor, step: torch.Tensor, grad: torch.Tensor, b: int, learn: bool, scaled: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`qtrain.quant.lsq.lsq_backward` of the Hadamard quantizer of ``t [R, K]`` with ``grad = ∂L/∂Q(tH)``:
+    ``(∂L/∂(tH) fp32 [R, Kp], ∂L/∂step or None)`` — ``tH`` recomputed here (exact, so the clip mask and residual
+    are the forward's), the step gradient only where the step is learned."""
+    th = ops.block_hadamard(t, b)
+    _, inside, r = _lsq.lsq_quantize(th, step, residual=learn)
+    return _lsq.lsq_backward(th, step, grad, numel=t.numel(), parts=(inside, r), scaled=scaled)
+
+
 def _lss_scales(plan, norms: torch.Tensor, s: torch.Tensor, qx: torch.Tensor, dgrad: bool, wgrad: bool
                 ) -> dict[str, torch.Tensor]:
     """The :func:`~qtrain.quant.lss.stacked_scales` of each GEMM run (``'dgrad'``, ``'wgrad'``) over the ``2M``
-    stacked rows of norms ``norms``: sampled by the scores ``‖row‖`` and ``‖row‖·‖X̂h_token‖``, both in one
-    draw where their BitSplit agree."""
+    stacked rows of norms ``norms``: sampled by the scores ``‖row‖`` and ``‖row‖·‖X̂h_token‖`` (``qx``: X̂h's
+    INT4 codes), both in one draw where their BitSplit agree."""
     M = norms.shape[0] // 2
     scores = {}
     if dgrad:
         scores["dgrad"] = norms
     if wgrad:
-        scores["wgrad"] = (norms.view(2, M) * qx.norm(dim=1)).view(-1)
+        scores["wgrad"] = (norms.view(2, M) * qx.float().norm(dim=1)).view(-1)
     splits = {g: getattr(plan, g).spec.lhs.split for g in scores}
     if len(set(splits.values())) == 1:
         split = next(iter(splits.values()))

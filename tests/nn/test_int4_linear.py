@@ -414,11 +414,35 @@ def test_saves_no_int4_codes_for_backward():
     assert extra == [(torch.float32, (2,))], extra
 
 
+def test_backward_holds_no_fp32_transform_across_the_dgrad_gemm(monkeypatch):
+    """Peak memory: while dgrad's INT4 GEMM runs, no fp32 ``[M, Kp]`` tensor (``XH``, its fp32 codes, its LSQ
+    residual) is alive — X's codes are held as int8, the transform is recomputed after the GEMM."""
+    import gc
+    torch.manual_seed(0)
+    layer = _layer(nn.Linear(200, 96), INT4)
+    x = torch.randn(130, 200)
+    layer(x)                                                                      # calibrates
+    kp = -(-200 // layer._hq_b) * layer._hq_b
+    seen, gemm = [], ops.int4_gemm
+
+    def spy(a, *args, **kwargs):
+        if a.shape[1] == 96:                                                      # dgrad: the split dY × Q(WH)ᵀ
+            seen.append(sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor)
+                            and o.dtype == torch.float32 and tuple(o.shape) == (130, kp)))
+        return gemm(a, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "int4_gemm", spy)
+    xx = x.clone().requires_grad_()
+    layer(xx).backward(torch.randn(130, 96))
+    assert seen == [0], seen
+
+
 @pytest.mark.parametrize("b", [16, 64, 256])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_backward_recomputes_the_forward_codes(b, backend):
-    """The backward's ``Q(WH)``, ``Q(XH)`` (``block_hadamard`` then LSQ's quantizer) are the forward's fused
-    ``hadamard_quantize_int4`` codes bit for bit — on CUDA tensors where there is a GPU (its kernels)."""
+    """LSQ's backward (``block_hadamard`` recomputed, then LSQ's quantizer: its clip mask and residual) sees the
+    codes of the fused ``hadamard_quantize_int4`` the GEMMs use, bit for bit — on CUDA tensors where there is a
+    GPU (its kernels)."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     t = outlier_data(96, 300, magnitude=30.0, pattern="scattered").to(dev)
     with ops.use_backend(backend):
