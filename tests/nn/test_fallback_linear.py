@@ -3,6 +3,8 @@ equal to the reference path, the per-layer threshold as module state (state_dict
 telemetry in qtrain.report, and torch.compile."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from qtrain import ops
 from qtrain.nn.linear import QuantLinear
 from qtrain.quant import sqnr
 from qtrain.quant.testing import PATTERNS, outlier_data
+from qtrain.train.loop import resolve_recipe
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"        # CPU: the kernels under Triton's interpreter
 
@@ -43,8 +46,7 @@ def test_fallback_sqnr_on_outlier_data(pattern):
     assert sqnr(want[0], got[0]) > sqnr(want[0], plain[0])              # the fallback term is what helps
 
 
-FALLBACK_SR = qtrain.recipes.Recipe.from_dict(__import__("json").load(open(
-    __import__("pathlib").Path(__file__).parents[2] / "benchmarks" / "recipes" / "fallback_sr.json")))
+FALLBACK_SR = resolve_recipe(str(Path(__file__).parents[2] / "benchmarks" / "recipes" / "fallback_sr.json"))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
