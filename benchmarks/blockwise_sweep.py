@@ -3,9 +3,11 @@
 Runs every block quantize call of a 7B-width step (``qtrain.bench.quant.BLOCKWISE``) with tiles of ``TM × c``
 elements, TM from 2k to 32k elements' worth, 4/8 warps. Each config's output (scales, and codes for RTN) is
 checked equal to the default config's (itself checked against the CPU reference by `qtrain bench quant`).
-Prints one markdown table; the default is the row marked ``default``. Then the dual SR quantize of dY
-(``quantize_blockwise_sr_dual``: dY's and dYᵀ's 1×128 blocks from one read) per (TM, warps), against the two single
-SR calls it replaces (``blockwise_sweep.py dual``: that part alone). ``blockwise_sweep.py fallback``: the fallback
+Chunked tilings (``(TM, warps, CH)``, the two-pass kernel) beside the one-pass ones; then the re-blocking of saved
+INT8 X (``REQUANTIZE``) per tiling. Prints markdown tables; the default is the row marked ``default``. Then the dual
+SR quantize of dY (``quantize_blockwise_sr_dual``: dY's and dYᵀ's 1×128 blocks from one read) per (TM, warps), against the two single
+SR calls it replaces (``blockwise_sweep.py dual``: that part alone; ``only=256``: the rows named with 256 and the
+re-blocking, no dual). ``blockwise_sweep.py fallback``: the fallback
 quantizer's row chunks (``qtrain.bench.quant.FALLBACK`` calls, 5 % of tiles flagged) per (TM, warps), each
 config's six outputs checked equal to the default's.
 """
@@ -17,25 +19,46 @@ import torch
 import triton
 import triton.testing
 
-from qtrain.bench.quant import (BLOCKWISE, BLOCKWISE_DUAL, FALLBACK, fallback_case, fallback_mismatch,
+from qtrain.bench.quant import (BLOCKWISE, BLOCKWISE_DUAL, FALLBACK, REQUANTIZE, fallback_case, fallback_mismatch,
                                 fallback_min_bytes)
 from qtrain.kernels import blockwise, fallback
 
 
-def candidates(M: int, r: int, c: int) -> list[tuple[str, tuple[int, int]]]:
-    out = [("default", blockwise.launch_config(M, r, c))]
+def candidates(x: torch.Tensor, r: int, c: int, sr: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """The default, one-pass ``[TM, c]`` tiles of 2k-32k elements, and chunked tiles (``(TM, warps, CH)``: column
+    chunks of a transposed view, row chunks of one 128-row block) with 2k-8k-element chunks."""
+    M = x.shape[0]
+    transposed = x.stride(0) == 1 and x.stride(1) != 1
+    out = [("default", blockwise.launch_config(M, r, c, transposed, x.element_size(), sr))]
+    seen = [out[0][1], out[0][1][:2] if out[0][1][2] == 0 else None]
     for elems in (2048, 4096, 8192, 16384, 32768):
         tm = max(r, min(elems // c, triton.next_power_of_2(M)))
         for w in (4, 8):
-            if (tm, w) not in [cfg for _, cfg in out]:
+            if (tm, w) not in seen and (tm, w, 0) not in seen:
+                seen.append((tm, w))
                 out.append((f"{tm * c // 1024}k w{w}", (tm, w)))
+    if transposed:
+        tms = [tm for tm in (16, 32, 64, 128, 256) if tm >= r and tm % r == 0 and tm <= triton.next_power_of_2(M)]
+        chunked = [(tm, ch) for tm in tms for ch in (8, 16, 32, 64, 128) if ch <= c and 2048 <= tm * ch <= 8192]
+    elif r >= 64 and not sr:
+        chunked = [(r, ch) for ch in (8, 16, 32) if 2048 <= ch * c <= 8192]
+    else:
+        chunked = []
+    for tm, ch in chunked:
+        for w in (4, 8):
+            if (tm, w, ch) not in seen:
+                seen.append((tm, w, ch))
+                out.append((f"chunks TM {tm} CH {ch} w{w}", (tm, w, ch)))
     return out
 
 
-def main() -> None:
+def main(only: str = "") -> None:
+    """``only``: the rows whose name contains it (e.g. ``256``: jetfire_wide's calls), then the re-blocking."""
     print("| call | shape | config (TM, warps) | us | TB/s | % of copy |\n|---|---|---|---|---|---|")
     seed = torch.tensor([7], device="cuda")
     for what, (R, C), dtype, (r, c), transposed, sr in BLOCKWISE:
+        if only not in what:
+            continue
         base = torch.randn(R, C, device="cuda", dtype=dtype) * torch.rand(R, 1, device="cuda", dtype=dtype)
         x = base.t() if transposed else base
         n = x.numel()
@@ -45,7 +68,7 @@ def main() -> None:
         min_bytes = n * base.element_size() + n + 4 * n // (r * c)
         run = lambda cfg: blockwise._launch(x, r, c, seed if sr else None, config=cfg)  # noqa: E731
         q0, s0 = run(None)
-        for name, cfg in candidates(x.shape[0], r, c):
+        for name, cfg in candidates(x, r, c, sr):
             q, s = run(cfg)
             if not (torch.equal(s, s0) and (sr or torch.equal(q, q0))):
                 raise RuntimeError(f"{what}: config {cfg} differs from the default")
@@ -53,8 +76,30 @@ def main() -> None:
             bw = min_bytes / ms / 1e9
             print(f"| {what} | {R}x{C}{'ᵀ' if transposed else ''} | {name} {cfg} | {ms * 1e3:.1f} | {bw:.2f} | "
                   f"{100 * bw / copy_bw:.1f} |", flush=True)
+    requantize()
+    if not only:
+        dual()
 
-    dual()
+
+def requantize() -> None:
+    """``requantize_blockwise_t`` (saved INT8 X re-blocked along tokens) per tiling, % of copy bandwidth by its
+    minimum bytes (the codes read and written once, the scales)."""
+    print("\n| requantize call | shape of X | config | us | TB/s | % of copy |\n|---|---|---|---|---|---|")
+    for what, (R, C), (ri, ci), (r, c) in REQUANTIZE:
+        q, s = blockwise.quantize_blockwise(torch.randn(R, C, device="cuda") * torch.rand(R, 1, device="cuda"), ri, ci)
+        dst = torch.empty_like(q)
+        copy_bw = 2 * q.numel() / triton.testing.do_bench(lambda: dst.copy_(q), return_mode="median") / 1e9
+        min_bytes = 2 * q.numel() + 4 * (s.numel() + q.numel() // (r * c))
+        run = lambda cfg: blockwise._launch(q.t(), r, c, None, (s.t(), ci, ri), config=cfg)  # noqa: E731
+        q0, s0 = run(None)
+        for name, cfg in candidates(q.t(), r, c, False):
+            out = run(cfg)
+            if not (torch.equal(out[0], q0) and torch.equal(out[1], s0)):
+                raise RuntimeError(f"{what}: config {cfg} differs from the default")
+            ms = triton.testing.do_bench(lambda: run(cfg), return_mode="median")
+            bw = min_bytes / ms / 1e9
+            print(f"| {what} | {R}x{C} | {name} {cfg} | {ms * 1e3:.1f} | {bw:.2f} | {100 * bw / copy_bw:.1f} |",
+                  flush=True)
 
 
 def dual() -> None:
@@ -108,4 +153,8 @@ def fallback_chunks() -> None:
 
 
 if __name__ == "__main__":
-    {"dual": dual, "fallback": fallback_chunks}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    arg = sys.argv[1] if sys.argv[1:] else ""
+    if arg.startswith("only="):                      # only=256: jetfire_wide's calls and the re-blocking
+        main(arg[5:])
+    else:
+        {"dual": dual, "fallback": fallback_chunks}.get(arg, main)()

@@ -35,6 +35,8 @@ sys.argv = ['qtrain.bench'] + sys.argv[1:]; runpy.run_module('qtrain.bench', run
     gluon) python benchmarks/gluon_gemm.py 2>&1 | tee -a "$OUT/run.log" ;;
     rowwise-sweep) python benchmarks/rowwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
     blockwise-sweep) python benchmarks/blockwise_sweep.py 2>&1 | tee -a "$OUT/run.log" ;;
+    # blockwise-sweep-256: jetfire_wide's quantize calls (128x256 weights, 256-token SR) and the re-blocking only
+    blockwise-sweep-256) python benchmarks/blockwise_sweep.py only=256 2>&1 | tee -a "$OUT/run.log" ;;
     dual-sweep) python benchmarks/blockwise_sweep.py dual 2>&1 | tee -a "$OUT/run.log" ;;
     fallback-sweep) python benchmarks/blockwise_sweep.py fallback 2>&1 | tee -a "$OUT/run.log" ;;
     # block-gluon: fprop and wgrad layouts, every variant; block-gluon-quick: one shape each

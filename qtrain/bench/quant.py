@@ -22,7 +22,14 @@ BLOCKWISE = [
     ("XT tokens fp32", (8192, 11008), torch.float32, (1, 128), True, False),
     ("W 128x128 fp32", (11008, 4096), torch.float32, (128, 128), False, False),
     ("WT 128x128 fp32", (11008, 4096), torch.float32, (128, 128), True, False),
+    ("W 128x256 fp32", (22016, 4096), torch.float32, (128, 256), False, False),         # jetfire_wide's gate_up
+    ("WT 128x256 fp32", (22016, 4096), torch.float32, (128, 256), True, False),
+    ("dYT 256 tokens SR", (8192, 22016), torch.bfloat16, (1, 256), True, True),
 ]
+# Saved INT8 X re-blocked for wgrad (``requantize_blockwise_t``, jetfire_wide's backward): (what, shape, (r_in, c_in),
+# (r, c)) of X.
+REQUANTIZE = [("X 1x256 -> XT 128x256", (8192, 4096), (1, 256), (128, 256)),
+              ("X 1x256 -> XT 128x256", (8192, 11008), (1, 256), (128, 256))]
 # dY quantized for dgrad and wgrad by one dual SR call (jetfire_wide's backward): (what, shape, dtype, c); the
 # two calls it replaces are the "dY 1x128 SR" and "dYT tokens SR" rows.
 BLOCKWISE_DUAL = [("dY dual SR", (8192, 4096), torch.bfloat16, 128)]
