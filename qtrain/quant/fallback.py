@@ -133,8 +133,20 @@ def update_threshold(tau: torch.Tensor, tile_absmax: torch.Tensor, policy: Fallb
         return
     if tile_absmax.numel() == 0:
         return
-    q = torch.nanquantile(tile_absmax.flatten().float(), 1.0 - policy.target).reshape(tau.shape)
+    q = nanquantile(tile_absmax.flatten().float(), 1.0 - policy.target).reshape(tau.shape)
     tau.copy_(torch.where(tau < 0, q, policy.ema * tau + (1.0 - policy.ema) * q))
+
+
+def nanquantile(v: torch.Tensor, p: float) -> torch.Tensor:
+    """``torch.nanquantile(v, p)`` (linear interpolation) of a 1-D fp32 ``v``, bit for bit, as a 0-D tensor, from
+    tensor ops only: one sort, the ranks as ATen computes them (fp32 ``p·(n − 1)``, ``n`` the non-NaN count, negative
+    → 0), two gathers and ``lerp``. ``torch.nanquantile`` itself does not trace under ``torch.compile`` in torch
+    2.11 (a data-dependent ``aten.equal``; its fake kernel calls ``numel()`` on symbolic sizes); all NaN gives NaN."""
+    s = torch.sort(v).values                                                   # NaN last
+    rank = torch.full((), p, dtype=torch.float32, device=v.device) * ((~torch.isnan(v)).sum() - 1)
+    rank = rank.clamp_min(0.0)
+    below, above = rank.long(), rank.ceil().long()
+    return torch.lerp(s.gather(0, below.reshape(1)), s.gather(0, above.reshape(1)), rank - below).reshape(())
 
 
 def fallback_ratio(flags: torch.Tensor) -> torch.Tensor:

@@ -93,3 +93,22 @@ def test_bad_input_is_named():
     for bad in (dict(target=0.0), dict(threshold=float("nan")), dict(ema=1.0), dict(group_rows=64)):
         with pytest.raises(ValueError):
             Fallback(**bad)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
+def test_nanquantile_is_torchs_bit_for_bit(n):
+    """The threshold controller's quantile: torch.nanquantile's value bit for bit (NaNs skipped, all NaN → NaN)."""
+    g = torch.Generator().manual_seed(n)
+    for p in (0.0, 0.05, 0.5, 0.95, 0.9999, 1.0):
+        for nan_share in (0.0, 0.1, 1.0):
+            v = torch.randn(n, generator=g).abs() * 10
+            v[torch.rand(n, generator=g) < nan_share] = float("nan")
+            want, got = torch.nanquantile(v, p), fb.nanquantile(v, p)
+            assert got.shape == () and (torch.equal(got, want) or (want.isnan() and got.isnan())), (n, p, nan_share)
+
+
+def test_nanquantile_traces_whole_with_dynamic_shapes():
+    f = torch.compile(lambda v: fb.nanquantile(v, 0.95), backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (100, 333):
+        v = torch.rand(n)
+        assert torch.equal(f(v), torch.nanquantile(v, 0.95))
