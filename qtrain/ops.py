@@ -523,27 +523,33 @@ def fallback_block_gemm(a: torch.Tensor, a_scale: torch.Tensor, a2: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------- INT4 (Hadamard, GEMM)
+# ``after`` (block_hadamard, hadamard_quantize_int4): a tensor of the backward (its dY), unused by the op — an
+# autograd.Function's backward that recomputes from saved inputs passes it so that, under torch.compile, the call
+# depends on the backward and runs there. Without it the partitioner counts a call on saved inputs only as forward
+# work and saves its output (merged by CSE with the forward's identical call, or an fp32 transform), which is the
+# memory the recomputation was to spare: int4's compiled 7B step saved 1.06x BF16's for backward, not 0.86x.
 def _block_hadamard(x, b):
     k = _kernel("hadamard", "block_hadamard", x.device)
     return (k or quant.hadamard.block_hadamard)(x, b)
 
 
 @custom_op("block_hadamard")
-def _block_hadamard_op(x: torch.Tensor, b: int) -> torch.Tensor:
+def _block_hadamard_op(x: torch.Tensor, b: int, after: torch.Tensor | None = None) -> torch.Tensor:
     return _block_hadamard(x, b)
 
 
 @_block_hadamard_op.register_fake
-def _(x, b):
+def _(x, b, after=None):
     check_float(x)
     check_2d(x)
     quant.hadamard.check_hadamard_block(b)
     return x.new_empty((x.shape[0], -(-x.shape[1] // b) * b), dtype=torch.float32)
 
 
-def block_hadamard(x: torch.Tensor, b: int) -> torch.Tensor:
-    """``x [M, K]`` float → fp32 ``[M, ⌈K/b⌉·b]``: times ``blockdiag(H_b, …)``; see :mod:`qtrain.quant.hadamard`."""
-    return _block_hadamard_op(x, b) if torch.compiler.is_compiling() else _block_hadamard(x, b)
+def block_hadamard(x: torch.Tensor, b: int, after: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K]`` float → fp32 ``[M, ⌈K/b⌉·b]``: times ``blockdiag(H_b, …)``; see :mod:`qtrain.quant.hadamard`.
+    ``after``: unused (see above)."""
+    return _block_hadamard_op(x, b, after) if torch.compiler.is_compiling() else _block_hadamard(x, b)
 
 
 def _hadamard_quantize_int4(x, b, step):
@@ -552,12 +558,13 @@ def _hadamard_quantize_int4(x, b, step):
 
 
 @custom_op("hadamard_quantize_int4")
-def _hadamard_quantize_int4_op(x: torch.Tensor, b: int, step: torch.Tensor) -> torch.Tensor:
+def _hadamard_quantize_int4_op(x: torch.Tensor, b: int, step: torch.Tensor,
+                               after: torch.Tensor | None = None) -> torch.Tensor:
     return _hadamard_quantize_int4(x, b, step)
 
 
 @_hadamard_quantize_int4_op.register_fake
-def _(x, b, step):
+def _(x, b, step, after=None):
     check_float(x)
     check_2d(x)
     quant.hadamard.check_hadamard_block(b)
@@ -565,11 +572,12 @@ def _(x, b, step):
     return x.new_empty((x.shape[0], -(-x.shape[1] // b) * b), dtype=torch.int8)
 
 
-def hadamard_quantize_int4(x: torch.Tensor, b: int, step: torch.Tensor) -> torch.Tensor:
+def hadamard_quantize_int4(x: torch.Tensor, b: int, step: torch.Tensor,
+                           after: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K]`` float → INT4 codes int8 ``[M, ⌈K/b⌉·b]`` of ``block_hadamard(x, b)`` with the per-tensor
-    ``step`` (fused in one kernel); see :mod:`qtrain.quant.hadamard`."""
+    ``step`` (fused in one kernel); see :mod:`qtrain.quant.hadamard`. ``after``: unused (see above)."""
     if torch.compiler.is_compiling():
-        return _hadamard_quantize_int4_op(x, b, step)
+        return _hadamard_quantize_int4_op(x, b, step, after)
     return _hadamard_quantize_int4(x, b, step)
 
 

@@ -220,8 +220,8 @@ def _int4_backward(dy, x, weight, bias, step, used, plan, w_kn, b, need):
     if run_dgrad or run_wgrad:
         # The fprop's INT4 codes (int8), bit for bit, from the fused kernel: no fp32 transform or LSQ residual is
         # held across the GEMMs; each LSQ backward recomputes its transform where it runs (peak memory).
-        qx = ops.hadamard_quantize_int4(x, b, sx)
-        qw = ops.hadamard_quantize_int4(w, b, sw)
+        qx = ops.hadamard_quantize_int4(x, b, sx, after=dy)          # after=dy: recomputed here under compile
+        qw = ops.hadamard_quantize_int4(w, b, sw, after=dy)
         if split:
             codes, s, norms = ops.bit_split(dy.contiguous(), plan.dgrad.spec.lhs.granularity.kind == "row")
             scale = _lss_scales(plan, norms, s, qx, run_dgrad, run_wgrad)
@@ -257,7 +257,7 @@ def _lsq_backward(t: torch.Tensor, step: torch.Tensor, grad: torch.Tensor, b: in
     """:func:`qtrain.quant.lsq.lsq_backward` of the Hadamard quantizer of ``t [R, K]`` with ``grad = ∂L/∂Q(tH)``:
     ``(∂L/∂(tH) fp32 [R, Kp], ∂L/∂step or None)`` — ``tH`` recomputed here (exact, so the clip mask and residual
     are the forward's), the step gradient only where the step is learned."""
-    th = ops.block_hadamard(t, b)
+    th = ops.block_hadamard(t, b, after=grad)
     _, inside, r = _lsq.lsq_quantize(th, step, residual=learn)
     return _lsq.lsq_backward(th, step, grad, numel=t.numel(), parts=(inside, r), scaled=scaled)
 

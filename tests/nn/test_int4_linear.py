@@ -589,3 +589,34 @@ class _FirstOnly(nn.Module):
 
     def forward(self, x):
         return self.used(x)
+
+
+def test_compiled_forward_saves_no_codes_or_transforms():
+    """Under torch.compile (min-cut partitioner, as Inductor's) the forward keeps what eager keeps — x, the weight,
+    the steps — not the INT4 codes of X or W nor an fp32 transform: the backward's recomputations take ``after=dY``
+    (without it the partitioner merged them with the forward's call and saved their outputs)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(nn.Linear(200, 96), "int4")
+    x = torch.randn(384, 200, requires_grad=True)
+    layer(x).sum().backward()                                            # calibrated eagerly
+    saved = []
+
+    def forward_compiler(gm, _):
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        saved.extend(o.meta["val"] for o in out if isinstance(o, torch.fx.Node) and "val" in o.meta)
+        return gm
+
+    def backend(gm, example):
+        return aot_module_simplified(gm, example, fw_compiler=forward_compiler, bw_compiler=lambda g, _: g,
+                                     partition_fn=min_cut_rematerialization_partition)
+
+    torch.compile(layer, backend=backend)(x).sum().backward()
+    kp = layer.weight.shape[1] + (-layer.weight.shape[1]) % layer._hq_b
+    assert kp != 200 and saved
+    shapes = [(tuple(t.shape), t.dtype) for t in saved]
+    assert not [s for s in shapes if s[1] == torch.int8], shapes
+    assert not [s for s in shapes if s[0] in ((384, kp), (96, kp))], shapes
+    assert ((384, 200), torch.float32) in shapes and ((96, 200), torch.float32) in shapes, shapes
