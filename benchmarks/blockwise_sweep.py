@@ -3,8 +3,7 @@
 Runs every block quantize call of a 7B-width step (``qtrain.bench.quant.BLOCKWISE``) with tiles of ``TM × c``
 elements, TM from 2k to 32k elements' worth, 4/8 warps. Each config's output (scales, and codes for RTN) is
 checked equal to the default config's (itself checked against the CPU reference by `qtrain bench quant`).
-Chunked tilings (``(TM, warps, CH)``, the two-pass kernel) beside the one-pass ones; then the re-blocking of saved
-INT8 X (``REQUANTIZE``) per tiling. Prints markdown tables; the default is the row marked ``default``. Then the dual
+Then the re-blocking of saved INT8 X (``REQUANTIZE``) per tiling. Prints markdown tables; the default is the row marked ``default``. Then the dual
 SR quantize of dY (``quantize_blockwise_sr_dual``: dY's and dYᵀ's 1×128 blocks from one read) per (TM, warps), against the two single
 SR calls it replaces (``blockwise_sweep.py dual``: that part alone; ``only=256``: the rows named with 256 and the
 re-blocking, no dual). ``blockwise_sweep.py fallback``: the fallback
@@ -24,31 +23,16 @@ from qtrain.bench.quant import (BLOCKWISE, BLOCKWISE_DUAL, FALLBACK, REQUANTIZE,
 from qtrain.kernels import blockwise, fallback
 
 
-def candidates(x: torch.Tensor, r: int, c: int, sr: bool) -> list[tuple[str, tuple[int, ...]]]:
-    """The default, one-pass ``[TM, c]`` tiles of 2k-32k elements, and chunked tiles (``(TM, warps, CH)``: column
-    chunks of a transposed view, row chunks of one 128-row block) with 2k-8k-element chunks."""
+def candidates(x: torch.Tensor, r: int, c: int) -> list[tuple[str, tuple[int, int]]]:
+    """The default and ``[TM, c]`` tiles of 2k-32k elements with 4 and 8 warps."""
     M = x.shape[0]
     transposed = x.stride(0) == 1 and x.stride(1) != 1
-    out = [("default", blockwise.launch_config(M, r, c, transposed, x.element_size(), sr))]
-    seen = [out[0][1], out[0][1][:2] if out[0][1][2] == 0 else None]
+    out = [("default", blockwise.launch_config(M, r, c, transposed, x.element_size()))]
     for elems in (2048, 4096, 8192, 16384, 32768):
         tm = max(r, min(elems // c, triton.next_power_of_2(M)))
         for w in (4, 8):
-            if (tm, w) not in seen and (tm, w, 0) not in seen:
-                seen.append((tm, w))
+            if (tm, w) not in [cfg for _, cfg in out]:
                 out.append((f"{tm * c // 1024}k w{w}", (tm, w)))
-    if transposed:
-        tms = [tm for tm in (16, 32, 64, 128, 256) if tm >= r and tm % r == 0 and tm <= triton.next_power_of_2(M)]
-        chunked = [(tm, ch) for tm in tms for ch in (8, 16, 32, 64, 128) if ch <= c and 2048 <= tm * ch <= 8192]
-    elif r >= 64 and not sr:
-        chunked = [(r, ch) for ch in (8, 16, 32) if 2048 <= ch * c <= 8192]
-    else:
-        chunked = []
-    for tm, ch in chunked:
-        for w in (4, 8):
-            if (tm, w, ch) not in seen:
-                seen.append((tm, w, ch))
-                out.append((f"chunks TM {tm} CH {ch} w{w}", (tm, w, ch)))
     return out
 
 
@@ -68,7 +52,7 @@ def main(only: str = "") -> None:
         min_bytes = n * base.element_size() + n + 4 * n // (r * c)
         run = lambda cfg: blockwise._launch(x, r, c, seed if sr else None, config=cfg)  # noqa: E731
         q0, s0 = run(None)
-        for name, cfg in candidates(x, r, c, sr):
+        for name, cfg in candidates(x, r, c):
             q, s = run(cfg)
             if not (torch.equal(s, s0) and (sr or torch.equal(q, q0))):
                 raise RuntimeError(f"{what}: config {cfg} differs from the default")
@@ -92,7 +76,7 @@ def requantize() -> None:
         min_bytes = 2 * q.numel() + 4 * (s.numel() + q.numel() // (r * c))
         run = lambda cfg: blockwise._launch(q.t(), r, c, None, (s.t(), ci, ri), config=cfg)  # noqa: E731
         q0, s0 = run(None)
-        for name, cfg in candidates(q.t(), r, c, False):
+        for name, cfg in candidates(q.t(), r, c):
             out = run(cfg)
             if not (torch.equal(out[0], q0) and torch.equal(out[1], s0)):
                 raise RuntimeError(f"{what}: config {cfg} differs from the default")

@@ -78,7 +78,7 @@ def launch_pieces(x: torch.Tensor) -> None:
     nr, nc = M, K // 128
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     s = torch.empty((nr, nc), dtype=torch.float32, device=x.device)
-    tm, warps, _ = kbw.launch_config(M, 1, 128)
+    tm, warps = kbw.launch_config(M, 1, 128)
     grid = (triton.cdiv(M, tm), nc)
     args = (x, q, s, s, s, M, K, x.stride(0), x.stride(1), s.stride(0), s.stride(1), nr, nc)
     meta = dict(R=1, C=128, TM=tm, SR=False, XR=1, XC=1, SCALED_INPUT=False, DOWN=False)

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qtrain.kernels._common import (abs_bits, check_device, divisor, int8_of_rounded, interpreting, load_at,
-                                   load_tile, quantize_rtn, scale_from_bits)
+from qtrain.kernels._common import (abs_bits, check_device, divisor, int8_of_rounded, interpreting, load_tile,
+                                   quantize_rtn, scale_from_bits)
 from qtrain.quant.blockwise import check_block, check_requantize_args, check_seed
 from qtrain.quant.core import check_2d, check_float
 
@@ -116,22 +116,6 @@ def _rows_of(v, R: tl.constexpr, TM: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def _scaled(x, mask, xs_ptr, rows, cols, K, first_row, stride_sm, stride_sk, XR: tl.constexpr, XC: tl.constexpr,
-            ONE_SCALE_ROW: tl.constexpr):
-    """``x · xs[row // XR, col // XC]`` for the int8 codes ``x`` of a tile (``SCALED_INPUT``). ``ONE_SCALE_ROW``: the
-    tile's rows lie in one scale row (that of ``first_row``), so the scales are loaded once per column, not per
-    element (a per-element gather of 4-byte scales cost more than the 1-byte codes); masked elements stay 0
-    (0 · an Inf scale would be NaN in the absmax)."""
-    if ONE_SCALE_ROW:
-        xs = tl.where(mask, tl.load(xs_ptr + (first_row // XR) * stride_sm + (cols // XC) * stride_sk,
-                                    mask=cols < K, other=0.0)[None, :], 0.0)
-    else:
-        xs = tl.load(xs_ptr + (rows // XR)[:, None].to(tl.int64) * stride_sm + (cols // XC)[None, :] * stride_sk,
-                     mask=mask, other=0.0)
-    return x * xs
-
-
-@triton.jit
 def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, stride_xk, stride_sm, stride_sk,
                       n_block_rows, n_block_cols, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
                       SR: tl.constexpr, XR: tl.constexpr, XC: tl.constexpr, SCALED_INPUT: tl.constexpr,
@@ -145,7 +129,13 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows, cols, mask, x = load_tile(x_ptr, M, K, stride_xm, stride_xk, TM, C)
     if SCALED_INPUT:
-        x = _scaled(x, mask, xs_ptr, rows, cols, K, pid_m * TM, stride_sm, stride_sk, XR, XC, XR % TM == 0)
+        if XR % TM == 0:            # masked elements stay 0 (0 · an Inf scale would be NaN in the absmax)
+            xs = tl.where(mask, tl.load(xs_ptr + ((pid_m * TM) // XR) * stride_sm + (cols // XC) * stride_sk,
+                                        mask=cols < K, other=0.0)[None, :], 0.0)
+        else:
+            xs = tl.load(xs_ptr + (rows // XR)[:, None].to(tl.int64) * stride_sm + (cols // XC)[None, :] * stride_sk,
+                         mask=mask, other=0.0)
+        x = x * xs
     bits = tl.reshape(abs_bits(x), [TM // R, R, C])
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))                     # [TM // R]
     d, inv, pre = divisor(scale)
@@ -159,62 +149,6 @@ def _blockwise_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, st
         q = quantize_rtn(x, _rows_of(d, R, TM, C), _rows_of(inv, R, TM, C), _rows_of(pre, R, TM, C))
     tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
     brow = pid_m * (TM // R) + tl.arange(0, TM // R)
-    tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)
-
-
-@triton.jit
-def _blockwise_chunked_kernel(x_ptr, q_ptr, s_ptr, seed_ptr, xs_ptr, M, K, stride_xm, stride_xk, stride_sm, stride_sk,
-                              n_block_rows, n_block_cols, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr,
-                              CH: tl.constexpr, ALONG_COLS: tl.constexpr, SR: tl.constexpr, XR: tl.constexpr,
-                              XC: tl.constexpr, SCALED_INPUT: tl.constexpr):
-    """:func:`_blockwise_kernel`'s ``[TM, C]`` tile in chunks, read twice (absmax, then quantize; the second read
-    mostly from L2), so a large tile needs the registers of one chunk only: ``ALONG_COLS``, ``[TM, CH]`` column
-    chunks (``x`` a transposed view, its rows the contiguous dim; SR with the ``DOWN`` uniforms), else ``[CH, C]``
-    row chunks of one block row (``TM == R``; round to nearest). Bit for bit :func:`_blockwise_kernel`'s outputs
-    (the same scales and codes, and the same uniforms for SR)."""
-    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    NB: tl.constexpr = TM // R
-    amax = tl.zeros([NB], tl.int32)
-    if ALONG_COLS:
-        rows = pid_m * TM + tl.arange(0, TM)
-        for j in tl.range(0, C // CH):
-            cols = pid_k * C + j * CH + tl.arange(0, CH)
-            mask, x = load_at(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
-            if SCALED_INPUT:
-                x = _scaled(x, mask, xs_ptr, rows, cols, K, pid_m * TM, stride_sm, stride_sk, XR, XC, XR % TM == 0)
-            amax = tl.maximum(amax, tl.max(tl.max(tl.reshape(abs_bits(x), [NB, R, CH]), axis=2), axis=1))
-    else:
-        cols = pid_k * C + tl.arange(0, C)
-        for j in tl.range(0, TM // CH):
-            rows = pid_m * TM + j * CH + tl.arange(0, CH)
-            mask, x = load_at(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
-            if SCALED_INPUT:
-                x = _scaled(x, mask, xs_ptr, rows, cols, K, pid_m * TM, stride_sm, stride_sk, XR, XC, XR % TM == 0)
-            amax = tl.maximum(amax, tl.max(tl.reshape(abs_bits(x), [1, CH * C]), axis=1))
-    scale = scale_from_bits(amax)                                                     # [NB]
-    d, inv, pre = divisor(scale)
-    if ALONG_COLS:
-        for j in tl.range(0, C // CH):
-            cols = pid_k * C + j * CH + tl.arange(0, CH)
-            mask, x = load_at(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
-            if SCALED_INPUT:
-                x = _scaled(x, mask, xs_ptr, rows, cols, K, pid_m * TM, stride_sm, stride_sk, XR, XC, XR % TM == 0)
-            if SR:
-                u = _uniforms_down(tl.load(seed_ptr), pid_m, cols, tl.cdiv(M, 8), TM, CH)
-                q = quantize_sr(x * _rows_of(pre, R, TM, CH), _rows_of(inv, R, TM, CH), u)
-            else:
-                q = quantize_rtn(x, _rows_of(d, R, TM, CH), _rows_of(inv, R, TM, CH), _rows_of(pre, R, TM, CH))
-            tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
-    else:
-        for j in tl.range(0, TM // CH):
-            rows = pid_m * TM + j * CH + tl.arange(0, CH)
-            mask, x = load_at(x_ptr, M, K, stride_xm, stride_xk, rows, cols)
-            if SCALED_INPUT:
-                x = _scaled(x, mask, xs_ptr, rows, cols, K, pid_m * TM, stride_sm, stride_sk, XR, XC, XR % TM == 0)
-            q = quantize_rtn(x, tl.broadcast_to(d[:, None], [CH, C]), tl.broadcast_to(inv[:, None], [CH, C]),
-                             tl.broadcast_to(pre[:, None], [CH, C]))
-            tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
-    brow = pid_m * NB + tl.arange(0, NB)
     tl.store(s_ptr + brow * n_block_cols + pid_k, scale, mask=brow < n_block_rows)
 
 
@@ -298,35 +232,25 @@ def dual_launch_config(M: int, c: int) -> tuple[int, int]:
     return tm, 16 if tm * c >= 16384 else 8 if tm * c >= 8192 else 4
 
 
-# Tiles of at least this many elements go in chunks of ~CHUNK elements (:func:`_blockwise_chunked_kernel`): a
-# 128×256 block in one [TM, c] tile held 128 fp32 values and their 64-bit addresses per thread.
-CHUNK_FROM = 16384
-CHUNK = 4096
-SEGMENT_BYTES = 128       # a transposed view's tiles span at least this many bytes down each column where c ≥ 256
-
-
-def launch_config(M: int, r: int, c: int, transposed: bool = False, elem_size: int = 4,
-                  sr: bool = False) -> tuple[int, int, int]:
-    """``(TM, num_warps, CH)`` of the default tiling. ``CH`` 0: one pass over a ``[TM, c]`` tile of ~4k elements
-    (one block if larger). Chunked (``CH`` > 0, :func:`_blockwise_chunked_kernel`) where the tile would hold
-    :data:`CHUNK_FROM` elements or more — column chunks of a transposed view (``CH`` columns), else row chunks of
-    one block row (round to nearest only) — and for a transposed view with ``c`` ≥ 256 whose tile would span fewer
-    than :data:`SEGMENT_BYTES` down each column (``TM`` raised to span them, in column chunks)."""
-    tm = max(r, min(4096 // c, triton.next_power_of_2(M)))
-    if transposed and r == 1 and c >= 256 and tm * elem_size < SEGMENT_BYTES:
-        tm = min(SEGMENT_BYTES // elem_size, triton.next_power_of_2(M))
-    if tm * c >= CHUNK_FROM and ((transposed and tm % 8 == 0) or (not transposed and tm == r and not sr)):
-        # the interpreter (CPU tests) takes the GPU's kernel and TM, its chunks as large as the tile
-        chunk = tm * c if interpreting() else CHUNK
-        return tm, 4, min(c, max(8, chunk // tm)) if transposed else min(tm, max(1, chunk // c))
-    if interpreting():
-        tm = max(r, min(65536 // c, triton.next_power_of_2(M)))
-    return tm, 8 if tm * c >= 8192 else 4, 0
+def launch_config(M: int, r: int, c: int, transposed: bool = False, elem_size: int = 4) -> tuple[int, int]:
+    """``(TM, num_warps)`` of the default tiling: ``[TM, c]`` tiles of ~4k elements (one block if larger), 8 warps
+    from 8k elements — except on a transposed view (``x``'s rows contiguous) with ``c`` ≥ 256, measured on the
+    H200 (``benchmarks/results/2026-12-02-h200-blockwise-sweep-256.md``): 16-bit input in 32-row tiles (64 bytes
+    down each column, 8k elements) and INT8 codes (the re-blocking of saved X) with 4 warps, each 8-17 % and 15-19 %
+    faster than the general rule. A two-pass kernel reading such tiles in 4k-element chunks was slower there in
+    every case and was dropped."""
+    target = 65536 if interpreting() else 4096
+    tm = max(r, min(target // c, triton.next_power_of_2(M)))
+    if transposed and c >= 256 and not interpreting():
+        if elem_size == 2 and r == 1:
+            return min(32, triton.next_power_of_2(M)), 4
+        if elem_size == 1:
+            return tm, 4
+    return tm, 8 if tm * c >= 8192 else 4
 
 
 def _launch(x, r, c, seed, input_scale=None, config=None):
-    """``config``: ``(TM, num_warps[, CH])`` instead of :func:`launch_config`'s (benchmarks/blockwise_sweep.py);
-    ``CH`` > 0 runs :func:`_blockwise_chunked_kernel` (column chunks where ``x``'s rows are contiguous)."""
+    """``config``: ``(TM, num_warps)`` instead of :func:`launch_config`'s (benchmarks/blockwise_sweep.py)."""
     if input_scale is None:
         check_float(x)
     check_2d(x)
@@ -342,27 +266,15 @@ def _launch(x, r, c, seed, input_scale=None, config=None):
     if M == 0 or K == 0:
         return q, scale.fill_(1.0)
     transposed = x.stride(0) == 1 and x.stride(1) != 1
-    tm, warps, ch = (config if len(config) == 3 else (*config, 0)) if config else launch_config(
-        M, r, c, transposed, x.element_size(), seed is not None)
+    tm, warps = config or launch_config(M, r, c, transposed, x.element_size())
     if tm % r or tm & (tm - 1):
         raise ValueError(f"blockwise tile rows {tm} must be a power of two and a multiple of r = {r}")
     if seed is not None:
         seed = seed.reshape(1).to(device=x.device, dtype=torch.int64)
     xs, xr, xc = input_scale if input_scale is not None else (scale, 1, 1)
-    args = (x, q, scale, seed if seed is not None else scale, xs, M, K, x.stride(0), x.stride(1), xs.stride(0),
-            xs.stride(1), nr, nc)
-    if ch:
-        if ch & (ch - 1) or (c % ch if transposed else tm % ch) or (not transposed and (tm != r or seed is not None)) \
-                or (transposed and seed is not None and tm % 8):
-            raise ValueError(f"chunked blockwise config (TM {tm}, CH {ch}) does not fit blocks ({r}, {c}) of a "
-                             f"{'transposed' if transposed else 'row-major'} {'SR' if seed is not None else 'RTN'} "
-                             "input: CH a power of two dividing c (transposed; SR: TM a multiple of 8) or TM = r "
-                             "(row chunks, RTN only)")
-        _blockwise_chunked_kernel[(triton.cdiv(M, tm), nc)](*args, R=r, C=c, TM=tm, CH=ch, ALONG_COLS=transposed,
-                                                            SR=seed is not None, XR=xr, XC=xc,
-                                                            SCALED_INPUT=input_scale is not None, num_warps=warps)
-        return q, scale
-    _blockwise_kernel[(triton.cdiv(M, tm), nc)](*args, R=r, C=c, TM=tm, SR=seed is not None, XR=xr, XC=xc,
+    _blockwise_kernel[(triton.cdiv(M, tm), nc)](x, q, scale, seed if seed is not None else scale, xs, M, K,
+                                                x.stride(0), x.stride(1), xs.stride(0), xs.stride(1), nr, nc,
+                                                R=r, C=c, TM=tm, SR=seed is not None, XR=xr, XC=xc,
                                                 SCALED_INPUT=input_scale is not None, num_warps=warps,
                                                 DOWN=seed is not None and transposed and tm % 8 == 0)
     return q, scale

@@ -114,3 +114,27 @@ def test_sr_tiny_blocks(impl):
     v = (x / s.repeat_interleave(128, 1)).nan_to_num(0.0).clamp(-127, 127)
     assert ((q.float() - v).abs() < 1).all(), "a code is more than one step from x / scale"
     assert (q[2, :3] == 0).all() and q[2, 3] == 127
+
+
+def test_transposed_tilings_draw_the_same_uniforms():
+    """Down a transposed view the uniforms are counted by column and 8-row group, whatever the tile: the 32-row
+    tiles the GPU's default takes for 256-token blocks give the codes of the 16-row ones bit for bit."""
+    x = rows_with_distinct_scales(600, 300, torch.bfloat16, DEV, seed=4).t()
+    seed = torch.tensor([11], device=DEV)
+    first = kbw._launch(x, 1, 256, seed, config=(16, 4))
+    for cfg in [(32, 4), (64, 8), (8, 4)]:
+        got = kbw._launch(x, 1, 256, seed, config=cfg)
+        assert_same(got[0], first[0], f"SR codes {cfg}")
+        assert_same(got[1], first[1], f"SR scales {cfg}")
+
+
+def test_gpu_tiling_of_transposed_256_wide_blocks(monkeypatch):
+    """The GPU's default (measured, kernels/blockwise.launch_config): 16-bit 256-token blocks in 32-row tiles with 4
+    warps, INT8 codes re-blocked with 4 warps; other calls as the general rule."""
+    monkeypatch.setattr(kbw, "interpreting", lambda: False)
+    assert kbw.launch_config(4096, 1, 256, transposed=True, elem_size=2) == (32, 4)
+    assert kbw.launch_config(4096, 128, 256, transposed=True, elem_size=1) == (128, 4)
+    assert kbw.launch_config(4096, 128, 256, transposed=True, elem_size=4) == (128, 8)
+    assert kbw.launch_config(8192, 1, 256, elem_size=2) == (16, 4)
+    assert kbw.launch_config(8192, 1, 128, transposed=True, elem_size=2) == (32, 4)
+    assert kbw.launch_config(22016, 128, 256) == (128, 8)
