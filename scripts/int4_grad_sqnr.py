@@ -6,9 +6,13 @@ draw of the same variant (another stochastic-rounding seed). Unbiased noise show
 a smaller gap is a deterministic error. The ``minibatch`` column is the exact gradient of a second batch against the
 first: the noise SGD already lives with. Then the LSQ step gradients ``(s_X, s_W)``.
 
+``--recipes A,B,…`` (presets or recipe files) instead: each recipe's gradients against the unquantized model's on
+the same batch (``vs exact``) and against a second stochastic-rounding draw (``vs draw``; inf for a deterministic
+backward) — how much gradient noise a recipe adds, per layer, beside the ``minibatch`` column.
+
 Usage (from the repository root): ``PYTHONPATH=. python scripts/int4_grad_sqnr.py CHECKPOINT [--batch-size 16
---seq-len 1024 --device cuda]``; CHECKPOINT a run folder or ``step-NNNNNN/`` of a qtrain llama/gpt2 run on the
-corpus it was trained on.
+--seq-len 1024 --device cuda] [--recipes fallback,jetfire_wide]``; CHECKPOINT a run folder or ``step-NNNNNN/`` of a
+qtrain llama/gpt2 run on the corpus it was trained on.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from qtrain.nn.functional import reseed
 from qtrain.quant import sqnr
 from qtrain.recipes import ROW, TENSOR, BitSplit, GemmSpec, Recipe
 from qtrain.train import checkpoint
-from qtrain.train.loop import quantize_all_but_head
+from qtrain.train.loop import quantize_all_but_head, resolve_recipe
 
 FPROP_ONLY = Path(__file__).resolve().parent.parent / "benchmarks" / "recipes" / "int4_fprop_only.json"
 
@@ -48,12 +52,14 @@ VARIANTS = [split_variant("tensor_lss1.5", False, True, 1.5), split_variant("ten
 
 def gradients(model, recipe, batch, seed, calibrated=None, calibration=None, autocast=contextlib.nullcontext):
     """``(quantized model, {name: fp32 gradient})`` of one forward/backward of a copy of ``model`` under
-    ``recipe``: calibrated on ``calibration`` or given ``calibrated``'s per-layer state (steps, blocks)."""
+    ``recipe`` (None: unquantized): calibrated on ``calibration`` or given ``calibrated``'s per-layer state (steps,
+    blocks, fallback thresholds)."""
     m = copy.deepcopy(model)
-    qtrain.convert(m, recipe, filter_fn=quantize_all_but_head)
+    if recipe is not None:
+        qtrain.convert(m, recipe, filter_fn=quantize_all_but_head)
     if calibrated is not None:
         m.load_state_dict(calibrated.state_dict())
-    else:
+    elif calibration is not None:
         with autocast():
             qtrain.calibrate(m, *calibration)
     reseed(seed)
@@ -64,7 +70,8 @@ def gradients(model, recipe, batch, seed, calibrated=None, calibration=None, aut
     return m, {n: p.grad.detach().float().clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-def report(ckpt_path: str, batch_size: int, seq_len: int, device: str) -> str:
+def _load(ckpt_path: str, batch_size: int, seq_len: int, device: str):
+    """``(checkpoint path, model on device, three validation batches, autocast factory)``."""
     ckpt = checkpoint.find(ckpt_path, flag="checkpoint")
     config = checkpoint.read_config(ckpt)
     model = models.build_from_config(models.ModelConfig.from_dict(config["model_config"]))
@@ -75,6 +82,31 @@ def report(ckpt_path: str, batch_size: int, seq_len: int, device: str) -> str:
     b = [(x.to(device), y.to(device)) for x, y in qdata.eval_batches(tokens.val, 3, batch_size, seq_len)]
     kind = torch.device(device).type                   # autocast takes the device type: 'cuda', not 'cuda:0'
     autocast = (lambda: torch.autocast(kind, torch.bfloat16)) if kind == "cuda" else contextlib.nullcontext
+    return ckpt, model, b, autocast
+
+
+def recipe_report(ckpt_path: str, recipes: list[str], batch_size: int, seq_len: int, device: str) -> str:
+    """Per 2-D parameter: the SQNR (dB) of each recipe's gradient against the unquantized model's on the same
+    batch, and against the recipe's second draw; the ``minibatch`` column as in :func:`report`."""
+    ckpt, model, b, autocast = _load(ckpt_path, batch_size, seq_len, device)
+    _, exact = gradients(model, None, b[0], 0, autocast=autocast)
+    _, other = gradients(model, None, b[1], 0, autocast=autocast)
+    runs = {}
+    for name in recipes:
+        recipe = resolve_recipe(name)
+        first, g = gradients(model, recipe, b[0], 0, calibration=b[2], autocast=autocast)
+        runs[recipe.name] = (g, gradients(model, recipe, b[0], 1, first, autocast=autocast)[1])
+    lines = [f"{ckpt} · {batch_size}×{seq_len} tokens · {device}", "",
+             "| parameter | minibatch | " + " | ".join(f"{k} vs exact / vs draw" for k in runs) + " |",
+             "|---|---:|" + "---:|" * len(runs)]
+    for n in (n for n in exact if exact[n].dim() == 2):
+        cells = [f"{sqnr(exact[n], g[n]):.1f} / {sqnr(g[n], g2[n]):.1f}" for g, g2 in runs.values()]
+        lines.append(f"| {n} | {sqnr(exact[n], other[n]):.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(ckpt_path: str, batch_size: int, seq_len: int, device: str) -> str:
+    ckpt, model, b, autocast = _load(ckpt_path, batch_size, seq_len, device)
     fprop_only = Recipe.from_dict(json.loads(FPROP_ONLY.read_text()))
     exact_model, exact = gradients(model, fprop_only, b[0], 0, calibration=b[2], autocast=autocast)
     _, other = gradients(model, fprop_only, b[1], 0, exact_model, autocast=autocast)
@@ -101,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--recipes", help="comma-separated presets or recipe files: each against the unquantized model")
     a = p.parse_args(argv)
-    print(report(a.checkpoint, a.batch_size, a.seq_len, a.device), end="")
+    if a.recipes:
+        print(recipe_report(a.checkpoint, a.recipes.split(","), a.batch_size, a.seq_len, a.device), end="")
+    else:
+        print(report(a.checkpoint, a.batch_size, a.seq_len, a.device), end="")
     return 0
 
 
