@@ -3,12 +3,12 @@
 Runs every block quantize call of a 7B-width step (``qtrain.bench.quant.BLOCKWISE``) with tiles of ``TM × c``
 elements, TM from 2k to 32k elements' worth, 4/8 warps. Each config's output (scales, and codes for RTN) is
 checked equal to the default config's (itself checked against the CPU reference by `qtrain bench quant`).
-Then the re-blocking of saved INT8 X (``REQUANTIZE``) per tiling. Prints markdown tables; the default is the row marked ``default``. Then the dual
-SR quantize of dY (``quantize_blockwise_sr_dual``: dY's and dYᵀ's 1×128 blocks from one read) per (TM, warps), against the two single
-SR calls it replaces (``blockwise_sweep.py dual``: that part alone; ``only=256``: the rows named with 256 and the
-re-blocking, no dual). ``blockwise_sweep.py fallback``: the fallback
-quantizer's row chunks (``qtrain.bench.quant.FALLBACK`` calls, 5 % of tiles flagged) per (TM, warps), each
-config's six outputs checked equal to the default's.
+Then the re-blocking of saved INT8 X (``REQUANTIZE``) per tiling. Prints markdown tables; the default is the row
+marked ``default``. Then the dual SR quantize of dY (``quantize_blockwise_sr_dual``: dY's and dYᵀ's 1×128 blocks
+from one read) per (TM, warps), against the two single SR calls it replaces (``blockwise_sweep.py dual``: that part
+alone; ``only=256``: the rows named with 256 and the re-blocking, no dual). ``blockwise_sweep.py fallback``: the
+fallback quantizer's row chunks (``qtrain.bench.quant.FALLBACK`` calls, 5 % of tiles flagged) per (TM, warps),
+each config's six outputs checked equal to the default's.
 """
 from __future__ import annotations
 

@@ -236,7 +236,7 @@ def launch_config(M: int, r: int, c: int, transposed: bool = False, elem_size: i
     """``(TM, num_warps)`` of the default tiling: ``[TM, c]`` tiles of ~4k elements (one block if larger), 8 warps
     from 8k elements — except on a transposed view (``x``'s rows contiguous) with ``c`` ≥ 256, measured on the
     H200 (``benchmarks/results/2026-12-02-h200-blockwise-sweep-256.md``): 16-bit input in 32-row tiles (64 bytes
-    down each column, 8k elements) and INT8 codes (the re-blocking of saved X) with 4 warps, each 8-17 % and 15-19 %
+    down each column, 8k elements) and INT8 codes (the re-blocking of saved X) with 4 warps, 7-9 % and 15-19 %
     faster than the general rule. A two-pass kernel reading such tiles in 4k-element chunks was slower there in
     every case and was dropped."""
     target = 65536 if interpreting() else 4096
