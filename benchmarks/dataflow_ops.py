@@ -1,6 +1,7 @@
 """The data-flow ops of one 7B-shape jetfire_wide layer (1×256 blocks, 8192 tokens, d 4096, ffn 11008) against the
 time of their bytes at copy bandwidth: SwiGLU + quantize, SwiGLU backward (bf16 dh), RMSNorm backward, and the
-re-blocking of the saved INT8 X for wgrad.
+re-blocking of the saved INT8 X for wgrad; the forward's quantize of bf16 h then SwiGLU, as two ops and as one
+(``ops.quantize_swiglu``, ``qtrain.nn.dataflow.FUSED_H_ACT``: both lines count the one op's minimum bytes).
 
 Usage (on the GPU): PYTHONPATH=. python benchmarks/dataflow_ops.py [sweep]. One line per op: µs per call (median,
 ``qtrain.bench.common.bench``), the bytes read and written, and the share of copy bandwidth that is (copy: a
@@ -41,9 +42,14 @@ def calls() -> dict:
     xq, xs = codes(M, D)
     dq, ds = codes(M, D)
     w = torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5
+    h = torch.randn(M, 2 * F, device="cuda", dtype=torch.bfloat16)
     return {
         "swiglu_quantize [8192, 22016] → int8 [8192, 11008]":
             (lambda: ops.swiglu_quantize(hq, hs, 1, C), M * 2 * F + M * F),
+        "quantize_blockwise + swiglu_quantize, bf16 h [8192, 22016]":
+            (lambda: ops.swiglu_quantize(*ops.quantize_blockwise(h, 1, C), 1, C), 2 * M * 2 * F + M * 2 * F + M * F),
+        "quantize_swiglu (one op), bf16 h [8192, 22016]":
+            (lambda: ops.quantize_swiglu(h, 1, C), 2 * M * 2 * F + M * 2 * F + M * F),
         "swiglu_backward → bf16 dh [8192, 22016]":
             (lambda: ops.swiglu_backward(hq, hs, gq, gs, 1, C, torch.bfloat16), M * 2 * F + M * F + 2 * M * 2 * F),
         "rmsnorm_backward [8192, 4096] → fp32 dx":

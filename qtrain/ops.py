@@ -657,6 +657,50 @@ def swiglu_quantize(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple
     return _dataflow("swiglu_quantize", hq, hs, r, c)
 
 
+def _fake_quantize_act(h, r, c, swiglu):
+    quant.dataflow.check_quantize_act(h, r, c, swiglu)
+    (m, k), nr = h.shape, -(-h.shape[0] // r)
+    f = k // 2 if swiglu else k
+    return (h.new_empty((m, k), dtype=torch.int8), h.new_empty((nr, -(-k // c)), dtype=torch.float32),
+            h.new_empty((m, f), dtype=torch.int8), h.new_empty((nr, -(-f // c)), dtype=torch.float32))
+
+
+@custom_op("quantize_swiglu")
+def _quantize_swiglu_op(h: torch.Tensor, r: int, c: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _dataflow("quantize_swiglu", h, r, c)
+
+
+@_quantize_swiglu_op.register_fake
+def _(h, r, c):
+    return _fake_quantize_act(h, r, c, True)
+
+
+def quantize_swiglu(h: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float ``h [M, 2F]`` → its INT8 ``(r, c)`` blocks ``(hq, hs)`` and SwiGLU's INT8 output ``(aq, as)`` from those
+    blocks: ``quantize_blockwise`` then ``swiglu_quantize`` in one pass; see :mod:`qtrain.quant.dataflow`."""
+    if torch.compiler.is_compiling():
+        return _quantize_swiglu_op(h, r, c)
+    return _dataflow("quantize_swiglu", h, r, c)
+
+
+@custom_op("quantize_gelu")
+def _quantize_gelu_op(h: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _dataflow("quantize_gelu", h, r, c)
+
+
+@_quantize_gelu_op.register_fake
+def _(h, r, c):
+    return _fake_quantize_act(h, r, c, False)
+
+
+def quantize_gelu(h: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_swiglu` for tanh GELU (``h [M, F]``)."""
+    if torch.compiler.is_compiling():
+        return _quantize_gelu_op(h, r, c)
+    return _dataflow("quantize_gelu", h, r, c)
+
+
 @custom_op("gelu_quantize")
 def _gelu_quantize_op(hq: torch.Tensor, hs: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _dataflow("gelu_quantize", hq, hs, r, c)

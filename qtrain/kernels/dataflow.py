@@ -6,7 +6,8 @@ pass for ``Σx²`` (RMSNorm) or two for the mean and the centred ``Σ(x − mean
 normalizes, takes each ``r × c`` block's absmax and writes the INT8 codes and scales; the INT8 input is read
 2–3 times, nothing 16-bit is written. Activations: each program owns a ``[TM, c]`` output tile (SwiGLU reads
 the gate at column ``j`` and the up projection at ``F + j`` of the ``[M, 2F]`` input, each with its block's
-scale). Activation backward: the same ``[TM, c]`` tiles, INT8 ``h`` and INT8 gradient in, fp32 ``dh`` out (for
+scale; ``quantize_swiglu``/``quantize_gelu``: the same tiles from float ``h``, its blocks quantized and stored on the
+way in). Activation backward: the same ``[TM, c]`` tiles, INT8 ``h`` and INT8 gradient in, fp32 ``dh`` out (for
 SwiGLU both halves of the tile's columns). ``r`` and ``c`` are powers of two.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import triton.language as tl
 from qtrain.kernels._common import (abs_bits, check_device, interpreting, quantize_rtn_rows, round_to_bf16,
                                    scale_from_bits)
 from qtrain.quant.dataflow import (_check_backward, _check_norm_backward, _check_out_dtype, check_int8_blocks,
-                                  check_vector)
+                                  check_quantize_act, check_vector)
 
 
 @triton.jit
@@ -32,7 +33,8 @@ def _deq_chunk(q_ptr, s_ptr, rows, cols, rmask, K, nkb, kb, R: tl.constexpr):
 @triton.jit
 def _store_blocks(y, yq_ptr, ys_ptr, rows, cols, mask, K, n_block_rows, nkb, pid_m, kb,
                   R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr):
-    """Quantize the fp32 ``[TM, C]`` tile ``y`` in ``R × C`` blocks (RTN) and store codes and scales."""
+    """Quantize the fp32 ``[TM, C]`` tile ``y`` in ``R × C`` blocks (RTN) and store codes and scales; returns the
+    dequantized tile (``q · scale``, as a reader of the stored blocks computes it)."""
     y = tl.where(mask, y, 0.0)
     bits = tl.reshape(abs_bits(y), [TM // R, R, C])
     scale = scale_from_bits(tl.max(tl.max(bits, axis=2), axis=1))
@@ -41,6 +43,7 @@ def _store_blocks(y, yq_ptr, ys_ptr, rows, cols, mask, K, n_block_rows, nkb, pid
     tl.store(yq_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], q, mask=mask)
     brow = pid_m * (TM // R) + tl.arange(0, TM // R)
     tl.store(ys_ptr + brow * nkb + kb, scale, mask=brow < n_block_rows)
+    return q.to(tl.float32) * row_scale[:, None]
 
 
 @triton.jit
@@ -121,10 +124,39 @@ def _act_kernel(hq_ptr, hs_ptr, aq_ptr, as_ptr, M, F, K_in, nkb_in, nkb_out, n_b
             _block_scales(hs_ptr, rows, ucols, rmask, mask, kb * C + F, nkb_in, R, C, UP_ALIGNED)
         a = g * _sigmoid(g) * u
     else:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        e = tl.exp(-2.0 * tl.abs(inner))
-        t = (1.0 - e) / (1.0 + e)
-        a = 0.5 * g * (1.0 + tl.where(inner >= 0, t, -t))
+        a = _gelu(g)
+    _store_blocks(a, aq_ptr, as_ptr, rows, cols, mask, F, n_block_rows, nkb_out, pid_m, kb, R, C, TM)
+
+
+@triton.jit
+def _gelu(g):
+    """tanh GELU of fp32 ``g`` with one exp (``tanh`` from ``e^(−2|u|)``, no overflow)."""
+    inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+    e = tl.exp(-2.0 * tl.abs(inner))
+    t = (1.0 - e) / (1.0 + e)
+    return 0.5 * g * (1.0 + tl.where(inner >= 0, t, -t))
+
+
+@triton.jit
+def _quantize_act_kernel(h_ptr, hq_ptr, hs_ptr, aq_ptr, as_ptr, M, F, K_in, stride_hm, nkb_in, nkb_out,
+                         n_block_rows, R: tl.constexpr, C: tl.constexpr, TM: tl.constexpr, SWIGLU: tl.constexpr):
+    """:func:`_act_kernel` on float ``h``: the tile's ``R × C`` blocks of ``h`` (gate and, for SwiGLU, up at
+    ``F + j``; ``F % C == 0``) quantized and stored as ``hq``/``hs``, their dequantized values into the
+    activation, as the two-op path computes them."""
+    pid_m, kb = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * TM + tl.arange(0, TM)
+    cols = kb * C + tl.arange(0, C)
+    mask = (rows < M)[:, None] & (cols[None, :] < F)
+    rows64 = rows[:, None].to(tl.int64) * stride_hm
+    g = tl.load(h_ptr + rows64 + cols[None, :], mask=mask, other=0).to(tl.float32)
+    g = _store_blocks(g, hq_ptr, hs_ptr, rows, cols, mask, K_in, n_block_rows, nkb_in, pid_m, kb, R, C, TM)
+    if SWIGLU:
+        u = tl.load(h_ptr + rows64 + (cols + F)[None, :], mask=mask, other=0).to(tl.float32)
+        u = _store_blocks(u, hq_ptr, hs_ptr, rows, cols + F, mask, K_in, n_block_rows, nkb_in, pid_m, kb + F // C,
+                          R, C, TM)
+        a = g * _sigmoid(g) * u
+    else:
+        a = _gelu(g)
     _store_blocks(a, aq_ptr, as_ptr, rows, cols, mask, F, n_block_rows, nkb_out, pid_m, kb, R, C, TM)
 
 
@@ -333,6 +365,38 @@ def _act(hq, hs, r, c, swiglu):
 
 def swiglu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _act(hq, hs, r, c, True)
+
+
+def _quantize_act(h, r, c, swiglu):
+    check_quantize_act(h, r, c, swiglu)
+    check_device(h)
+    _check_pow2(r, c)
+    M, K_in = h.shape
+    F = K_in // 2 if swiglu else K_in
+    if swiglu and F % c:
+        raise ValueError(f"the fused quantize + SwiGLU kernel wants the up half on block boundaries (F = {F} a "
+                         f"multiple of c = {c}); quantize h and call swiglu_quantize instead")
+    h = h if h.stride(1) == 1 else h.contiguous()
+    nr = -(-M // r)
+    hq = torch.empty((M, K_in), dtype=torch.int8, device=h.device)
+    hs = torch.empty((nr, -(-K_in // c)), dtype=torch.float32, device=h.device)
+    aq = torch.empty((M, F), dtype=torch.int8, device=h.device)
+    a_s = torch.empty((nr, -(-F // c)), dtype=torch.float32, device=h.device)
+    if M == 0 or F == 0:
+        return hq, hs.fill_(1.0), aq, a_s.fill_(1.0)
+    tm = _tile_rows(r, c, M, ACT_TILE_ELEMS)
+    _quantize_act_kernel[(triton.cdiv(M, tm), a_s.shape[1])](h, hq, hs, aq, a_s, M, F, K_in, h.stride(0),
+                                                             hs.shape[1], a_s.shape[1], nr, R=r, C=c, TM=tm,
+                                                             SWIGLU=swiglu, num_warps=8 if tm * c >= 8192 else 4)
+    return hq, hs, aq, a_s
+
+
+def quantize_swiglu(h, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize_act(h, r, c, True)
+
+
+def quantize_gelu(h, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize_act(h, r, c, False)
 
 
 def gelu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,10 @@ dequantizes in fp32 (``q.float() · scale``), computes in fp32 and quantizes its
   ``y = (x − mean) · rsqrt(var + eps) · weight + bias`` (biased variance, as ``nn.LayerNorm``);
 * ``swiglu_quantize(hq [M, 2F], hs, r, c) -> (aq [M, F], as)``: ``a = silu(gate) · up`` with ``gate, up =
   h.chunk(2, -1)`` (the fused gate/up projection's output);
-* ``gelu_quantize(hq [M, F], hs, r, c) -> (aq, as)``: ``a = gelu(h)`` with the tanh approximation (GPT-2).
+* ``gelu_quantize(hq [M, F], hs, r, c) -> (aq, as)``: ``a = gelu(h)`` with the tanh approximation (GPT-2);
+* ``quantize_swiglu(h [M, 2F] float, r, c)``, ``quantize_gelu(h [M, F] float, r, c) -> (hq, hs, aq, as)``: ``h``
+  quantized (:func:`~qtrain.quant.blockwise.quantize_blockwise`) and the activation of those blocks — the two ops
+  in one (the kernel reads ``h`` once; SwiGLU's ``F`` a multiple of ``c`` there).
 
 Backward of the activations, for Jetfire's INT8 output gradient (dgrad ``out='int8_blocks'``): INT8 ``h`` (saved
 by the forward) and INT8 ``g`` in, fp32 ``dh`` out (:func:`activation_vjp` on the dequantized inputs):
@@ -37,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from qtrain.quant.blockwise import check_block, quantize_blockwise
+from qtrain.quant.core import check_2d, check_float
 
 
 def check_int8_blocks(q: torch.Tensor, s: torch.Tensor, r: int, c: int, what: str = "input") -> None:
@@ -91,6 +95,26 @@ def swiglu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]
 def gelu_quantize(hq, hs, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
     check_int8_blocks(hq, hs, r, c)
     return quantize_blockwise(F.gelu(dequantize_blocks(hq, hs, r, c), approximate="tanh"), r, c)
+
+
+def check_quantize_act(h: torch.Tensor, r: int, c: int, swiglu: bool) -> None:
+    check_float(h)
+    check_2d(h)
+    check_block(r, c)
+    if swiglu and h.shape[1] % 2:
+        raise ValueError(f"quantize_swiglu wants h [M, 2F] (gate | up), got {tuple(h.shape)}")
+
+
+def quantize_swiglu(h, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_quantize_act(h, r, c, True)
+    hq, hs = quantize_blockwise(h, r, c)
+    return (hq, hs, *swiglu_quantize(hq, hs, r, c))
+
+
+def quantize_gelu(h, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_quantize_act(h, r, c, False)
+    hq, hs = quantize_blockwise(h, r, c)
+    return (hq, hs, *gelu_quantize(hq, hs, r, c))
 
 
 def activation_vjp(kind: str, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
