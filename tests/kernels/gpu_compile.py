@@ -121,6 +121,8 @@ def _dataflow(mod):
     mod.swiglu_quantize(_empty(M, 2 * F), scales(2 * F, r, c), r, c)
     mod.swiglu_backward(_empty(M, 2 * F), scales(2 * F, r, c), _empty(M, F), scales(F, r, c), r, c)
     mod.rmsnorm_backward(_empty(M, K), scales(K, r, c), w, _empty(M, K), scales(K, r, c), 1e-6, r, c)
+    mod.quantize_swiglu(_empty(M, 2 * F, dtype=bf16), r, c)       # h quantized + SwiGLU in one op (FUSED_H_ACT)
+    mod.quantize_gelu(_empty(M, F, dtype=bf16), 32, 32)
     wide = 4 * mod.NORM_BWD_ROW_ELEMS                              # rows too wide for registers: three passes
     mod.rmsnorm_backward(_empty(M, wide), scales(wide, r, c), _empty(wide, dtype=bf16), _empty(M, wide),
                          scales(wide, r, c), 1e-6, r, c)
