@@ -36,6 +36,21 @@ def candidates(x: torch.Tensor, r: int, c: int) -> list[tuple[str, tuple[int, in
     return out
 
 
+def sweep_tilings(what: str, shape: str, x: torch.Tensor, r: int, c: int, run, min_bytes: int, copy_bw: float,
+                  codes: bool = True) -> None:
+    """One table row per tiling of ``candidates(x, r, c)``: ``run(config)`` timed, its scales (and ``codes``: its
+    codes) checked equal to the default config's."""
+    q0, s0 = run(None)
+    for name, cfg in candidates(x, r, c):
+        q, s = run(cfg)
+        if not (torch.equal(s, s0) and (not codes or torch.equal(q, q0))):
+            raise RuntimeError(f"{what}: config {cfg} differs from the default")
+        ms = triton.testing.do_bench(lambda: run(cfg), return_mode="median")
+        bw = min_bytes / ms / 1e9
+        print(f"| {what} | {shape} | {name} {cfg} | {ms * 1e3:.1f} | {bw:.2f} | {100 * bw / copy_bw:.1f} |",
+              flush=True)
+
+
 def main(only: str = "") -> None:
     """``only``: the rows whose name contains it (e.g. ``256``: jetfire_wide's calls), then the re-blocking."""
     print("| call | shape | config (TM, warps) | us | TB/s | % of copy |\n|---|---|---|---|---|---|")
@@ -49,17 +64,9 @@ def main(only: str = "") -> None:
         dst = torch.empty_like(base)
         copy_bw = 2 * n * base.element_size() / triton.testing.do_bench(lambda: dst.copy_(base),
                                                                         return_mode="median") / 1e9
-        min_bytes = n * base.element_size() + n + 4 * n // (r * c)
         run = lambda cfg: blockwise._launch(x, r, c, seed if sr else None, config=cfg)  # noqa: E731
-        q0, s0 = run(None)
-        for name, cfg in candidates(x, r, c):
-            q, s = run(cfg)
-            if not (torch.equal(s, s0) and (sr or torch.equal(q, q0))):
-                raise RuntimeError(f"{what}: config {cfg} differs from the default")
-            ms = triton.testing.do_bench(lambda: run(cfg), return_mode="median")
-            bw = min_bytes / ms / 1e9
-            print(f"| {what} | {R}x{C}{'ᵀ' if transposed else ''} | {name} {cfg} | {ms * 1e3:.1f} | {bw:.2f} | "
-                  f"{100 * bw / copy_bw:.1f} |", flush=True)
+        sweep_tilings(what, f"{R}x{C}{'ᵀ' if transposed else ''}", x, r, c, run,
+                      n * base.element_size() + n + 4 * n // (r * c), copy_bw, codes=not sr)
     requantize()
     if not only:
         dual()
@@ -73,17 +80,9 @@ def requantize() -> None:
         q, s = blockwise.quantize_blockwise(torch.randn(R, C, device="cuda") * torch.rand(R, 1, device="cuda"), ri, ci)
         dst = torch.empty_like(q)
         copy_bw = 2 * q.numel() / triton.testing.do_bench(lambda: dst.copy_(q), return_mode="median") / 1e9
-        min_bytes = 2 * q.numel() + 4 * (s.numel() + q.numel() // (r * c))
         run = lambda cfg: blockwise._launch(q.t(), r, c, None, (s.t(), ci, ri), config=cfg)  # noqa: E731
-        q0, s0 = run(None)
-        for name, cfg in candidates(q.t(), r, c):
-            out = run(cfg)
-            if not (torch.equal(out[0], q0) and torch.equal(out[1], s0)):
-                raise RuntimeError(f"{what}: config {cfg} differs from the default")
-            ms = triton.testing.do_bench(lambda: run(cfg), return_mode="median")
-            bw = min_bytes / ms / 1e9
-            print(f"| {what} | {R}x{C} | {name} {cfg} | {ms * 1e3:.1f} | {bw:.2f} | {100 * bw / copy_bw:.1f} |",
-                  flush=True)
+        sweep_tilings(what, f"{R}x{C}", q.t(), r, c, run, 2 * q.numel() + 4 * (s.numel() + q.numel() // (r * c)),
+                      copy_bw)
 
 
 def dual() -> None:

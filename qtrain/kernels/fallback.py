@@ -41,7 +41,7 @@ def _codes(x, scale, seed, rows, pid_k, nk, SR: tl.constexpr, TM: tl.constexpr, 
     """The first term's int8 codes of a ``[TM, C]`` chunk (one scale per row): RTN, or with ``SR`` stochastic
     rounding with the uniforms of the chunk's position (the same on every call)."""
     if SR:
-        d, inv, pre = divisor(scale)
+        _, inv, pre = divisor(scale)
         return quantize_sr(x * pre[:, None], tl.broadcast_to(inv[:, None], x.shape),
                            sr_uniforms(seed, rows, pid_k, nk, TM, C))
     return quantize_rtn_rows(x, scale)

@@ -83,8 +83,7 @@ FUSED_H_ACT = False
 
 def _quantize_act(act: str, h: torch.Tensor, r: int, c: int) -> tuple[Operand, Operand]:
     """``(h_op, a_op)``: the INT8 blocks of ``h`` and of the activation computed from them."""
-    f = h.shape[1] // 2 if act == "swiglu" else h.shape[1]
-    if FUSED_H_ACT and f % c == 0:
+    if FUSED_H_ACT and (act != "swiglu" or (h.shape[1] // 2) % c == 0):      # SwiGLU's up half on block bounds
         hq, hs, aq, a_s = (ops.quantize_swiglu if act == "swiglu" else ops.quantize_gelu)(h, r, c)
         return Operand("block", hq, hs, r, c), Operand("block", aq, a_s, r, c)
     h_op = Operand("block", *ops.quantize_blockwise(h, r, c), r, c)
